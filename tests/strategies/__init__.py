@@ -1,0 +1,3 @@
+"""The one place for hypothesis strategies (STYLE.md): constructive, no ``assume`` where avoidable.
+Finite-distribution strategies live in ``tests.strategies.discrete``, mixture strategies in
+``tests.strategies.gmm``; import them from here."""

@@ -1,0 +1,127 @@
+"""The dual side of every primal-dual algorithm (MATH.md §2, "All three"), shared by toy and scale.
+
+Vocabulary (cooper): a constraint's *violation* is ``measured - budget`` oriented so that
+``violation <= 0`` is feasible. By Danskin the dual gradient at lam is the violation at the
+Lagrangian minimiser, so dual ascent is ``lam <- proj(lam + lr_dual * violation)``.
+
+- RU ``KL(p||q_i) >= b_i``   -> violation ``b_i - KL(p||q_i)``
+- FU ``KL(q_i||p) >= b_i``   -> violation ``b_i - KL(q_i||p)``
+- LU ``E_p[g_i] <= eps_i``   -> violation ``E_p[g_i] - eps_i``
+
+The projection is onto the dual domain ``{0 <= lam_i <= upper_i, sum(lam) <= sum_max}``
+(RU: ``sum_max < 1`` keeps the tilt defined; FU data unlearning: ``upper_i = 1/n``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from theory import PROBLEMS
+
+_LOWER_IS_FEASIBLE = {"reverse_kl": False, "forward_kl": False, "likelihood": True}
+
+
+def constraint_violation(problem: str, measured: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:
+    """``measured - budget`` signed so that ``<= 0`` is feasible (see module docstring)."""
+    if problem not in PROBLEMS:
+        raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
+    measured = torch.as_tensor(measured, dtype=torch.float32)
+    budgets = torch.as_tensor(budgets, dtype=measured.dtype, device=measured.device)
+    if measured.shape != budgets.shape:
+        raise ValueError(f"measured has shape {tuple(measured.shape)}, budgets {tuple(budgets.shape)}")
+    return measured - budgets if _LOWER_IS_FEASIBLE[problem] else budgets - measured
+
+
+def project_multipliers(lam: torch.Tensor, upper: torch.Tensor | None = None,
+                        sum_max: float | None = None, iters: int = 60) -> torch.Tensor:
+    """Euclidean projection onto ``{0 <= lam <= upper, sum(lam) <= sum_max}``.
+
+    Clip to the box; if the sum still exceeds ``sum_max``, find by bisection the shift ``tau``
+    with ``sum(clip(lam - tau, 0, upper)) = sum_max`` (the KKT form of the projection).
+    """
+    hi = torch.full_like(lam, float("inf")) if upper is None else torch.as_tensor(upper).to(lam)
+    out = torch.minimum(lam.clamp_min(0.0), hi)
+    if sum_max is None or float(out.sum()) <= sum_max:
+        return out
+    if sum_max < 0:
+        raise ValueError(f"sum_max must be >= 0, got {sum_max}")
+    tau_lo = torch.zeros((), dtype=lam.dtype, device=lam.device)
+    tau_hi = lam.max().clamp_min(0.0)
+    for _ in range(iters):
+        tau = 0.5 * (tau_lo + tau_hi)
+        s = torch.minimum((lam - tau).clamp_min(0.0), hi).sum()
+        if s > sum_max:
+            tau_lo = tau
+        else:
+            tau_hi = tau
+    return torch.minimum((lam - tau_hi).clamp_min(0.0), hi)
+
+
+def dual_ascent_step(lam: torch.Tensor, violation: torch.Tensor, lr_dual: float,
+                     upper: torch.Tensor | None = None, sum_max: float | None = None) -> torch.Tensor:
+    """One projected dual-ascent step ``proj(lam + lr_dual * violation)`` (pure function)."""
+    return project_multipliers(lam + lr_dual * violation.to(lam), upper=upper, sum_max=sum_max)
+
+
+class DualState:
+    """Multipliers of one run: ``lam`` (m,), budgets, dual step size and dual domain.
+
+    ``step(measured)`` turns constraint estimates into violations (averaged across processes by
+    the caller before this call at scale), takes one projected ascent step, and returns the
+    violation. ``state_dict``/``load_state_dict`` make it checkpointable. A non-finite measurement
+    or multiplier raises ``FloatingPointError`` rather than poisoning the run.
+    """
+
+    def __init__(self, problem: str, budgets, lr_dual: float, lam_init=None,
+                 upper=None, sum_max: float | None = None, max_lam: float = 1e6):
+        if problem not in PROBLEMS:
+            raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
+        self.problem = problem
+        self.budgets = torch.as_tensor(budgets, dtype=torch.float64).reshape(-1).clone()
+        m = self.budgets.numel()
+        if m < 1:
+            raise ValueError("at least one budget is required")
+        if lr_dual < 0:
+            raise ValueError(f"lr_dual must be >= 0, got {lr_dual}")
+        self.lr_dual = float(lr_dual)
+        self.upper = None if upper is None else torch.as_tensor(upper, dtype=torch.float64).reshape(-1).expand(m).clone()
+        self.sum_max = sum_max
+        self.max_lam = max_lam
+        lam = torch.zeros(m, dtype=torch.float64) if lam_init is None else torch.as_tensor(lam_init, dtype=torch.float64).reshape(-1).clone()
+        if lam.numel() != m:
+            raise ValueError(f"lam_init has {lam.numel()} entries, budgets {m}")
+        self.lam = project_multipliers(lam, self.upper, self.sum_max)
+        self.steps = 0
+
+    def violation(self, measured) -> torch.Tensor:
+        return constraint_violation(self.problem, torch.as_tensor(measured, dtype=torch.float64).reshape(-1),
+                                    self.budgets)
+
+    def step(self, measured) -> torch.Tensor:
+        measured = torch.as_tensor(measured, dtype=torch.float64).reshape(-1)
+        if not torch.all(torch.isfinite(measured)):
+            raise FloatingPointError(f"non-finite constraint estimate {measured.tolist()} at dual step {self.steps}")
+        v = self.violation(measured)
+        lam = dual_ascent_step(self.lam, v, self.lr_dual, self.upper, self.sum_max)
+        if not torch.all(torch.isfinite(lam)) or float(lam.max()) > self.max_lam:
+            raise FloatingPointError(
+                f"multipliers diverged to {lam.tolist()} at dual step {self.steps} (max_lam={self.max_lam}); "
+                "the budgets may be infeasible or lr_dual too large")
+        self.lam = lam
+        self.steps += 1
+        return v
+
+    def state_dict(self) -> dict:
+        return {"problem": self.problem, "lam": self.lam.clone(), "budgets": self.budgets.clone(),
+                "lr_dual": self.lr_dual, "upper": None if self.upper is None else self.upper.clone(),
+                "sum_max": self.sum_max, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["problem"] != self.problem:
+            raise ValueError(f"checkpoint is for problem {state['problem']!r}, not {self.problem!r}")
+        self.lam = state["lam"].to(torch.float64).clone()
+        self.budgets = state["budgets"].to(torch.float64).clone()
+        self.lr_dual = float(state["lr_dual"])
+        self.upper = None if state["upper"] is None else state["upper"].clone()
+        self.sum_max = state["sum_max"]
+        self.steps = int(state["steps"])
