@@ -1,5 +1,31 @@
 """Gaussian mixtures under the diffusion process (MATH.md §2-4): exact densities, scores and
-noise predictions at every noise level.
+noise predictions at every noise level, and the unlearning theory on them.
+
+Public API (import everything from ``theory.gmm``; decisions in ``docs/theory-gmm.md``):
+
+- ``GaussianMixture(weights, means, covs)``: ``log_prob(x, alpha_bar=1)``, ``score(x, alpha_bar=1)``,
+  ``eps(x_t, alpha_bar)`` (exact at every noise level), ``noised(alpha_bar)``, ``sample(n, rng)``.
+- ``SignedMixture(weights, means, covs)``: weights of either sign, non-negativity checked
+  (``ValueError`` if the density goes negative); same methods, exact at every noise level.
+- ``default_instance() -> (q, forget, budgets)``: the 2-D three-mode mixture, forget = its third
+  mode, ``budgets[problem]`` (m,) for ``problem in theory.PROBLEMS``.
+- Targets (Lagrangian minimisers at fixed lam (m,)), each with ``.log_prob(x)`` (x_0),
+  ``.score(x, alpha_bar=1)``, ``.sample(n, rng)``, ``.eps(x_t, alpha_bar)``:
+    ``forward_kl_target(q, forget, lam)`` -> ``SignedMixture`` (eps exact at every t);
+    ``reverse_kl_target(q, forget, lam)`` -> ``TiltedMixture``; ``.eps`` is the composed-score
+    surrogate ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` (ESD form, exact only at t = 0),
+    ``.exact_eps(x_t, alpha_bar)`` the exact noised tilt's (quadrature, d <= 2);
+    ``likelihood_target(q, forget, lam, variant="likelihood")`` -> ``TiltedMixture`` (variants
+    ``"likelihood"`` g = q_i, ``"log_likelihood"`` g = log q_i, ``"likelihood_ratio"`` g = q_i/q);
+    ``.eps`` the same formula on the noised mixtures (surrogate at t > 0), ``.exact_eps`` exact.
+- ``constraint_value(problem, p, forget_i, variant="likelihood", q=None)``: RU ``KL(p||q_i)``,
+  FU ``KL(q_i||p)``, LU ``E_p[g_i]`` (q needed for ``likelihood_ratio``);
+  ``objective_value(problem, p, q)``.
+- ``dual_function(problem, q, forget, lam, budgets, variant=...) -> (D, grad)``.
+- ``solve(problem, q, forget, budgets, variant="likelihood") -> theory.solution.Solution`` with
+  lam*, P*, D*, gap and a KKT certificate (d <= 2, quadrature).
+- ``theory.gmm_sampling``: probability-flow ODE sampler with exact log-densities, and the
+  surrogate-vs-exact-tilt gap.
 
 A mixture ``sum_k w_k N(mu_k, Sigma_k)`` noised by the VP process is the mixture
 ``sum_k w_k N(sqrt(ab) mu_k, ab Sigma_k + (1 - ab) I)``. With ``Sigma_k = U_k diag(s_k) U_k^T``
@@ -135,3 +161,281 @@ class GaussianMixture:
         z = rng.standard_normal((int(n), self.dim))
         L = self._eig_vecs * np.sqrt(self._eig_vals)[:, None, :]  # Sigma_k = L L^T
         return self.means[k] + np.einsum("nde,ne->nd", L[k], z)
+
+    # -- helpers shared by signed mixtures, tilts and quadrature (not part of the public API) --
+
+    @property
+    def precisions(self) -> np.ndarray:
+        """(K, d, d) inverse covariances."""
+        return np.einsum("kde,ke,kfe->kdf", self._eig_vecs, 1.0 / self._eig_vals, self._eig_vecs)
+
+    def box(self, pad: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+        """An axis-aligned box ``mu_k +- pad * sd_k`` around every component (lo (d,), hi (d,))."""
+        sd = np.sqrt(np.einsum("kdd->kd", self.covs))
+        return (self.means - pad * sd).min(axis=0), (self.means + pad * sd).max(axis=0)
+
+    @property
+    def min_std(self) -> float:
+        """The smallest standard deviation of any component along any direction."""
+        return float(np.sqrt(self._eig_vals.min()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Signed mixtures (the forward-KL target, MATH.md §2 FU and §4)
+# ---------------------------------------------------------------------------------------------
+
+
+def _tail_rates(mix: GaussianMixture, v: np.ndarray) -> np.ndarray:
+    """``min_k v^T Sigma_k^{-1} v`` for unit directions v (n, d): the quadratic decay rate of the
+    mixture along each ray (its log-density is ``-r^2/2 * rate + O(r)``)."""
+    return np.einsum("nd,kde,ne->nk", v, mix.precisions, v).min(axis=1)
+
+
+def _directions(d: int, n: int = 2048, rng: np.random.Generator | None = None) -> np.ndarray:
+    if d == 1:
+        return np.ones((1, 1))
+    if d == 2:
+        th = np.linspace(0.0, np.pi, n, endpoint=False)
+        return np.stack([np.cos(th), np.sin(th)], axis=1)
+    v = (rng or np.random.default_rng(0)).standard_normal((8 * n, d))
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def min_log_ratio(num: GaussianMixture, den: GaussianMixture) -> float:
+    """``inf_x [log num(x) - log den(x)]`` for two normalised mixtures (may be ``-inf``).
+
+    Tails first: along a ray the log-ratio is ``-r^2/2 (rate_num - rate_den) + O(r)``, so if the
+    denominator decays strictly slower in some direction the infimum is ``-inf``. Then a
+    multi-start quasi-Newton search from every component mean (and, for d <= 2, the best points
+    of a grid), plus far points along every ray, where the infimum may only be approached. In
+    d > 2 the tail test samples directions and, when no slower direction is found, additionally
+    requires the sufficient condition "every denominator precision dominates some numerator
+    precision"; otherwise a ``ValueError`` says the tails cannot be certified.
+    """
+    from scipy.optimize import minimize
+
+    if num.dim != den.dim:
+        raise ValueError(f"dimension mismatch: {num.dim} vs {den.dim}")
+    d = num.dim
+    v = _directions(d)
+    gap = _tail_rates(num, v) - _tail_rates(den, v)
+    scale = max(np.abs(_tail_rates(num, v)).max(), 1e-300)
+    if np.any(gap > 1e-9 * scale):
+        return -np.inf
+    if d > 2:
+        P_num, P_den = num.precisions, den.precisions
+        ok = all(any(np.linalg.eigvalsh(Pj - Pk).min() >= -1e-12 for Pk in P_num) for Pj in P_den)
+        if not ok:
+            raise ValueError("cannot certify the tails of num/den in d > 2: no numerator "
+                             "component is wider than every denominator component")
+
+    def f(x):
+        x = x[None]
+        return float(num.log_prob(x)[0] - den.log_prob(x)[0])
+
+    def g(x):
+        x = x[None]
+        return (num.score(x) - den.score(x))[0]
+
+    starts = [m for m in den.means] + [m for m in num.means]
+    lo = np.minimum(num.box(6.0)[0], den.box(6.0)[0])
+    hi = np.maximum(num.box(6.0)[1], den.box(6.0)[1])
+    if d <= 2:
+        n = 60 if d == 2 else 600
+        axes = [np.linspace(lo[i], hi[i], n) for i in range(d)]
+        grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, d)
+        vals = num.log_prob(grid) - den.log_prob(grid)
+        starts += list(grid[np.argsort(vals)[:8]])
+    best = np.inf
+    for x0 in starts:
+        res = minimize(f, np.asarray(x0, float), jac=g, method="BFGS", options={"gtol": 1e-10})
+        if np.isfinite(res.fun):
+            best = min(best, res.fun, f(np.asarray(x0, float)))
+    # far along rays (the infimum may sit at infinity when the tails tie)
+    centre = 0.5 * (lo + hi)
+    span = float(np.max(hi - lo))
+    vv = np.concatenate([v, -v])
+    for r in (2.0, 8.0, 32.0):
+        pts = centre + r * span * vv
+        vals = num.log_prob(pts) - den.log_prob(pts)
+        vals = vals[np.isfinite(vals)]
+        if vals.size:
+            best = min(best, float(vals.min()))
+    return float(best)
+
+
+@dataclass(frozen=True)
+class SignedMixture:
+    """``sum_k weights[k] N(means[k], covs[k])`` with weights of either sign summing to 1 and a
+    density that is non-negative everywhere (checked at construction, ``ValueError`` otherwise).
+
+    Written as ``W_+ P - W_- N`` with ``P``, ``N`` normalised ``GaussianMixture`` objects. Noising
+    is linear in the law, so the noised signed mixture is ``W_+ P_t - W_- N_t`` (MATH.md §4) and
+    stays non-negative; ``log_prob``, ``score`` and ``eps`` are exact at every ``alpha_bar``.
+    Components that coincide (same mean and covariance) are merged first, so
+    ``q - lam * (a component of q)`` just lowers that component's weight.
+    """
+
+    weights: np.ndarray
+    means: np.ndarray
+    covs: np.ndarray
+    check: bool = True
+    _pos: GaussianMixture = field(init=False, repr=False, compare=False)
+    _neg: GaussianMixture | None = field(init=False, repr=False, compare=False)
+    _w_pos: float = field(init=False, repr=False, compare=False)
+    _w_neg: float = field(init=False, repr=False, compare=False)
+    min_log_ratio: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        w = np.atleast_1d(np.asarray(self.weights, dtype=np.float64))
+        mu = np.asarray(self.means, dtype=np.float64)
+        cov = np.asarray(self.covs, dtype=np.float64)
+        if w.ndim != 1:
+            raise ValueError(f"weights must be 1-D, got shape {w.shape}")
+        if mu.ndim == 1 and w.shape[0] == 1:
+            mu = mu[None]
+        if cov.ndim == 2 and w.shape[0] == 1:
+            cov = cov[None]
+        if mu.ndim != 2 or mu.shape[0] != w.shape[0] or cov.shape != (w.shape[0], mu.shape[1], mu.shape[1]):
+            raise ValueError(f"shapes do not match: weights {w.shape}, means {mu.shape}, covs {cov.shape}")
+        if not (np.all(np.isfinite(w)) and np.all(np.isfinite(mu)) and np.all(np.isfinite(cov))):
+            raise ValueError("weights, means and covs must be finite")
+        if abs(w.sum() - 1.0) > 1e-8:
+            raise ValueError(f"weights must sum to 1, got {w.sum():.12g}")
+        # merge coincident components
+        keep_w, keep_mu, keep_cov = [], [], []
+        for k in range(w.shape[0]):
+            for j in range(len(keep_w)):
+                if np.array_equal(keep_mu[j], mu[k]) and np.array_equal(keep_cov[j], cov[k]):
+                    keep_w[j] += w[k]
+                    break
+            else:
+                keep_w.append(float(w[k])), keep_mu.append(mu[k]), keep_cov.append(cov[k])
+        w, mu, cov = np.array(keep_w), np.array(keep_mu), np.array(keep_cov)
+        tol = 1e-13
+        w = np.where(np.abs(w) <= tol, 0.0, w)
+        pos, neg = w > 0, w < 0
+        if not np.any(pos):
+            raise ValueError(f"a signed mixture needs a positive weight, got {w.tolist()}")
+        w_pos, w_neg = float(w[pos].sum()), float(-w[neg].sum())
+        P = GaussianMixture(w[pos] / w_pos, mu[pos], cov[pos])
+        N = GaussianMixture(-w[neg] / w_neg, mu[neg], cov[neg]) if np.any(neg) else None
+        mlr = np.inf
+        if N is not None and self.check:
+            mlr = min_log_ratio(P, N) + np.log(w_pos) - np.log(w_neg)
+            if mlr < -1e-9:
+                raise ValueError(f"signed mixture goes negative: inf_x log(W+ P / W- N) = {mlr:.4g} < 0 "
+                                 f"(weights {np.round(w, 6).tolist()})")
+        keep = w != 0
+        for name, a in (("weights", w[keep]), ("means", mu[keep]), ("covs", cov[keep])):
+            a.setflags(write=False)
+            object.__setattr__(self, name, a)
+        object.__setattr__(self, "_pos", P)
+        object.__setattr__(self, "_neg", N)
+        object.__setattr__(self, "_w_pos", w_pos)
+        object.__setattr__(self, "_w_neg", w_neg)
+        object.__setattr__(self, "min_log_ratio", float(mlr))
+
+    @property
+    def dim(self) -> int:
+        return self._pos.dim
+
+    @property
+    def n_components(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def min_std(self) -> float:
+        return min(self._pos.min_std, self._neg.min_std if self._neg is not None else np.inf)
+
+    def box(self, pad: float = 10.0):
+        lo, hi = self._pos.box(pad)
+        return lo, hi
+
+    def _log_rho(self, x, alpha_bar):
+        """``log(W_- N_t / (W_+ P_t))`` (N,), ``-inf`` without a negative part."""
+        if self._neg is None:
+            return np.full(np.asarray(x).shape[0], -np.inf)
+        return (np.log(self._w_neg) - np.log(self._w_pos)
+                + self._neg.log_prob(x, alpha_bar) - self._pos.log_prob(x, alpha_bar))
+
+    def log_prob(self, x, alpha_bar=1.0) -> np.ndarray:
+        """``log(W_+ P_t(x) - W_- N_t(x))`` (N,); ``-inf`` where the density is exactly 0."""
+        lp = np.log(self._w_pos) + self._pos.log_prob(x, alpha_bar)
+        lr = np.minimum(self._log_rho(x, alpha_bar), 0.0)
+        with np.errstate(divide="ignore"):
+            return lp + np.log1p(-np.exp(lr))
+
+    def score(self, x, alpha_bar=1.0) -> np.ndarray:
+        """``(s_P - rho s_N) / (1 - rho)``, ``rho = W_- N_t / (W_+ P_t)`` (N, d)."""
+        s = self._pos.score(x, alpha_bar)
+        if self._neg is None:
+            return s
+        rho = np.exp(np.minimum(self._log_rho(x, alpha_bar), 0.0))[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out = (s - rho * self._neg.score(x, alpha_bar)) / (1.0 - rho)
+        if not np.all(np.isfinite(out)):
+            raise ValueError("score requested where the signed mixture's density is 0")
+        return out
+
+    def eps(self, x_t, alpha_bar) -> np.ndarray:
+        """Exact noise prediction ``-sqrt(1 - ab) grad log p_t(x_t)`` (N, d)."""
+        ab = check_alpha_bar(alpha_bar)
+        s = self.score(x_t, ab)
+        return -np.sqrt(1.0 - np.broadcast_to(ab, (s.shape[0],)))[:, None] * s
+
+    def noised(self, alpha_bar: float) -> "SignedMixture":
+        ab = float(check_alpha_bar(alpha_bar))
+        out = SignedMixture(self.weights, np.sqrt(ab) * self.means,
+                            ab * self.covs + (1.0 - ab) * np.eye(self.dim), check=False)
+        object.__setattr__(out, "min_log_ratio", self.min_log_ratio)
+        return out
+
+    def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Exact samples by rejection from ``P``: accept with probability ``1 - rho(x)`` in [0, 1]."""
+        if not isinstance(rng, np.random.Generator):
+            raise ValueError(f"rng must be a numpy Generator, got {type(rng).__name__}")
+        if int(n) != n or n < 0:
+            raise ValueError(f"n must be a non-negative integer, got {n}")
+        n = int(n)
+        out = np.empty((0, self.dim))
+        while out.shape[0] < n:
+            m = max(64, int(1.3 * (n - out.shape[0]) * self._w_pos))
+            x = self._pos.sample(m, rng)
+            acc = rng.random(m) < 1.0 - np.exp(np.minimum(self._log_rho(x, 1.0), 0.0))
+            out = np.concatenate([out, x[acc]])
+        return out[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared default instance
+# ---------------------------------------------------------------------------------------------
+
+
+def default_instance() -> tuple[GaussianMixture, list[GaussianMixture], dict[str, np.ndarray]]:
+    """``(q, forget, budgets)``: a 2-D mixture of three Gaussians with one mode to unlearn, used by
+    the theory and toy tiers alike.
+
+    q: weights (0.35, 0.35, 0.30), means (-2, -1), (2, -1), (0, 2); the third (forget) component
+    is isotropic with variance 0.6, wider than the other two in every direction (so the RU tilt
+    is defined for every sum(lam) < 1 and the FU domain is exactly lam <= 0.30).
+    forget: ``[N((0, 2), 0.6 I)]`` — the third component itself.
+    budgets (every constraint active, see ``solve``): reverse_kl ``KL(p||q_1) >= 12`` (6.59 at
+    p = q); forward_kl ``KL(q_1||p) >= 2.5`` (1.15 at p = q); likelihood ``E_p[q_1(x)] <= 0.004``
+    (0.040 at p = q; the default variant ``"likelihood"``).
+    """
+    q = GaussianMixture(
+        weights=[0.35, 0.35, 0.30],
+        means=[[-2.0, -1.0], [2.0, -1.0], [0.0, 2.0]],
+        covs=[[[0.5, 0.15], [0.15, 0.35]], [[0.4, -0.1], [-0.1, 0.5]], [[0.6, 0.0], [0.0, 0.6]]],
+    )
+    forget = [GaussianMixture([1.0], [[0.0, 2.0]], [[[0.6, 0.0], [0.0, 0.6]]])]
+    budgets = {"reverse_kl": np.array([12.0]), "forward_kl": np.array([2.5]), "likelihood": np.array([0.004])}
+    return q, forget, budgets
+
+
+# the public API of the mixture theory lives in these modules; re-exported here (import at the end:
+# they build on the classes above)
+from theory.gmm_targets import (VARIANTS, DEFAULT_VARIANT, TiltedMixture, constraint_value,  # noqa: E402
+                                forward_kl_target, likelihood_target, objective_value, reverse_kl_target)
+from theory.gmm_dual import dual_function, solve  # noqa: E402
