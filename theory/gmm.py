@@ -139,6 +139,19 @@ class GaussianMixture:
         r = np.exp(log_terms - logsumexp(log_terms, axis=1, keepdims=True))
         return np.einsum("nk,nkd->nd", r, comp_score)
 
+    def score_divergence(self, x, alpha_bar=1.0) -> np.ndarray:
+        """``tr grad_x score = Laplacian log p_t`` (N,): ``sum_k r_k (|s_k|^2 - tr P_k) - |s|^2`` with
+        responsibilities r_k, component scores s_k and noised precisions P_k (for the
+        probability-flow ODE's change of log-density)."""
+        x = self._check_x(x)
+        ab = check_alpha_bar(alpha_bar)
+        ab_n = np.broadcast_to(ab, (x.shape[0],))[:, None, None]
+        tr_prec = np.sum(1.0 / (ab_n * self._eig_vals[None] + (1.0 - ab_n)), axis=2)  # (N, K)
+        log_terms, comp_score = self._component_terms(x, alpha_bar)
+        r = np.exp(log_terms - logsumexp(log_terms, axis=1, keepdims=True))
+        s = np.einsum("nk,nkd->nd", r, comp_score)
+        return np.sum(r * (np.sum(comp_score ** 2, axis=2) - tr_prec), axis=1) - np.sum(s * s, axis=1)
+
     def eps(self, x_t, alpha_bar) -> np.ndarray:
         """Exact noise prediction ``E[z | x_t] = -sqrt(1 - alpha_bar) grad log p_t(x_t)`` (N, d)."""
         ab = check_alpha_bar(alpha_bar)
@@ -377,6 +390,19 @@ class SignedMixture:
         if not np.all(np.isfinite(out)):
             raise ValueError("score requested where the signed mixture's density is 0")
         return out
+
+    def score_divergence(self, x, alpha_bar=1.0) -> np.ndarray:
+        """``Laplacian log r_t = (Lap r_t) / r_t - |score|^2`` (N,), with
+        ``Lap r / r = ((div s_P + |s_P|^2) - rho (div s_N + |s_N|^2)) / (1 - rho)``."""
+        s_p = self._pos.score(x, alpha_bar)
+        lap_p = self._pos.score_divergence(x, alpha_bar) + np.sum(s_p * s_p, axis=1)
+        if self._neg is None:
+            return lap_p - np.sum(s_p * s_p, axis=1)
+        s_n = self._neg.score(x, alpha_bar)
+        lap_n = self._neg.score_divergence(x, alpha_bar) + np.sum(s_n * s_n, axis=1)
+        rho = np.exp(np.minimum(self._log_rho(x, alpha_bar), 0.0))
+        s = self.score(x, alpha_bar)
+        return (lap_p - rho * lap_n) / (1.0 - rho) - np.sum(s * s, axis=1)
 
     def eps(self, x_t, alpha_bar) -> np.ndarray:
         """Exact noise prediction ``-sqrt(1 - ab) grad log p_t(x_t)`` (N, d)."""

@@ -278,6 +278,25 @@ class TiltedMixture:
                 out = out - ci * rho * (s_i - s_q)
         return out
 
+    def score_divergence(self, x, alpha_bar=1.0) -> np.ndarray:
+        """``tr grad_x score(x, alpha_bar)`` (N,) of the tilt formula (for the ODE's log-density)."""
+        out = self.a * self.q.score_divergence(x, alpha_bar)
+        if self.kind == "ratio":
+            s_q = self.q.score(x, alpha_bar)
+            div_q = self.q.score_divergence(x, alpha_bar)
+        for ci, f in zip(self.c, self.forget):
+            div_i = f.score_divergence(x, alpha_bar)
+            if self.kind == "log":
+                out = out - ci * div_i
+            elif self.kind == "lik":
+                s_i = f.score(x, alpha_bar)
+                out = out - ci * np.exp(f.log_prob(x, alpha_bar)) * (np.sum(s_i * s_i, axis=1) + div_i)
+            else:
+                diff = f.score(x, alpha_bar) - s_q
+                rho = np.exp(f.log_prob(x, alpha_bar) - self.q.log_prob(x, alpha_bar))
+                out = out - ci * rho * (np.sum(diff * diff, axis=1) + div_i - div_q)
+        return out
+
     def eps(self, x_t, alpha_bar) -> np.ndarray:
         """Composed noise prediction ``-sqrt(1 - ab) * score(x_t, ab)``: for RU exactly
         ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` (MATH.md §4). A surrogate at t > 0."""
