@@ -1,0 +1,284 @@
+"""The unlearning algorithms, written once against the model contract ``model(x_t, t) -> eps``
+(MATH.md §4). Each algorithm is a *primal step* (a loss for the trainable network at the current
+multipliers, and optionally the constraint estimates that come for free with it) plus, for the
+primal-dual variants, a *constraint estimator* feeding ``toy.dual.DualState``; ``unlearn`` runs
+either with checkpoints, metrics and resumption. Nothing here knows about mixtures except where an
+estimator is explicitly "exact" (it takes ``MixtureEps`` densities).
+
+| problem | algorithm | primal target at lam | constraint estimate |
+|---|---|---|---|
+| RU | primal_dual | composed eps, eta = lam/(1-Lam) | path KL(P_theta || Q_i) on own trajectories |
+| RU | dual_only | composed eps at lam* (fixed) | lam* from the explicit x_0 tilt, no network |
+| RU | esd | composed eps at a fixed eta | - |
+| FU | primal_dual | signed loss E_q[l] - sum lam_i E_{q_i}[l] | ELBO: T E[w_t d (l_theta - l_i*)] on the forget batch |
+| FU | siss | signed loss at a fixed lam (no importance sampling) | - |
+| LU | primal_dual | Gibbs-tilt eps (``gibbs_tilt_eps_target``) | E_{p_theta}[g_i(x_0)], exact g or diffusion classifier |
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from toy.dual import DualState
+from toy.models import constraint_function, gibbs_tilt_eps_target
+from toy.objectives import (composed_eps_target, denoising_loss, eta_from_lam,
+                            log_ratio_from_denoising_losses, reverse_step_kl_weights,
+                            signed_denoising_objective)
+from toy.pretrain import noised
+from toy.runs import RunDir
+from toy.sampling import ddpm_sample, path_kl_to_models
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = {
+    "reverse_kl": ("primal_dual", "dual_only", "esd"),
+    "forward_kl": ("primal_dual", "siss"),
+    "likelihood": ("primal_dual",),
+}
+
+
+@dataclass
+class Models:
+    """Everything an algorithm touches. ``net`` is trained; ``frozen`` is the pretrained model (eps
+    of q); ``forget`` are eps models of the q_i (exact or networks); ``forget_exact``/``q_exact``
+    are ``MixtureEps`` where densities are needed (FU control variate, LU g); ``retain_data`` and
+    ``forget_data`` draw x_0 minibatches (``state``/``set_state`` for resumption)."""
+
+    net: torch.nn.Module
+    frozen: Callable
+    forget: list
+    retain_data: Callable
+    forget_data: list
+    alphas_cumprod: torch.Tensor
+    forget_exact: list = field(default_factory=list)
+    q_exact: object = None
+    forget_nets: list = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- primal steps (one per column)
+
+def ru_primal_loss(net, frozen, forget, x0, ab, gen, eta) -> torch.Tensor:
+    """Regression of ``net`` on the composed target ``eps_q - sum eta_i (eps_i - eps_q)`` at x_t
+    drawn from the noised retain data (ESD when eta is fixed)."""
+    x_t, t, _ = noised(x0, ab, gen)
+    with torch.no_grad():
+        target = composed_eps_target(frozen(x_t, t), torch.stack([f(x_t, t) for f in forget]), eta)
+    return denoising_loss(net(x_t, t), target).mean()
+
+
+def elbo_constraint_terms(l_theta: torch.Tensor, l_ref: torch.Tensor, t: torch.Tensor, w: torch.Tensor,
+                          dim: int) -> torch.Tensor:
+    """Per-sample unbiased terms of ``KL(Q_i -> || P_theta) = sum_t w_t E[||z - eps_theta||^2 -
+    ||z - eps_i*||^2]`` (path KL of the forget law's forward process to the model's reverse
+    process, up to the exact reverse's discretisation error) for t uniform on 0..T-1:
+    ``T w_t d (l_theta - l_ref)`` with l per-dimension mean losses. ``l_ref`` is the loss of the
+    exact forget eps (identically 0 for a single training point, whose eps*(x_t) is z)."""
+    T = w.shape[0]
+    return T * w[t].to(l_theta) * dim * (l_theta - l_ref)
+
+
+def fu_primal(net, x0_retain, x0_forget: list, ab, gen, lam, forget_exact: list, w: torch.Tensor):
+    """Signed denoising objective ``E_q[l] - sum lam_i E_{q_i}[l]`` and, from the same forget
+    batches, the ELBO constraint estimates (m,) and their per-sample terms."""
+    dim = x0_retain.shape[1]
+    x_t, t, z = noised(x0_retain, ab, gen)
+    l_r = denoising_loss(net(x_t, t), z)
+    l_f, measured, terms = [], [], []
+    for i, x0f in enumerate(x0_forget):
+        xf_t, tf, zf = noised(x0f, ab, gen)
+        lf = denoising_loss(net(xf_t, tf), zf)
+        l_f.append(lf.mean())
+        with torch.no_grad():
+            l_ref = denoising_loss(forget_exact[i](xf_t, tf), zf) if forget_exact else torch.zeros_like(lf)
+            term = elbo_constraint_terms(lf.detach(), l_ref, tf, w, dim)
+        measured.append(term.mean())
+        terms.append(term)
+    obj = signed_denoising_objective(l_r.mean(), torch.stack(l_f), lam.to(torch.float32))
+    return obj, torch.stack(measured).double(), terms
+
+
+def lu_primal_loss(net, frozen, forget_exact: list, q_exact, x0, ab, gen, lam, variant: str) -> torch.Tensor:
+    """Regression of ``net`` on the Gibbs-tilt target at x_t from the noised retain data; the forget
+    densities (and q's, for the ratio variant) are the exact mixtures'."""
+    x_t, t, _ = noised(x0, ab, gen)
+    with torch.no_grad():
+        eps_q = frozen(x_t, t)
+        eps_f = torch.stack([f(x_t, t) for f in forget_exact])
+        log_q = q_exact.log_prob(x_t, t) if variant == "likelihood_ratio" else None
+        g = torch.stack([constraint_function(variant, f.log_prob(x_t, t), log_q) for f in forget_exact])
+        target = gibbs_tilt_eps_target(eps_q, eps_f, g, lam, variant)
+    return denoising_loss(net(x_t, t), target).mean()
+
+
+# ---------------------------------------------------------------- constraint estimators
+
+def ru_constraint_path_kl(net, forget, n, ab, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """RU: path-wise KL(P_theta || Q_i) (m,) and its standard error from n own trajectories."""
+    kl, per, _ = path_kl_to_models(net, forget, n, ab, gen)
+    return kl, per.std(1) / np.sqrt(n)
+
+
+def lu_constraint_exact(net, forget_exact, q_exact, n, ab, gen, variant) -> tuple[torch.Tensor, torch.Tensor]:
+    """LU: ``E_{p_theta}[g_i(x_0)]`` (m,) with the exact g at n DDPM samples of the network."""
+    x0 = ddpm_sample(net, n, ab, gen)
+    log_q = q_exact.log_prob(x0) if variant == "likelihood_ratio" else None
+    g = torch.stack([constraint_function(variant, f.log_prob(x0), log_q) for f in forget_exact])
+    return g.mean(1), g.std(1) / np.sqrt(n)
+
+
+@torch.no_grad()
+def diffusion_classifier_log_ratio(x0, model_c, model_ref, ab, gen, n_t: int | None = None) -> torch.Tensor:
+    """``log q_c(x0)/q_ref(x0)`` (B,) from denoising-loss differences (MATH.md §4,
+    ``toy.objectives.log_ratio_from_denoising_losses``), summed over every timestep (n_t None) with
+    one shared noise draw per (sample, t)."""
+    ab = torch.as_tensor(ab, dtype=torch.float32)
+    T = ab.shape[0]
+    w = reverse_step_kl_weights(ab).float()
+    B, d = x0.shape
+    ts = range(T) if n_t is None else torch.randint(0, T, (n_t,), generator=gen).tolist()
+    out = torch.zeros(B, dtype=torch.float64)
+    for t in ts:
+        tt = torch.full((B,), t, dtype=torch.long)
+        z = torch.randn(x0.shape, generator=gen)
+        x_t = ab[t].sqrt() * x0 + (1 - ab[t]).sqrt() * z
+        l_c = denoising_loss(model_c(x_t, tt), z)
+        l_r = denoising_loss(model_ref(x_t, tt), z)
+        est = log_ratio_from_denoising_losses(l_c, l_r, w[tt] * d, T)  # T w_t d (l_ref - l_c)
+        out += est.double() / len(ts)
+    return out
+
+
+def lu_constraint_network(net, frozen, forget_nets, n, ab, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """LU ratio variant from networks only: ``E_{p_theta}[exp(log q_i/q)]`` with the log ratio from
+    the diffusion classifier of the forget network against the pretrained one."""
+    x0 = ddpm_sample(net, n, ab, gen)
+    g = torch.stack([diffusion_classifier_log_ratio(x0, f, frozen, ab, gen).exp() for f in forget_nets])
+    return g.mean(1), g.std(1) / np.sqrt(n)
+
+
+# ---------------------------------------------------------------- the loop
+
+@dataclass(frozen=True)
+class LoopConfig:
+    steps: int = 1500
+    batch: int = 512
+    forget_batch: int = 256
+    lr: float = 1e-3
+    dual_every: int = 10
+    dual_batch: int = 128
+    checkpoint_every: int = 250
+    average_frac: float = 0.25
+
+
+def _measure_every(problem: str, algorithm: str, cfg: LoopConfig) -> int:
+    if algorithm != "primal_dual":
+        return 0
+    return 1 if problem == "forward_kl" else cfg.dual_every
+
+
+def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: LoopConfig,
+            run: RunDir, gen: torch.Generator, variant: str = "likelihood", lu_estimator: str = "exact",
+            fixed_eta: float | None = None, progress=None, stop_after: int | None = None) -> dict:
+    """Train ``models.net`` with ``algorithm``; multipliers live in ``dual`` (fixed for baselines
+    and dual-only, where ``dual.lr_dual`` is 0). Resumes from ``run``'s checkpoint when present
+    (same result as an uninterrupted run: all RNG states are checkpointed). Returns the history:
+    ``lam`` (dual steps, m), ``measured``, ``step_seconds`` and ``dual_seconds`` per step.
+    ``stop_after`` ends early after that many steps of this call (to test resumption)."""
+    if algorithm not in ALGORITHMS[problem]:
+        raise ValueError(f"algorithm {algorithm!r} is not defined for {problem}; choose from {ALGORITHMS[problem]}")
+    net, ab = models.net, torch.as_tensor(models.alphas_cumprod, dtype=torch.float32)
+    w = reverse_step_kl_weights(ab)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    hist = {"lam": [], "measured": [], "step_seconds": [], "dual_seconds": [], "estimate_seconds": []}
+    start = 0
+    ckpt = run.load_checkpoint()
+    if ckpt is not None:
+        net.load_state_dict(ckpt["net"])
+        opt.load_state_dict(ckpt["opt"])
+        dual.load_state_dict(ckpt["dual"])
+        gen.set_state(ckpt["gen"])
+        models.retain_data.set_state(ckpt["retain_data"])
+        for d, s in zip(models.forget_data, ckpt["forget_data"]):
+            d.set_state(s)
+        hist = ckpt["hist"]
+        start = ckpt["step"]
+        run.truncate_metrics(start - 1)
+        log.info("resumed from step %d", start)
+    every = _measure_every(problem, algorithm, cfg)
+    done_here = 0
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        lam = dual.lam
+        measured = None
+        if problem == "reverse_kl":
+            eta = torch.tensor([fixed_eta]) if algorithm == "esd" else eta_from_lam(lam)
+            loss = ru_primal_loss(net, models.frozen, models.forget, models.retain_data(cfg.batch), ab, gen, eta.float())
+        elif problem == "forward_kl":
+            loss, measured, _ = fu_primal(net, models.retain_data(cfg.batch),
+                                          [d(cfg.forget_batch) for d in models.forget_data], ab, gen,
+                                          lam, models.forget_exact, w)
+        else:
+            loss = lu_primal_loss(net, models.frozen, models.forget_exact, models.q_exact,
+                                  models.retain_data(cfg.batch), ab, gen, lam, variant)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (lam={lam.tolist()}); "
+                                     f"the last good checkpoint is kept in {run.checkpoint_path}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        t1 = time.perf_counter()
+        est_s = 0.0
+        dual_s = 0.0
+        if every and step % every == 0:
+            if measured is None:
+                te = time.perf_counter()
+                net.eval()
+                if problem == "reverse_kl":
+                    measured, _ = ru_constraint_path_kl(net, models.forget, cfg.dual_batch, ab, gen)
+                elif lu_estimator == "network":
+                    measured, _ = lu_constraint_network(net, models.frozen, models.forget_nets, cfg.dual_batch, ab, gen)
+                else:
+                    measured, _ = lu_constraint_exact(net, models.forget_exact, models.q_exact, cfg.dual_batch, ab, gen, variant)
+                net.train()
+                est_s = time.perf_counter() - te
+            td = time.perf_counter()
+            dual.step(measured)
+            dual_s = time.perf_counter() - td
+            hist["lam"].append(dual.lam.tolist())
+            hist["measured"].append(measured.tolist())
+        hist["step_seconds"].append(t1 - t0)
+        hist["dual_seconds"].append(dual_s)
+        hist["estimate_seconds"].append(est_s)
+        row = {"loss": loss.item(), "lam": dual.lam.tolist()}
+        if measured is not None:
+            row["constraint"] = measured.tolist()
+        run.log_metrics(step, **row)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(lam=", ".join(f"{v:.4g}" for v in dual.lam.tolist()), refresh=False)
+        done_here += 1
+        last = step + 1 == cfg.steps
+        if (step + 1) % cfg.checkpoint_every == 0 or last:
+            run.save_checkpoint({"net": net.state_dict(), "opt": opt.state_dict(), "dual": dual.state_dict(),
+                                 "gen": gen.get_state(), "retain_data": models.retain_data.state(),
+                                 "forget_data": [d.state() for d in models.forget_data], "hist": hist,
+                                 "step": step + 1})
+        if stop_after is not None and done_here >= stop_after:
+            break
+    return hist
+
+
+def averaged_lam(hist: dict, dual: DualState, frac: float) -> np.ndarray:
+    """Polyak-Ruppert average of the last ``frac`` of the dual iterates (the final lam when the
+    multipliers are fixed)."""
+    lam = np.asarray(hist["lam"], dtype=np.float64)
+    if lam.size == 0:
+        return dual.lam.numpy().copy()
+    k = max(1, int(round(frac * lam.shape[0])))
+    return lam[-k:].mean(0)

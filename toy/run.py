@@ -1,0 +1,441 @@
+"""One toy unlearning run, end to end: ``run(ToyConfig) -> summary dict`` (the CLI and the tests call
+this). Steps: resolve the instance and budgets (refusing unachievable ones), lam* from theory,
+pretrain (or reload) the eps network on samples of q, build the forget models, find the exact-score
+surrogate multiplier, unlearn with checkpoints, evaluate against the target, write
+``summary.json`` and a figure.
+
+Seeds: everything random derives from ``cfg.seed`` through ``_seed(cfg.seed, purpose)``, so a rerun
+(or a resumed run) with the same seed reproduces the result exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from theory.config import config_to_dict
+from theory.diffusion import alphas_cumprod_for_schedule
+from toy.algorithms import ALGORITHMS, LoopConfig, Models, averaged_lam, elbo_constraint_terms, unlearn
+from toy.distances import energy_distance
+from toy.dual import DualState
+from toy.models import ComposedEps, EpsMLP, GibbsTiltEps, MixtureEps, constraint_function
+from toy.objectives import denoising_loss, eta_from_lam, lam_from_eta, reverse_step_kl_weights
+from toy.pretrain import MixtureData, load_model, noised, save_model, train_denoiser
+from toy.problems import check_budgets, default_instance, lam_star
+from toy.reference import Quadrature, surrogate_lam
+from toy.runs import RunDir, atomic_write_json
+from toy.sampling import ddpm_sample, path_kl_to_models
+
+log = logging.getLogger(__name__)
+
+#: dual step size = DUAL_GAIN / |d constraint / d lam| at lam* (a Newton-scaled ascent; see docs/toy.md)
+DUAL_GAIN = {"reverse_kl": 0.3, "forward_kl": 0.02, "likelihood": 0.3}
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    problem: str = "reverse_kl"
+    algorithm: str = "primal_dual"
+    budgets: tuple[float, ...] = ()  # empty: the instance's default budgets
+    out: str = "runs/toy"
+    seed: int = 0
+    variant: str = "likelihood"  # LU constraint g: likelihood | likelihood_ratio | log_likelihood
+    lu_estimator: str = "exact"  # LU constraint estimate: exact mixture g, or network (ratio only)
+    eta: float = 1.0  # ESD's fixed guidance scale
+    siss_lam: float = -1.0  # SISS's fixed weight; < 0: half the dual domain
+    num_timesteps: int = 100
+    beta_start: float = 1e-3
+    beta_end: float = 0.2
+    schedule: str = "linear"
+    hidden: int = 128
+    layers: int = 3
+    time_dim: int = 32
+    pretrain_steps: int = 4000
+    pretrain_batch: int = 512
+    pretrain_lr: float = 2e-3
+    pretrained: str = ""  # a saved pretrained model to reuse (must match the instance and schedule)
+    steps: int = 1500
+    batch: int = 512
+    forget_batch: int = 256
+    lr: float = 1e-3
+    lr_dual: float = -1.0  # < 0: DUAL_GAIN / slope at lam*
+    dual_every: int = 10
+    dual_batch: int = 128
+    checkpoint_every: int = 250
+    average_frac: float = 0.25
+    lam_max: float = 1e4  # multipliers above this stop the run as divergent
+    n_eval: int = 2000
+    n_reference: int = 2000  # trajectories per exact-score surrogate evaluation
+    surrogate_reference: bool = True
+    figure: bool = True
+
+
+def _seed(seed: int, purpose: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:4], "little")
+
+
+def _gen(seed: int, purpose: str) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed(seed, purpose))
+
+
+def schedule(cfg: ToyConfig) -> torch.Tensor:
+    return torch.as_tensor(alphas_cumprod_for_schedule(cfg.num_timesteps, cfg.beta_start, cfg.beta_end, cfg.schedule),
+                           dtype=torch.float32)
+
+
+def validate(cfg: ToyConfig) -> None:
+    if cfg.problem not in ALGORITHMS:
+        raise ValueError(f"problem must be one of {tuple(ALGORITHMS)}, got {cfg.problem!r}")
+    if cfg.algorithm not in ALGORITHMS[cfg.problem]:
+        raise ValueError(f"algorithm {cfg.algorithm!r} is not defined for {cfg.problem}; choose from {ALGORITHMS[cfg.problem]}")
+    if cfg.variant not in ("likelihood", "likelihood_ratio", "log_likelihood"):
+        raise ValueError(f"variant must be likelihood, likelihood_ratio or log_likelihood, got {cfg.variant!r}")
+    if cfg.lu_estimator not in ("exact", "network"):
+        raise ValueError(f"lu_estimator must be exact or network, got {cfg.lu_estimator!r}")
+    if cfg.lu_estimator == "network" and cfg.variant != "likelihood_ratio":
+        raise ValueError("the network (diffusion-classifier) LU estimator gives log q_i/q: use variant=\"ratio\"")
+    for name in ("steps", "batch", "forget_batch", "dual_every", "dual_batch", "checkpoint_every", "n_eval"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+# ---------------------------------------------------------------- pretraining
+
+def pretrain_on_mixture(mixture, cfg: ToyConfig, purpose: str, path: Path | None = None, progress=None) -> tuple[EpsMLP, dict]:
+    """Pretrain an ``EpsMLP`` on fresh samples of ``mixture``; reload from ``path`` if it exists."""
+    if path is not None and Path(path).exists():
+        return load_model(path)
+    torch.manual_seed(_seed(cfg.seed, purpose + ":init"))
+    net = EpsMLP(mixture.dim, cfg.hidden, cfg.layers, cfg.time_dim, cfg.num_timesteps)
+    ab = schedule(cfg)
+    t0 = time.perf_counter()
+    losses = train_denoiser(net, MixtureData(mixture, _seed(cfg.seed, purpose + ":data")), ab, cfg.pretrain_steps,
+                            cfg.pretrain_batch, cfg.pretrain_lr, _gen(cfg.seed, purpose + ":noise"), progress)
+    seconds = time.perf_counter() - t0
+    # how close the pretrained model's samples are to its data law (the yardstick of the toy tests)
+    x = ddpm_sample(net, cfg.n_eval, ab, _gen(cfg.seed, purpose + ":eval"))
+    rng = np.random.default_rng(_seed(cfg.seed, purpose + ":eval-ref"))
+    meta = {"purpose": purpose, "weights": mixture.weights.tolist(), "means": mixture.means.tolist(),
+            "covs": mixture.covs.tolist(), "steps": cfg.pretrain_steps, "final_loss": float(np.mean(losses[-100:])),
+            "seconds": seconds, "n_eval": cfg.n_eval,
+            "distance_to_data": energy_distance(x, mixture.sample(cfg.n_eval, rng)),
+            "noise_floor": energy_distance(mixture.sample(cfg.n_eval, rng), mixture.sample(cfg.n_eval, rng)),
+            "schedule": [cfg.num_timesteps, cfg.beta_start, cfg.beta_end, cfg.schedule]}
+    if path is not None:
+        save_model(path, net, meta)
+    return net, meta
+
+
+def _check_pretrained_meta(meta: dict, mixture, cfg: ToyConfig) -> None:
+    if meta.get("schedule") != [cfg.num_timesteps, cfg.beta_start, cfg.beta_end, cfg.schedule]:
+        raise ValueError(f"pretrained model was trained on schedule {meta.get('schedule')}, the run uses "
+                         f"{[cfg.num_timesteps, cfg.beta_start, cfg.beta_end, cfg.schedule]}")
+    if "means" in meta and not np.allclose(np.asarray(meta["means"]), mixture.means):
+        raise ValueError("pretrained model was trained on another mixture")
+
+
+# ---------------------------------------------------------------- exact-score references
+
+def surrogate_constraint_fn(problem: str, q, forget, cfg: ToyConfig, variant: str):
+    """``lam -> constraint value`` of the surrogate law generated by the exact-score version of the
+    primal target (common random numbers: the same generator seed at every lam)."""
+    ab = schedule(cfg)
+    q_ex = MixtureEps.from_mixture(q, ab)
+    f_ex = [MixtureEps.from_mixture(f, ab) for f in forget]
+
+    if problem == "reverse_kl":
+        def at(lam):
+            model = ComposedEps(q_ex, f_ex, eta_from_lam(torch.tensor([lam], dtype=torch.float64)))
+            kl, _, _ = path_kl_to_models(model, f_ex, cfg.n_reference, ab, _gen(cfg.seed, "surrogate"))
+            return float(kl[0])
+    elif problem == "likelihood":
+        def at(lam):
+            model = GibbsTiltEps(q_ex, f_ex, [lam], variant, q_ex)
+            x0 = ddpm_sample(model, cfg.n_reference, ab, _gen(cfg.seed, "surrogate"))
+            log_q = q_ex.log_prob(x0) if variant == "likelihood_ratio" else None
+            return float(constraint_function(variant, f_ex[0].log_prob(x0), log_q).mean())
+    else:
+        raise ValueError("FU's target is exact at every t: no surrogate")
+    return at
+
+
+def surrogate_model(problem: str, q, forget, lam, cfg: ToyConfig, variant: str):
+    ab = schedule(cfg)
+    q_ex = MixtureEps.from_mixture(q, ab)
+    f_ex = [MixtureEps.from_mixture(f, ab) for f in forget]
+    lam = torch.as_tensor(np.atleast_1d(lam), dtype=torch.float64)
+    if problem == "reverse_kl":
+        return ComposedEps(q_ex, f_ex, eta_from_lam(lam))
+    if problem == "likelihood":
+        return GibbsTiltEps(q_ex, f_ex, lam, variant, q_ex)
+    from toy.models import SignedMixtureEps
+    return SignedMixtureEps(q_ex, f_ex, lam)
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def final_constraints(problem: str, net, models: Models, cfg: ToyConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Large-sample constraint estimates at the end (m,) and their standard errors, by the same
+    estimator the dual ascent used (RU path KL, FU ELBO, LU exact or network g)."""
+    ab = torch.as_tensor(models.alphas_cumprod, dtype=torch.float32)
+    gen = _gen(cfg.seed, "final-constraints")
+    net.eval()
+    if problem == "reverse_kl":
+        kl, per, _ = path_kl_to_models(net, models.forget, n, ab, gen)
+        return kl.numpy(), (per.std(1) / np.sqrt(n)).numpy()
+    if problem == "forward_kl":
+        w = reverse_step_kl_weights(ab)
+        vals, ses = [], []
+        for i, data in enumerate(models.forget_data):
+            x0 = _fresh_forget_samples(data, n, cfg)  # an independent stream, not the training one
+            x_t, t, z = noised(x0, ab, gen)
+            l_theta = denoising_loss(net(x_t, t), z)
+            l_ref = denoising_loss(models.forget_exact[i](x_t, t), z) if models.forget_exact else torch.zeros_like(l_theta)
+            terms = elbo_constraint_terms(l_theta, l_ref, t, w, x0.shape[1])
+            vals.append(float(terms.mean()))
+            ses.append(float(terms.std() / np.sqrt(n)))
+        return np.array(vals), np.array(ses)
+    from toy.algorithms import lu_constraint_exact, lu_constraint_network
+    if cfg.lu_estimator == "network":
+        m, se = lu_constraint_network(net, models.frozen, models.forget_nets, n, ab, gen)
+    else:
+        m, se = lu_constraint_exact(net, models.forget_exact, models.q_exact, n, ab, gen, cfg.variant)
+    return m.numpy(), se.numpy()
+
+
+def _fresh_forget_samples(data, n, cfg):
+    if isinstance(data, MixtureData):
+        return torch.as_tensor(data.mixture.sample(n, np.random.default_rng(_seed(cfg.seed, "final-forget"))),
+                               dtype=torch.float32)
+    g = torch.Generator().manual_seed(_seed(cfg.seed, "final-forget"))
+    return data.points[torch.randint(0, data.points.shape[0], (n,), generator=g)]
+
+
+# ---------------------------------------------------------------- the run
+
+def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -> dict:
+    """Run one toy unlearning experiment into ``cfg.out``; returns the summary (also written)."""
+    validate(cfg)
+    t_start = time.perf_counter()
+    inst = default_instance()
+    q, forget = inst.q, list(inst.forget)
+    budgets = np.asarray(cfg.budgets, dtype=np.float64) if cfg.budgets else inst.budgets[cfg.problem]
+    if budgets.shape[0] != len(forget):
+        raise ValueError(f"{len(forget)} forget distribution(s) but {budgets.shape[0]} budget(s) {budgets.tolist()}")
+    check_budgets(cfg.problem, q, forget, budgets, cfg.variant)
+    lam_th, lam_source = lam_star(cfg.problem, q, forget, budgets, cfg.variant)
+    quads = [Quadrature(cfg.problem, q, [f], cfg.variant) for f in forget]
+    out = Path(cfg.out)
+    rd = RunDir(out, config_to_dict(cfg), cfg.seed)
+    ab = schedule(cfg)
+    bar = _progress(progress)
+
+    # pretrained model of q (reloaded when present: a resumed run does not pretrain again)
+    ppath = Path(cfg.pretrained) if cfg.pretrained else out / "pretrained.pt"
+    bar_pre = bar(total=cfg.pretrain_steps, desc="pretrain", leave=False) if not ppath.exists() else None
+    frozen, pmeta = pretrain_on_mixture(q, cfg, "pretrain", ppath, bar_pre)
+    if bar_pre is not None:
+        bar_pre.close()
+    _check_pretrained_meta(pmeta, q, cfg)
+    frozen.eval().requires_grad_(False)
+    net = copy.deepcopy(frozen).train().requires_grad_(True)
+
+    forget_exact = [MixtureEps.from_mixture(f, ab) for f in forget]
+    forget_nets = []
+    if cfg.lu_estimator == "network":
+        for i, f in enumerate(forget):
+            fn, _ = pretrain_on_mixture(f, cfg, f"forget{i}", out / f"forget{i}.pt")
+            forget_nets.append(fn.eval().requires_grad_(False))
+    models = Models(net=net, frozen=frozen, forget=forget_exact,
+                    retain_data=MixtureData(q, _seed(cfg.seed, "retain")),
+                    forget_data=[MixtureData(f, _seed(cfg.seed, f"forget{i}")) for i, f in enumerate(forget)],
+                    alphas_cumprod=ab, forget_exact=forget_exact, q_exact=MixtureEps.from_mixture(q, ab),
+                    forget_nets=forget_nets)
+
+    # the multiplier the learned run should reach: lam* for FU and dual-only; the exact-score
+    # surrogate's fixed point for RU/LU primal-dual (their training targets are surrogates at t > 0)
+    lam_sur = None
+    sur_path = out / "surrogate_reference.json"
+    if cfg.problem in ("reverse_kl", "likelihood") and cfg.surrogate_reference and len(forget) == 1:
+        if sur_path.exists():
+            import json
+            lam_sur = np.asarray(json.loads(sur_path.read_text())["lam"])
+        else:
+            at = surrogate_constraint_fn(cfg.problem, q, forget, cfg, cfg.variant)
+            hi = min(4.0 * max(float(lam_th[0]), 1e-3), 0.95) if cfg.problem == "reverse_kl" else 4.0 * max(float(lam_th[0]), 1e-3)
+            lam_sur = np.array([surrogate_lam(at, float(budgets[0]), cfg.problem == "likelihood", hi)])
+            atomic_write_json(sur_path, {"lam": lam_sur})
+
+    # dual domain and step size
+    upper, sum_max = None, None
+    if cfg.problem == "reverse_kl":
+        sum_max = 0.95
+    elif cfg.problem == "forward_kl":
+        upper = [qd.lam_max() for qd in quads]
+    slopes = np.array([_slope(qd, lam_i) for qd, lam_i in zip(quads, lam_th)])
+    lr_dual = cfg.lr_dual if cfg.lr_dual >= 0 else float(DUAL_GAIN[cfg.problem] / max(np.abs(slopes).max(), 1e-12))
+    fixed = cfg.algorithm != "primal_dual"
+    lam_init = None
+    if cfg.algorithm == "esd":
+        lam_init = lam_from_eta(torch.tensor([cfg.eta], dtype=torch.float64)).numpy()
+    elif cfg.algorithm == "siss":
+        lam_init = np.array([cfg.siss_lam if cfg.siss_lam >= 0 else 0.5 * u for u in upper])
+    elif cfg.algorithm == "dual_only":
+        lam_init = dual_only_lam(quads, budgets, lr_dual, sum_max)
+    dual = DualState(cfg.problem, budgets, 0.0 if fixed else lr_dual, lam_init, upper, sum_max, cfg.lam_max)
+
+    loop = LoopConfig(cfg.steps, cfg.batch, cfg.forget_batch, cfg.lr, cfg.dual_every, cfg.dual_batch,
+                      cfg.checkpoint_every, cfg.average_frac)
+    bar_un = bar(total=cfg.steps, desc=f"{cfg.problem} {cfg.algorithm}")
+    ckpt = rd.load_checkpoint()
+    if ckpt is not None:
+        bar_un.update(ckpt["step"])
+    try:
+        hist = unlearn(cfg.problem, cfg.algorithm, models, dual, loop, rd, _gen(cfg.seed, "unlearn"),
+                       cfg.variant, cfg.lu_estimator, cfg.eta, bar_un, stop_after)
+    except FloatingPointError as exc:
+        raise FloatingPointError(f"{exc}; the run stopped and the last good checkpoint "
+                                 f"({rd.checkpoint_path}) was kept") from exc
+    finally:
+        bar_un.close()
+    done = rd.load_checkpoint()["step"]
+    if done < cfg.steps:  # interrupted on purpose (stop_after): no summary yet
+        return {"interrupted_at": done}
+
+    summary = evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models, dual, hist, pmeta, lr_dual, slopes)
+    summary["seconds"] = time.perf_counter() - t_start
+    rd.write_summary(summary)
+    if cfg.figure:
+        summary["figure"] = str(draw_figure(out / "toy.png", cfg, q, quads, summary, hist))
+        rd.write_summary(summary)
+    return summary
+
+
+def _progress(enabled: bool):
+    from tqdm.auto import tqdm
+
+    def make(**kw):
+        return tqdm(disable=not enabled, **kw)
+    return make
+
+
+def _slope(quad: Quadrature, lam: float) -> float:
+    """d constraint / d lam of the x_0 target at lam (central difference, one-sided at 0)."""
+    h = 1e-4 * max(1.0, lam) if quad.problem != "reverse_kl" else 1e-4
+    lo = max(lam - h, 0.0)
+    hi = lam + h
+    if quad.problem == "forward_kl":
+        hi = min(hi, quad.lam_max())
+    return float((quad.constraint_values([hi])[0] - quad.constraint_values([lo])[0]) / (hi - lo))
+
+
+def dual_only_lam(quads: list[Quadrature], budgets, lr_dual: float, sum_max, steps: int = 400) -> np.ndarray:
+    """RU dual-only: projected dual ascent on lam alone, the slack ``b - KL(p_lam||q_i)`` evaluated
+    on the explicit x_0 tilt (no network), from lam = 0. One constraint per quadrature."""
+    state = DualState("reverse_kl", budgets, lr_dual, None, None, sum_max)
+    for _ in range(steps):
+        state.step([qd.constraint_values([float(state.lam[i])])[0] for i, qd in enumerate(quads)])
+    return state.lam.numpy().copy()
+
+
+def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models, dual, hist, pmeta, lr_dual, slopes) -> dict:
+    ab = schedule(cfg)
+    net = models.net.eval()
+    lam = averaged_lam(hist, dual, cfg.average_frac)
+    cons, cons_se = final_constraints(cfg.problem, net, models, cfg, cfg.n_eval)
+    x_net = ddpm_sample(net, cfg.n_eval, ab, _gen(cfg.seed, "eval-net"))
+    rng = np.random.default_rng(_seed(cfg.seed, "eval-target"))
+    quad = quads[0]
+    lam_target = lam_th if len(quads) == 1 else None
+    summary = {
+        "problem": cfg.problem, "algorithm": cfg.algorithm, "variant": cfg.variant if cfg.problem == "likelihood" else None,
+        "budgets": budgets, "lam": lam, "lam_last": dual.lam.numpy(), "lam_star": lam_th, "lam_star_source": lam_source,
+        "lam_surrogate": lam_sur, "constraint_values": cons, "constraint_stderr": cons_se,
+        "constraint_slope": slopes, "lr_dual": lr_dual, "n_eval": cfg.n_eval,
+        "pretrained_distance_to_q": pmeta.get("distance_to_data"), "pretrained_noise_floor": pmeta.get("noise_floor"),
+        "steps": cfg.steps, "dual_steps": len(hist["lam"]),
+        "step_seconds_median": float(np.median(hist["step_seconds"])),
+        "dual_seconds_median": float(np.median([s for s in hist["dual_seconds"] if s > 0])) if any(hist["dual_seconds"]) else 0.0,
+        "estimate_seconds_total": float(np.sum(hist["estimate_seconds"])),
+    }
+    if lam_target is not None:
+        lam_eval = lam_target if cfg.algorithm == "primal_dual" or cfg.algorithm == "dual_only" else dual.lam.numpy()
+        x_t1 = quad.sample(lam_eval, cfg.n_eval, rng)
+        x_t2 = quad.sample(lam_eval, cfg.n_eval, rng)
+        summary["target_lam"] = lam_eval
+        summary["distance_to_target"] = energy_distance(x_net, x_t1)
+        summary["distance_noise_floor"] = energy_distance(x_t1, x_t2)
+        summary["target_constraint_values"] = quad.constraint_values(lam_eval)
+        summary["target_objective"] = quad.objective(lam_eval)
+        # the surrogate law a perfect network would generate (exact scores, same sampler)
+        if cfg.problem != "forward_kl":
+            lam_s = lam_sur if (lam_sur is not None and cfg.algorithm == "primal_dual") else lam_eval
+            sm = surrogate_model(cfg.problem, q, forget, lam_s, cfg, cfg.variant)
+            xs1 = ddpm_sample(sm, cfg.n_eval, ab, _gen(cfg.seed, "eval-sur1"))
+            summary["distance_to_surrogate"] = energy_distance(x_net, xs1)
+            summary["surrogate_distance_to_target"] = energy_distance(xs1, x_t2)
+        else:
+            sm = surrogate_model(cfg.problem, q, forget, lam_eval, cfg, cfg.variant)
+            xs1 = ddpm_sample(sm, cfg.n_eval, ab, _gen(cfg.seed, "eval-sur1"))
+            summary["exact_score_distance_to_target"] = energy_distance(xs1, x_t2)
+        summary["objective_learned_mc"] = _objective_mc(cfg.problem, quad, x_net)
+    np.save(Path(cfg.out) / "samples.npy", x_net.numpy())
+    return summary
+
+
+def _objective_mc(problem, quad: Quadrature, x) -> float | None:
+    """Cross-entropy proxy of the retention objective of the learned samples: E_p[-log q(x)] for
+    RU/LU (KL(p||q) + H(p)); FU's KL(q||p) needs p's density and is left to the target columns."""
+    if problem == "forward_kl":
+        return None
+    return float(-quad.q.log_prob(np.asarray(x, dtype=np.float64)).mean())
+
+
+def draw_figure(path: Path, cfg: ToyConfig, q, quads, summary: dict, hist: dict) -> Path:
+    """Learned samples over the target density, and the lam trajectory against lam*."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    quad = quads[0]
+    x = np.load(Path(cfg.out) / "samples.npy")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    ax = axes[0]
+    g = quad.grid
+    lam_t = summary.get("target_lam", summary["lam_star"])
+    dens = np.exp(quad.log_target(lam_t)).reshape(len(g.ys), len(g.xs))
+    qd = np.exp(quad.log_q).reshape(len(g.ys), len(g.xs))
+    ax.contour(g.xs, g.ys, qd, levels=6, colors="0.6", linewidths=0.8)
+    ax.contour(g.xs, g.ys, dens, levels=8, cmap="viridis")
+    ax.scatter(x[:800, 0], x[:800, 1], s=2, c="tab:red", alpha=0.5, label="learned samples")
+    lo = np.percentile(x, 0.5, axis=0) - 1
+    hi = np.percentile(x, 99.5, axis=0) + 1
+    ax.set_xlim(min(lo[0], -4), max(hi[0], 4))
+    ax.set_ylim(min(lo[1], -3), max(hi[1], 4))
+    ax.set_title(f"{cfg.problem} {cfg.algorithm}: learned (red) vs target (contours), q (grey)", fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    ax = axes[1]
+    lam_hist = np.asarray(hist["lam"]) if hist["lam"] else np.tile(np.asarray(summary["lam"]), (2, 1))
+    every = max(1, cfg.steps // max(len(lam_hist), 1))
+    steps = np.arange(len(lam_hist)) * every
+    for i in range(lam_hist.shape[1]):
+        ax.plot(steps, lam_hist[:, i], label=f"lam_{i} learned")
+        ax.axhline(np.asarray(summary["lam_star"])[i], color="k", ls="--", label="lam* (theory, x_0)")
+        if summary.get("lam_surrogate") is not None:
+            ax.axhline(np.asarray(summary["lam_surrogate"])[i], color="tab:orange", ls=":", label="exact-score surrogate")
+    ax.set_xlabel("step")
+    ax.set_ylabel("lam")
+    ax.legend(fontsize=8)
+    ax.set_title("multiplier trajectory", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
