@@ -193,6 +193,7 @@ def dual_function(problem: str, q: GaussianMixture, forget, lam, budgets, varian
     """``(D(lam), grad D(lam))`` of ``problem`` (module docstring) by quadrature (d <= 2)."""
     forget, lam = check_instance(q, forget, lam)
     budgets = _check_budgets(problem, budgets, len(forget))
+    variant = check_variant(variant)
     if q.dim > 2:
         raise ValueError(f"dual_function uses quadrature (d <= 2), got d = {q.dim}")
     D, grad, _, _ = _dual_on(_Quadrature(q, forget), problem, lam, budgets, variant)
@@ -394,7 +395,7 @@ def solve(problem: str, q: GaussianMixture, forget, budgets, variant: str = DEFA
     forget, _ = check_instance(q, forget)
     m = len(forget)
     budgets = _check_budgets(problem, budgets, m)
-    check_variant(variant)
+    variant = check_variant(variant)
     if q.dim > 2:
         raise ValueError(f"solve on mixtures uses quadrature and needs d <= 2, got d = {q.dim}")
     if problem == "likelihood":

@@ -72,9 +72,15 @@ def check_instance(q, forget, lam=None, name="lam"):
     return forget, lam
 
 
+#: ``theory.discrete`` names the likelihood-ratio variant ``"ratio"``; both spellings are accepted.
+_VARIANT_ALIASES = {"ratio": "likelihood_ratio"}
+
+
 def check_variant(variant: str) -> str:
+    """The canonical name of an LU variant (``"ratio"`` -> ``"likelihood_ratio"``)."""
+    variant = _VARIANT_ALIASES.get(variant, variant)
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        raise ValueError(f"variant must be one of {VARIANTS} (or 'ratio'), got {variant!r}")
     return variant
 
 
@@ -463,7 +469,7 @@ def likelihood_target(q: GaussianMixture, forget, lam, variant: str = DEFAULT_VA
     are allowed except for ``"log_likelihood"``, whose tilt ``q prod q_i^(-lam_i)`` needs
     ``rate_q > sum lam_i rate_i`` along every direction."""
     forget, lam = check_instance(q, forget, lam)
-    check_variant(variant)
+    variant = check_variant(variant)
     if variant == "log_likelihood":
         margin = log_tilt_tail_margin(q, forget, 1.0, lam)
         if margin <= 0:
@@ -490,7 +496,7 @@ def target(problem: str, q, forget, lam, variant: str = DEFAULT_VARIANT, rng=Non
 
 def constraint_function(forget_i: GaussianMixture, variant: str = DEFAULT_VARIANT, q: GaussianMixture | None = None):
     """The LU constraint function ``g_i(x)`` of ``variant`` as a callable on (N, d) points."""
-    check_variant(variant)
+    variant = check_variant(variant)
     if variant == "likelihood":
         return lambda x: np.exp(forget_i.log_prob(x))
     if variant == "log_likelihood":
