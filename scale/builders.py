@@ -1,0 +1,116 @@
+"""Diffusers models built from config and saved in the on-disk layouts ``scale.models`` loads: a
+small word-level CLIP tokenizer (no vocabulary can be downloaded here), text-conditioned
+pixel-space or latent pipelines, and unconditional DDPMs. Used by the offline rehearsal, the tests
+and the benchmark; the architectures' sizes are arguments, so the same builders give SD-v1-shaped
+UNets for benchmarking.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def build_word_tokenizer(words, model_max_length: int = 16):
+    """A CLIP BPE tokenizer whose vocabulary is exactly ``words`` (each a single token, built by
+    left-to-right merges) plus single characters; out-of-vocabulary words map to the unknown
+    token, so a prompt of unknown words tokenizes to nothing."""
+    from transformers import CLIPTokenizer
+
+    words = sorted({w.lower() for w in words})
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    merges: list[tuple[str, str]] = []
+    for ch in sorted(set("".join(words))):
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    for w in words:
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        cur = parts[0]
+        for p in parts[1:]:
+            if (cur, p) not in merges:
+                merges.append((cur, p))
+            cur += p
+            vocab.setdefault(cur, len(vocab))
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = model_max_length
+    return tok
+
+
+def build_text_encoder(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4,
+                       max_positions: int = 16, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         max_position_embeddings=max_positions, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPTextModel(cfg).eval()
+
+
+def build_cond_unet(sample_size: int = 8, channels: int = 1, block_out_channels=(16, 32),
+                    cross_attention_dim: int = 32, layers_per_block: int = 1, attention_head_dim: int = 4,
+                    norm_num_groups: int = 8, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=channels, out_channels=channels,
+        block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
+        norm_num_groups=norm_num_groups)
+
+
+def build_uncond_unet(sample_size: int = 8, channels: int = 1, block_out_channels=(16, 32),
+                      layers_per_block: int = 1, norm_num_groups: int = 8, attention: bool = False, seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    n = len(block_out_channels)
+    down = ["DownBlock2D"] * n
+    up = ["UpBlock2D"] * n
+    if attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels,
+                       block_out_channels=tuple(block_out_channels), layers_per_block=layers_per_block,
+                       down_block_types=tuple(down), up_block_types=tuple(up), norm_num_groups=norm_num_groups)
+
+
+def build_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear",
+                    beta_start: float = 1e-4, beta_end: float = 0.02):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
+                         beta_start=beta_start, beta_end=beta_end, prediction_type="epsilon")
+
+
+def save_concept_pipeline(path, unet, text_encoder, tokenizer, scheduler, vae=None) -> Path:
+    """Write the Stable Diffusion folder layout (``model_index.json`` + one subfolder per part)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(path / "unet")
+    text_encoder.save_pretrained(path / "text_encoder")
+    tokenizer.save_pretrained(path / "tokenizer")
+    scheduler.save_pretrained(path / "scheduler")
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "scheduler": ["diffusers", "DDPMScheduler"], "vae": [None, None]}
+    if vae is not None:
+        vae.save_pretrained(path / "vae")
+        index["vae"] = ["diffusers", "AutoencoderKL"]
+    (path / "model_index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def save_ddpm(path, unet, scheduler) -> Path:
+    """Write the ``google/ddpm-celebahq-256`` layout: ``config.json`` + weights + ``scheduler_config.json``."""
+    path = Path(path)
+    unet.save_pretrained(path)
+    scheduler.save_pretrained(path)
+    return path

@@ -1,0 +1,254 @@
+"""Data unlearning on a DDPM (MATH.md §2 FU, §4): FU primal-dual with one multiplier per forget
+image, and the SISS baselines (fixed weight without importance sampling; with importance sampling,
+its weights in log space).
+
+With ``q`` the uniform law on the n training images and ``q_i = delta(a_i)``:
+
+- objective ``E_q[l_theta] - sum_i lam_i l_theta(a_i)`` (``toy.objectives.signed_denoising_objective``),
+  exact at every noise level because noising is linear in the law;
+- constraint ``KL(q_i||p) >= b_i`` measured by the forget image's denoising loss (the ELBO up to a
+  constant, simple weighting), estimated every step from ``forget_draws`` noise draws per image;
+- dual domain ``0 <= lam_i <= 1/n``; ``lam_i = 1/n`` for every forget image is retraining without
+  them. Multipliers are reported as ``n * lam`` ("weights" in [0, 1]) and ``lr_dual`` acts on
+  that scale.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scale.diffusion import add_noise, siss_log_weights
+from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, run_loop, step_generator
+from scale.models import Trainable, load_ddpm_models
+from theory.config import config_to_dict
+from toy.dual import DualState
+from toy.objectives import denoising_loss
+from toy.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+METHODS = ("fu", "siss", "siss_is")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    model: str = ""
+    out: str = "runs/data"
+    method: str = "fu"
+    train_dir: str = ""
+    forget: tuple[str, ...] = ()
+    forget_list: str = ""
+    budgets: tuple[float, ...] = ()
+    budget_factor: float = 0.0
+    lr_dual: float = 0.05
+    siss_weight: float = 1.0
+    siss_mix: float = 0.5
+    forget_draws: int = 2
+    trainable: str = "full"
+    local_files_only: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not self.train_dir:
+            raise ValueError("train_dir (the training-image folder) is required")
+        if not self.forget and not self.forget_list:
+            raise ValueError("give the forget images as forget=[...] or forget_list=FILE")
+        if self.method == "fu" and not self.budgets and self.budget_factor <= 0:
+            raise ValueError("FU needs budgets=[...] (denoising-loss units) or budget_factor > 0 "
+                             "(budget = factor x pretrained forget loss)")
+        if self.siss_weight < 0 or not 0 < self.siss_mix < 1:
+            raise ValueError(f"siss_weight must be >= 0 and siss_mix in (0, 1), got {self.siss_weight}, {self.siss_mix}")
+        if self.forget_draws < 1:
+            raise ValueError(f"forget_draws must be >= 1, got {self.forget_draws}")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"training-image folder {str(folder)!r} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"training-image folder {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def load_images(files: list[Path], shape: tuple[int, int, int]) -> torch.Tensor:
+    """Images as float32 (N, C, H, W) in [-1, 1]; a wrong size or channel count is an error."""
+    from PIL import Image
+
+    c, h, w = shape
+    out = []
+    for f in files:
+        with Image.open(f) as im:
+            arr = np.asarray(im)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.shape != (h, w, c):
+            raise ValueError(f"image {f.name!r} has shape (H, W, C) = {arr.shape}, the model expects {(h, w, c)}")
+        out.append(torch.from_numpy(arr.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1.0)
+    return torch.stack(out)
+
+
+def resolve_forget(cfg: DataConfig, files: list[Path]) -> list[int]:
+    names = list(cfg.forget)
+    if cfg.forget_list:
+        fl = Path(cfg.forget_list)
+        if not fl.is_file():
+            raise ValueError(f"forget list {cfg.forget_list!r} does not exist")
+        names += [ln.strip() for ln in fl.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    by_name = {p.name: i for i, p in enumerate(files)}
+    missing = [n for n in names if Path(n).name not in by_name]
+    if missing:
+        raise ValueError(f"forget image(s) {missing} are not in the training folder {cfg.train_dir!r}")
+    idx = [by_name[Path(n).name] for n in names]
+    if len(set(idx)) != len(idx):
+        raise ValueError(f"forget list has duplicates: {names}")
+    return idx
+
+
+def denoising_losses(unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                     alphas_cumprod: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Per-sample denoising losses (N,), float32, at given timesteps and noise (no grad)."""
+    out = []
+    dev = next(unet.parameters()).device
+    with torch.no_grad():
+        for i in range(0, x0.shape[0], batch):
+            x, tt, n = x0[i:i + batch].to(dev), t[i:i + batch].to(dev), noise[i:i + batch].to(dev)
+            x_t = add_noise(x, n, alphas_cumprod[tt.cpu()].to(dev))
+            out.append(denoising_loss(unet(x_t, tt).sample, n).cpu())
+    return torch.cat(out)
+
+
+def forget_losses(unet, images: torch.Tensor, alphas_cumprod: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+    """Mean denoising loss of each image over ``draws`` fixed (seeded) noise/timestep draws: (N,)."""
+    g = torch.Generator().manual_seed(seed)
+    n = images.shape[0]
+    t = torch.randint(0, alphas_cumprod.numel(), (draws, n), generator=g)
+    noise = torch.randn((draws, *images.shape), generator=g)
+    rep = images.unsqueeze(0).expand(draws, *images.shape).reshape(-1, *images.shape[1:])
+    return denoising_losses(unet, rep, t.reshape(-1), noise.reshape(-1, *images.shape[1:]),
+                            alphas_cumprod).reshape(draws, n).mean(0)
+
+
+class DataTask:
+    def __init__(self, cfg: DataConfig, unet, model, images, forget_idx, alphas_cumprod, accelerator):
+        self.cfg, self.unet, self.model, self.acc = cfg, unet, model, accelerator
+        self.images = images
+        self.forget_idx = torch.tensor(forget_idx)
+        self.n = images.shape[0]
+        self.m = len(forget_idx)
+        self.ab = alphas_cumprod
+        self.T = alphas_cumprod.numel()
+
+    def step(self, step: int, sl: Slice, dual: DualState) -> StepOut:
+        cfg = self.cfg
+        B, m, K = cfg.train.batch_size, self.m, cfg.forget_draws
+        gen = step_generator(cfg.train.seed, step)
+        dev = self.acc.device
+        lam = dual.lam.float()
+        idx = torch.randint(0, self.n, (B,), generator=gen)
+        t = torch.randint(0, self.T, (B,), generator=gen)
+        noise = torch.randn((B, *self.images.shape[1:]), generator=gen)
+        meas_sum = torch.zeros(m, dtype=torch.float64)
+        meas_cnt = torch.zeros(m, dtype=torch.float64)
+        if cfg.method == "siss_is":
+            a_pick = torch.randint(0, m, (B,), generator=gen)
+            from_a = torch.rand((B,), generator=gen) < cfg.siss_mix
+            idx, t, noise, a_pick, from_a = (sl.take(v) for v in (idx, t, noise, a_pick, from_a))
+            x0 = self.images[idx].to(dev)
+            a0 = self.images[self.forget_idx[a_pick]].to(dev)
+            ab = self.ab[t].to(dev)
+            noise = noise.to(dev)
+            x_t = add_noise(torch.where(from_a.to(dev).reshape(-1, 1, 1, 1), a0, x0), noise, ab)
+            log_wx, log_wa = siss_log_weights(x_t, x0, a0, ab, cfg.siss_mix)
+            with self.acc.autocast():
+                eps_theta = self.model(x_t, t.to(dev)).sample.float()
+            s_ab = ab.float().reshape(-1, 1, 1, 1)
+            eps_x = (x_t - s_ab.sqrt() * x0) / (1 - s_ab).sqrt()
+            eps_a = (x_t - s_ab.sqrt() * a0) / (1 - s_ab).sqrt()
+            l_x, l_a = denoising_loss(eps_theta, eps_x), denoising_loss(eps_theta, eps_a)
+            w_x, w_a = log_wx.exp().float(), log_wa.exp().float()
+            lam_a = lam.to(dev)[a_pick.to(dev)] * m  # sum_i lam_i E_{a_i} = (m lam) E_{a ~ unif(A)}
+            loss = ((w_x * l_x).sum() - (lam_a * w_a * l_a).sum()) / B
+            meas_sum.index_add_(0, a_pick, (w_a * l_a).detach().double().cpu())
+            meas_cnt.index_add_(0, a_pick, torch.ones(a_pick.shape[0], dtype=torch.float64))
+            return StepOut(loss, meas_sum, meas_cnt)
+        # fu / siss (no importance sampling): one batch of training images + K draws per forget image
+        f_img = torch.arange(m).repeat(K)
+        f_t = torch.randint(0, self.T, (m * K,), generator=gen)
+        f_noise = torch.randn((m * K, *self.images.shape[1:]), generator=gen)
+        idx, t, noise = sl.take(idx), sl.take(t), sl.take(noise)
+        f_img, f_t, f_noise = sl.take(f_img), sl.take(f_t), sl.take(f_noise)
+        x0 = torch.cat([self.images[idx], self.images[self.forget_idx[f_img]]]).to(dev)
+        tt = torch.cat([t, f_t]).to(dev)
+        nn_ = torch.cat([noise, f_noise]).to(dev)
+        x_t = add_noise(x0, nn_, self.ab[tt.cpu()].to(dev))
+        with self.acc.autocast():
+            eps_theta = self.model(x_t, tt).sample.float()
+        l = denoising_loss(eps_theta, nn_)
+        b = idx.shape[0]
+        l_r, l_f = l[:b], l[b:]
+        loss = l_r.sum() / B - (lam.to(dev)[f_img.to(dev)] * l_f).sum() / K
+        meas_sum.index_add_(0, f_img, l_f.detach().double().cpu())
+        meas_cnt.index_add_(0, f_img, torch.ones(f_img.shape[0], dtype=torch.float64))
+        return StepOut(loss, meas_sum, meas_cnt, {"retain_loss": float(l_r.detach().sum()) / B})
+
+
+def prepare_data(cfg: DataConfig):
+    """Validate everything (model, folder, forget list, image shapes) before training starts."""
+    models = load_ddpm_models(cfg.model, cfg.local_files_only)
+    files = list_images(cfg.train_dir)
+    forget_idx = resolve_forget(cfg, files)
+    images = load_images(files, models.sample_shape)
+    return models, files, forget_idx, images
+
+
+def run(cfg: DataConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+    models, files, forget_idx, images = prepare_data(cfg)
+    n, m = images.shape[0], len(forget_idx)
+    if cfg.budgets and len(cfg.budgets) not in (1, m):
+        raise ValueError(f"budgets must have 1 or {m} entries (one per forget image), got {list(cfg.budgets)}")
+    accelerator = make_accelerator(cfg.train)
+    unet = models.unet.to(accelerator.device)
+    ab = models.alphas_cumprod
+    eval_seed = cfg.train.seed + 12345
+    pre_forget = forget_losses(unet, images[forget_idx].to(accelerator.device), ab, 16, eval_seed)
+    if cfg.budgets:
+        budgets = torch.tensor(list(cfg.budgets) * (m if len(cfg.budgets) == 1 else 1), dtype=torch.float64)
+    else:
+        budgets = cfg.budget_factor * pre_forget.double()
+    trainable = Trainable(unet, cfg.trainable, seed=cfg.train.seed)
+    optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.train.lr)
+    model, optimizer = accelerator.prepare(unet, optimizer)
+    run_dir = RunDir(cfg.out, config_to_dict(cfg), cfg.train.seed, write_provenance=accelerator.is_main_process)
+    if cfg.method == "fu":
+        dual = DualState("forward_kl", budgets, cfg.lr_dual / n, upper=torch.full((m,), 1.0 / n))
+    else:  # SISS: a fixed weight, not restricted to the dual domain
+        dual = DualState("forward_kl", budgets if cfg.budgets or cfg.budget_factor > 0 else torch.zeros(m),
+                         lr_dual=0.0, lam_init=torch.full((m,), cfg.siss_weight / n))
+    task = DataTask(cfg, unet, model, images, forget_idx, ab, accelerator)
+    last = run_loop(run_dir=run_dir, accelerator=accelerator, model=model, trainable=trainable,
+                    optimizer=optimizer, dual=dual, step_fn=lambda s, sl: task.step(s, sl, dual),
+                    cfg=cfg.train, total_steps=cfg.train.steps, resume=resume, desc=f"data/{cfg.method}",
+                    stop_after=stop_after)
+    post_forget = forget_losses(unet, images[forget_idx].to(accelerator.device), ab, 16, eval_seed)
+    summary = {
+        "problem": "forward_kl", "method": cfg.method, "n_train": n,
+        "forget": [files[i].name for i in forget_idx], "budgets": dual.budgets, "lam": dual.lam,
+        "lam_times_n": dual.lam * n, "constraint_values": last.get("measured"),
+        "violation": last.get("violation"), "forget_loss_before": pre_forget, "forget_loss_after": post_forget,
+        "steps": cfg.train.steps, "world_size": accelerator.num_processes,
+        "weights": str(run_dir.path / "checkpoint" / "trainable.safetensors"),
+    }
+    if accelerator.is_main_process:
+        run_dir.write_summary(summary)
+    accelerator.wait_for_everyone()
+    return summary

@@ -1,0 +1,253 @@
+"""The training loop every scale run shares: accelerate (DDP, bf16/fp16), gradient accumulation over
+micro-batches, the dual step on constraint estimates averaged across processes, atomic checkpoints
+and exact resume.
+
+Determinism contract. Every random draw of optimizer step ``s`` comes from
+``step_generator(seed, s)`` and is drawn for the *global* batch, then sliced: slice
+``k = accum_index * world + rank`` of ``world * accum`` slices. A run on one process and a run on
+two processes with the same global batch therefore see the same samples, noise and timesteps, and
+a resumed run draws exactly what the uninterrupted run drew. Each step function returns its
+slice's share of the global-batch objective (terms already divided by the global sizes) and the
+sums and counts of its constraint estimates; the loop multiplies the loss by ``world`` (DDP
+averages gradients across ranks) and sums estimates across slices and processes before the dual
+step, so every rank applies the same dual update to the same multipliers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from toy.dual import DualState
+from toy.runs import RunDir
+
+log = logging.getLogger(__name__)
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Primal optimisation. ``batch_size`` is global (all processes, all micro-batches) per
+    optimizer step; ``micro_batch`` is one forward's size per process; the number of accumulated
+    micro-batches is ``ceil(batch_size / (micro_batch * processes))``."""
+
+    steps: int = 100
+    batch_size: int = 4
+    micro_batch: int = 4
+    lr: float = 1e-4
+    max_grad_norm: float = 0.0
+    mixed_precision: str = "no"
+    cpu: bool = False
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"train.steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1 or self.micro_batch < 1:
+            raise ValueError(f"train.batch_size and train.micro_batch must be >= 1, got "
+                             f"{self.batch_size}, {self.micro_batch}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """The CPU generator of optimizer step ``step`` (one independent stream per ``stream``)."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7919 + int(stream) * 104_729) % (2 ** 63))
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Slice ``index`` of ``count`` equal shares of every global array of a step."""
+
+    index: int
+    count: int
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        return n * self.index // self.count, n * (self.index + 1) // self.count
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.bounds(x.shape[0])
+        return x[lo:hi]
+
+
+@dataclass
+class StepOut:
+    """A step function's result for one slice: ``loss`` its share of the global objective (or
+    ``None`` for a dual-only step), sums and counts of the m constraint estimates, and sums of
+    extra metrics (divided by their global sizes already)."""
+
+    loss: torch.Tensor | None
+    measured_sum: torch.Tensor
+    measured_count: torch.Tensor
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, trainable_state: dict[str, torch.Tensor], state: dict) -> None:
+    """Write ``trainable.safetensors`` + ``state.pt`` into a fresh folder, then swap it in by renames:
+    a crash at any point leaves either the old or the new checkpoint complete."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
+    try:
+        save_file(trainable_state, str(tmp / "trainable.safetensors"))
+        torch.save(state, tmp / "state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = path.parent / f".{path.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        old = path.parent / f".{path.name}.old"
+        if not old.exists():
+            return None
+        path = old  # a crash between the two renames of save_checkpoint
+    return load_file(str(path / "trainable.safetensors")), torch.load(path / "state.pt", weights_only=False)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual: DualState,
+             step_fn: Callable[[int, Slice], StepOut], cfg: TrainConfig, total_steps: int,
+             dual_active: Callable[[int], bool] = lambda s: True, resume: bool = False,
+             desc: str = "unlearn", stop_after: int | None = None) -> dict:
+    """Run optimizer steps ``[start, total_steps)``; return the last step's measured values.
+
+    ``stop_after`` ends the loop after that many steps (simulates a killed run in tests).
+    """
+    world = accelerator.num_processes
+    accum = max(1, math.ceil(cfg.batch_size / (cfg.micro_batch * world)))
+    ckpt_path = run_dir.path / "checkpoint"
+    start = 0
+    if resume:
+        ck = load_checkpoint(ckpt_path)
+        if ck is None:
+            log.warning("--resume given but %s has no checkpoint; starting from step 0", ckpt_path)
+        else:
+            weights, state = ck
+            trainable.load_state_dict(weights)
+            optimizer.load_state_dict(state["optimizer"])
+            dual.load_state_dict(state["dual"])
+            _set_rng_state(state["rng"])
+            start = int(state["step"])
+            log.info("resumed from step %d", start)
+    if accelerator.is_main_process:
+        run_dir.truncate_metrics(start - 1)
+    last: dict = {}
+    params = trainable.parameters()
+    done = 0
+    bar = tqdm(range(start, total_steps), desc=desc, unit="step", disable=not accelerator.is_main_process,
+               initial=start, total=total_steps)
+    for step in bar:
+        optimizer.zero_grad(set_to_none=True)
+        meas_sum = torch.zeros(dual.budgets.numel(), dtype=torch.float64)
+        meas_cnt = torch.zeros_like(meas_sum)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        extras: dict[str, float] = {}
+        primal = False
+        for k in range(accum):
+            sl = Slice(k * world + accelerator.process_index, accum * world)
+            sync = accelerator.no_sync(model) if k < accum - 1 else nullcontext()
+            with sync:
+                out = step_fn(step, sl)
+                if out.loss is not None:
+                    primal = True
+                    accelerator.backward(out.loss * world)
+                    loss_sum += float(out.loss.detach())
+            meas_sum += out.measured_sum.detach().double().cpu()
+            meas_cnt += out.measured_count.detach().double().cpu()
+            for name, v in out.extras.items():
+                extras[name] = extras.get(name, 0.0) + float(v)
+        names = sorted(extras)
+        packed = torch.cat([meas_sum, meas_cnt, loss_sum.reshape(1),
+                            torch.tensor([extras[n] for n in names], dtype=torch.float64)])
+        packed = accelerator.reduce(packed.to(accelerator.device), reduction="sum").cpu().double()
+        m = meas_sum.numel()
+        meas_sum, meas_cnt, loss_val = packed[:m], packed[m:2 * m], float(packed[2 * m])
+        extras = {n: float(v) for n, v in zip(names, packed[2 * m + 1:])}
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(f"non-finite loss {loss_val} at step {step}")
+        if primal:
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+        if torch.any(meas_cnt <= 0):
+            raise ValueError(f"step {step}: no constraint estimate for constraint(s) "
+                             f"{torch.nonzero(meas_cnt <= 0).flatten().tolist()}; increase the batch size")
+        measured = meas_sum / meas_cnt
+        lam_used = dual.lam.clone()
+        if dual_active(step):
+            violation = dual.step(measured)
+        else:
+            if not torch.all(torch.isfinite(measured)):
+                raise FloatingPointError(f"non-finite constraint estimate {measured.tolist()} at step {step}")
+            violation = dual.violation(measured)
+        last = {"loss": loss_val if primal else None, "lam_used": lam_used, "lam": dual.lam.clone(),
+                "measured": measured, "violation": violation, **extras}
+        if accelerator.is_main_process:
+            run_dir.log_metrics(step, loss=loss_val if primal else float("nan"), check_finite=False,
+                                lam=dual.lam, measured=measured, violation=violation, primal=primal, **extras)
+            bar.set_postfix(loss=f"{loss_val:.4g}", lam=f"{float(dual.lam.sum()):.3g}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps:
+            if accelerator.is_main_process:
+                save_checkpoint(ckpt_path, trainable.state_dict(), {
+                    "optimizer": optimizer.state_dict(), "dual": dual.state_dict(), "rng": _rng_state(),
+                    "step": step + 1})
+            accelerator.wait_for_everyone()
+        done += 1
+        if stop_after is not None and done >= stop_after:
+            break
+    return last
