@@ -111,46 +111,74 @@ class GaussianMixture:
             raise ValueError(f"x must have shape (N, {self.dim}), got {x.shape}")
         return x
 
+    def _terms(self, x, alpha_bar=1.0, keep_components: bool = False):
+        """One pass over the components of the mixture noised to ``alpha_bar`` (scalar or (N,)).
+
+        Returns ``log_terms`` (N, K) = ``log w_k + log N_k(x)``, ``log p`` (N,), ``r`` (N, K)
+        responsibilities, the mixture score (N, d) and, if ``keep_components``, the component
+        scores (N, K, d) and the traces of the noised precisions (N or 1, K). In each eigenbasis
+        ``y = U_k^T (x - sqrt(ab) mu_k)``, ``var = ab s_k + 1 - ab``, so one matrix product per
+        component does the work; arrays are laid out (d, N) and (K, N) so that every reduction
+        runs over the short axis (several times faster than (N, K) reductions in numpy).
+        """
+        x = self._check_x(x)
+        ab = check_alpha_bar(alpha_bar)
+        N, K, d = x.shape[0], self.n_components, self.dim
+        if ab.ndim == 1 and ab.shape[0] != N:
+            raise ValueError(f"alpha_bar has {ab.shape[0]} entries for {N} points")
+        per_point = ab.ndim == 1
+        ab_c = ab[None, :] if per_point else ab  # broadcast against (d, N)
+        sq = np.sqrt(ab_c)
+        X = np.ascontiguousarray(x.T)  # (d, N)
+        log_w = np.log(self.weights)
+        log_terms = np.empty((K, N))
+        zs = []
+        tr_prec = np.empty((K, N if per_point else 1))
+        for k in range(K):
+            U = self._eig_vecs[k]
+            mu_rot = (self.means[k] @ U)[:, None]  # (d, 1)
+            Y = U.T @ X - sq * mu_rot
+            var = ab_c * self._eig_vals[k][:, None] + (1.0 - ab_c)  # (d, 1) or (d, N)
+            Z = Y / var
+            maha = (Y * Z).sum(axis=0) if d > 1 else (Y * Z)[0]
+            logdet = np.log(var).sum(axis=0)
+            log_terms[k] = (log_w[k] - 0.5 * d * _LOG_2PI) - 0.5 * (maha + logdet)
+            zs.append(Z)
+            tr_prec[k] = (1.0 / var).sum(axis=0)
+        m = log_terms.max(axis=0)
+        e = np.exp(log_terms - m)
+        tot = e.sum(axis=0)
+        r = e / tot
+        log_p = m + np.log(tot)
+        S = np.zeros((d, N))
+        comp = np.empty((N, K, d)) if keep_components else None
+        for k in range(K):
+            s_k = self._eig_vecs[k] @ zs[k]  # Sigma_k(ab)^{-1} (x - sqrt(ab) mu_k), (d, N)
+            S -= r[k] * s_k
+            if keep_components:
+                comp[:, k] = -s_k.T
+        return log_terms.T, log_p, r.T, S.T, comp, tr_prec.T
+
     def _component_terms(self, x, alpha_bar=1.0):
         """Per-component ``log w_k + log N_k(x)`` (N, K) and scores ``-Sigma_k^{-1}(x - mu_k)``
         (N, K, d) of the mixture noised to ``alpha_bar`` (scalar or (N,))."""
-        x = self._check_x(x)
-        ab = check_alpha_bar(alpha_bar)
-        if ab.ndim == 1 and ab.shape[0] != x.shape[0]:
-            raise ValueError(f"alpha_bar has {ab.shape[0]} entries for {x.shape[0]} points")
-        ab_n = np.broadcast_to(ab, (x.shape[0],))[:, None, None]  # (N,1,1)
-        var = ab_n * self._eig_vals[None] + (1.0 - ab_n)  # (N,K,d) eigenvalues of noised covs
-        diff = x[:, None, :] - np.sqrt(ab_n) * self.means[None]  # (N,K,d)
-        y = np.einsum("nkd,kde->nke", diff, self._eig_vecs)  # rotate into each eigenbasis
-        maha = np.sum(y * y / var, axis=2)
-        logdet = np.sum(np.log(var), axis=2)
-        log_terms = np.log(self.weights)[None] - 0.5 * (maha + logdet + self.dim * _LOG_2PI)
-        comp_score = -np.einsum("nke,kde->nkd", y / var, self._eig_vecs)
-        return log_terms, comp_score
+        log_terms, _, _, _, comp, _ = self._terms(x, alpha_bar, keep_components=True)
+        return log_terms, comp
 
     def log_prob(self, x, alpha_bar=1.0) -> np.ndarray:
         """``log p_t(x)`` (N,) of the mixture noised to ``alpha_bar`` (1 = the data law)."""
-        log_terms, _ = self._component_terms(x, alpha_bar)
-        return logsumexp(log_terms, axis=1)
+        return self._terms(x, alpha_bar)[1]
 
     def score(self, x, alpha_bar=1.0) -> np.ndarray:
         """``grad_x log p_t(x)`` (N, d): responsibilities times component scores."""
-        log_terms, comp_score = self._component_terms(x, alpha_bar)
-        r = np.exp(log_terms - logsumexp(log_terms, axis=1, keepdims=True))
-        return np.einsum("nk,nkd->nd", r, comp_score)
+        return self._terms(x, alpha_bar)[3]
 
     def score_divergence(self, x, alpha_bar=1.0) -> np.ndarray:
         """``tr grad_x score = Laplacian log p_t`` (N,): ``sum_k r_k (|s_k|^2 - tr P_k) - |s|^2`` with
         responsibilities r_k, component scores s_k and noised precisions P_k (for the
         probability-flow ODE's change of log-density)."""
-        x = self._check_x(x)
-        ab = check_alpha_bar(alpha_bar)
-        ab_n = np.broadcast_to(ab, (x.shape[0],))[:, None, None]
-        tr_prec = np.sum(1.0 / (ab_n * self._eig_vals[None] + (1.0 - ab_n)), axis=2)  # (N, K)
-        log_terms, comp_score = self._component_terms(x, alpha_bar)
-        r = np.exp(log_terms - logsumexp(log_terms, axis=1, keepdims=True))
-        s = np.einsum("nk,nkd->nd", r, comp_score)
-        return np.sum(r * (np.sum(comp_score ** 2, axis=2) - tr_prec), axis=1) - np.sum(s * s, axis=1)
+        _, _, r, s, comp, tr_prec = self._terms(x, alpha_bar, keep_components=True)
+        return np.sum(r * (np.sum(comp ** 2, axis=2) - tr_prec), axis=1) - np.sum(s * s, axis=1)
 
     def eps(self, x_t, alpha_bar) -> np.ndarray:
         """Exact noise prediction ``E[z | x_t] = -sqrt(1 - alpha_bar) grad log p_t(x_t)`` (N, d)."""
