@@ -27,7 +27,7 @@ import torch
 
 from toy.dual import DualState
 from toy.models import constraint_function, gibbs_tilt_eps_target
-from toy.objectives import (composed_eps_target, denoising_loss, eta_from_lam,
+from toy.objectives import (composed_eps_target, denoising_loss, eta_from_lam, lam_from_eta,
                             log_ratio_from_denoising_losses, reverse_step_kl_weights,
                             signed_denoising_objective)
 from toy.pretrain import noised
@@ -116,6 +116,35 @@ def lu_primal_loss(net, frozen, forget_exact: list, q_exact, x0, ab, gen, lam, v
     return denoising_loss(net(x_t, t), target).mean()
 
 
+def tilt_log_weights(problem: str, lam: torch.Tensor, x0: torch.Tensor, q_exact, forget_exact: list,
+                     variant: str = "likelihood") -> torch.Tensor:
+    """log of the x_0 density ratio target/q up to a constant (B,): RU ``sum eta_i (log q - log q_i)``,
+    LU ``-sum lam_i g_i``. Exact densities here; at scale a diffusion classifier gives the ratios."""
+    log_qi = torch.stack([f.log_prob(x0) for f in forget_exact])
+    log_q = q_exact.log_prob(x0)
+    lam = torch.as_tensor(lam, dtype=torch.float64)
+    if problem == "reverse_kl":
+        return (eta_from_lam(lam).unsqueeze(1) * (log_q.unsqueeze(0) - log_qi)).sum(0)
+    if problem == "likelihood":
+        g = torch.stack([constraint_function(variant, lq, log_q) for lq in log_qi])
+        return -(lam.unsqueeze(1) * g).sum(0)
+    raise ValueError(f"no x_0 tilt for {problem!r}")
+
+
+def reweighted_dsm_loss(net, x0, log_w, ab, gen) -> torch.Tensor:
+    """Self-normalised importance-weighted denoising loss ``sum_b w_b l_b / sum_b w_b`` with
+    ``w = target/q`` at x_0: its minimiser is the exact noised target at *every* t (noising is
+    linear in the law, as for FU's signed loss), unlike the composed-score surrogates."""
+    x_t, t, z = noised(x0, ab, gen)
+    w = torch.softmax(log_w, 0).to(torch.float32)
+    return (w * denoising_loss(net(x_t, t), z)).sum()
+
+
+def effective_sample_size(log_w: torch.Tensor) -> float:
+    w = torch.softmax(log_w.double(), 0)
+    return float(1.0 / (w * w).sum())
+
+
 # ---------------------------------------------------------------- constraint estimators
 
 def ru_constraint_path_kl(net, forget, n, ab, gen) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,6 +203,8 @@ class LoopConfig:
     dual_batch: int = 128
     checkpoint_every: int = 250
     average_frac: float = 0.25
+    lr_final_frac: float = 1.0  # cosine decay of the primal learning rate to lr * this (1: constant)
+    target: str = "composed"  # RU/LU primal target: composed-score surrogate or reweighted DSM (exact)
 
 
 def _measure_every(problem: str, algorithm: str, cfg: LoopConfig) -> int:
@@ -192,6 +223,8 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
     ``stop_after`` ends early after that many steps of this call (to test resumption)."""
     if algorithm not in ALGORITHMS[problem]:
         raise ValueError(f"algorithm {algorithm!r} is not defined for {problem}; choose from {ALGORITHMS[problem]}")
+    if cfg.target not in ("composed", "reweighted"):
+        raise ValueError(f"target must be composed or reweighted, got {cfg.target!r}")
     net, ab = models.net, torch.as_tensor(models.alphas_cumprod, dtype=torch.float32)
     w = reverse_step_kl_weights(ab)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
@@ -214,9 +247,17 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
     done_here = 0
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
+        frac = cfg.lr_final_frac + (1 - cfg.lr_final_frac) * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * frac
         lam = dual.lam
         measured = None
-        if problem == "reverse_kl":
+        if problem != "forward_kl" and cfg.target == "reweighted":
+            x0 = models.retain_data(cfg.batch)
+            log_w = tilt_log_weights(problem, lam if algorithm != "esd" else lam_from_eta(torch.tensor([fixed_eta])),
+                                     x0, models.q_exact, models.forget_exact, variant)
+            loss = reweighted_dsm_loss(net, x0, log_w, ab, gen)
+        elif problem == "reverse_kl":
             eta = torch.tensor([fixed_eta]) if algorithm == "esd" else eta_from_lam(lam)
             loss = ru_primal_loss(net, models.frozen, models.forget, models.retain_data(cfg.batch), ab, gen, eta.float())
         elif problem == "forward_kl":

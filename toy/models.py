@@ -28,6 +28,13 @@ from theory.gmm import GaussianMixture
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
+def _f64(a) -> torch.Tensor:
+    """float64 tensor copy of an array or tensor (numpy arrays may be read-only)."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().to(torch.float64).clone()
+    return torch.as_tensor(np.array(a, dtype=np.float64))
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, num_timesteps: int) -> torch.Tensor:
     """Sinusoidal embedding (B, dim) of ``t / num_timesteps`` with frequencies 1..1000 (log-spaced)."""
     half = dim // 2
@@ -75,8 +82,8 @@ class MixtureEps:
     """
 
     def __init__(self, weights, means, eig_vals, eig_vecs, alphas_cumprod):
-        self.log_w = torch.log(torch.as_tensor(np.array(weights, dtype=np.float64)))
-        self.means = torch.as_tensor(np.array(means, dtype=np.float64))
+        self.log_w = torch.log(_f64(weights))
+        self.means = _f64(means)
         self.eig_vals = torch.as_tensor(eig_vals, dtype=torch.float64)
         self.eig_vecs = torch.as_tensor(eig_vecs, dtype=torch.float64)
         self.alphas_cumprod = torch.as_tensor(alphas_cumprod, dtype=torch.float64)

@@ -48,6 +48,7 @@ class ToyConfig:
     seed: int = 0
     variant: str = "likelihood"  # LU constraint g: likelihood | likelihood_ratio | log_likelihood
     lu_estimator: str = "exact"  # LU constraint estimate: exact mixture g, or network (ratio only)
+    target: str = ""  # RU/LU primal target: composed (surrogate at t > 0) | reweighted (exact); "": RU composed, LU reweighted
     eta: float = 1.0  # ESD's fixed guidance scale
     siss_lam: float = -1.0  # SISS's fixed weight; < 0: half the dual domain
     num_timesteps: int = 100
@@ -61,17 +62,20 @@ class ToyConfig:
     pretrain_batch: int = 512
     pretrain_lr: float = 2e-3
     pretrained: str = ""  # a saved pretrained model to reuse (must match the instance and schedule)
-    steps: int = 1500
+    steps: int = 3000
     batch: int = 512
     forget_batch: int = 256
     lr: float = 1e-3
+    lr_final_frac: float = 0.1  # cosine decay of the primal learning rate to lr * this
     lr_dual: float = -1.0  # < 0: DUAL_GAIN / slope at lam*
-    dual_every: int = 10
+    dual_every: int = 20
     dual_batch: int = 128
     checkpoint_every: int = 250
     average_frac: float = 0.25
+    lam_init: tuple[float, ...] = ()  # initial multipliers (default 0; fixed ones for the baselines)
     lam_max: float = 1e4  # multipliers above this stop the run as divergent
     n_eval: int = 2000
+    n_constraint: int = 10000  # samples (FU: forget draws, LU: model samples) / 5 (RU: trajectories) at the end
     n_reference: int = 2000  # trajectories per exact-score surrogate evaluation
     surrogate_reference: bool = True
     figure: bool = True
@@ -90,6 +94,13 @@ def schedule(cfg: ToyConfig) -> torch.Tensor:
                            dtype=torch.float32)
 
 
+def primal_target(cfg: ToyConfig) -> str:
+    """The RU/LU training target actually used (FU's signed loss is exact by itself)."""
+    if cfg.target:
+        return cfg.target
+    return "reweighted" if cfg.problem == "likelihood" else "composed"
+
+
 def validate(cfg: ToyConfig) -> None:
     if cfg.problem not in ALGORITHMS:
         raise ValueError(f"problem must be one of {tuple(ALGORITHMS)}, got {cfg.problem!r}")
@@ -99,6 +110,8 @@ def validate(cfg: ToyConfig) -> None:
         raise ValueError(f"variant must be likelihood, likelihood_ratio or log_likelihood, got {cfg.variant!r}")
     if cfg.lu_estimator not in ("exact", "network"):
         raise ValueError(f"lu_estimator must be exact or network, got {cfg.lu_estimator!r}")
+    if cfg.target not in ("", "composed", "reweighted"):
+        raise ValueError(f"target must be composed or reweighted, got {cfg.target!r}")
     if cfg.lu_estimator == "network" and cfg.variant != "likelihood_ratio":
         raise ValueError("the network (diffusion-classifier) LU estimator gives log q_i/q: use variant=\"ratio\"")
     for name in ("steps", "batch", "forget_batch", "dual_every", "dual_batch", "checkpoint_every", "n_eval"):
@@ -264,7 +277,8 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -
     # surrogate's fixed point for RU/LU primal-dual (their training targets are surrogates at t > 0)
     lam_sur = None
     sur_path = out / "surrogate_reference.json"
-    if cfg.problem in ("reverse_kl", "likelihood") and cfg.surrogate_reference and len(forget) == 1:
+    surrogate_used = cfg.problem != "forward_kl" and primal_target(cfg) == "composed"
+    if surrogate_used and cfg.surrogate_reference and len(forget) == 1:
         if sur_path.exists():
             import json
             lam_sur = np.asarray(json.loads(sur_path.read_text())["lam"])
@@ -283,7 +297,7 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -
     slopes = np.array([_slope(qd, lam_i) for qd, lam_i in zip(quads, lam_th)])
     lr_dual = cfg.lr_dual if cfg.lr_dual >= 0 else float(DUAL_GAIN[cfg.problem] / max(np.abs(slopes).max(), 1e-12))
     fixed = cfg.algorithm != "primal_dual"
-    lam_init = None
+    lam_init = np.asarray(cfg.lam_init, dtype=np.float64) if cfg.lam_init else None
     if cfg.algorithm == "esd":
         lam_init = lam_from_eta(torch.tensor([cfg.eta], dtype=torch.float64)).numpy()
     elif cfg.algorithm == "siss":
@@ -293,7 +307,7 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -
     dual = DualState(cfg.problem, budgets, 0.0 if fixed else lr_dual, lam_init, upper, sum_max, cfg.lam_max)
 
     loop = LoopConfig(cfg.steps, cfg.batch, cfg.forget_batch, cfg.lr, cfg.dual_every, cfg.dual_batch,
-                      cfg.checkpoint_every, cfg.average_frac)
+                      cfg.checkpoint_every, cfg.average_frac, cfg.lr_final_frac, primal_target(cfg))
     bar_un = bar(total=cfg.steps, desc=f"{cfg.problem} {cfg.algorithm}")
     ckpt = rd.load_checkpoint()
     if ckpt is not None:
@@ -350,17 +364,28 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
     ab = schedule(cfg)
     net = models.net.eval()
     lam = averaged_lam(hist, dual, cfg.average_frac)
-    cons, cons_se = final_constraints(cfg.problem, net, models, cfg, cfg.n_eval)
+    n_c = cfg.n_constraint // 5 if cfg.problem == "reverse_kl" else cfg.n_constraint
+    cons, cons_se = final_constraints(cfg.problem, net, models, cfg, n_c)
+    # the same estimator on the pretrained model, against the exact value at p = q: how accurately a
+    # network of this size represents the constraint functional (the yardstick of the tolerances)
+    pre_cons, pre_se = final_constraints(cfg.problem, models.frozen, models, cfg, n_c)
+    q_cons = np.array([qd.constraint_values([0.0])[0] for qd in quads])
+    delta_c = np.abs(pre_cons - q_cons) + 3.0 * np.sqrt(cons_se ** 2 + pre_se ** 2)
     x_net = ddpm_sample(net, cfg.n_eval, ab, _gen(cfg.seed, "eval-net"))
     rng = np.random.default_rng(_seed(cfg.seed, "eval-target"))
     quad = quads[0]
     lam_target = lam_th if len(quads) == 1 else None
     summary = {
-        "problem": cfg.problem, "algorithm": cfg.algorithm, "variant": cfg.variant if cfg.problem == "likelihood" else None,
+        "problem": cfg.problem, "algorithm": cfg.algorithm, "target": primal_target(cfg) if cfg.problem != "forward_kl" else "signed",
+        "lam_reference": (lam_sur if lam_sur is not None and cfg.algorithm == "primal_dual" else lam_th),
+        "lam_reference_source": ("exact-score surrogate fixed point" if lam_sur is not None and cfg.algorithm == "primal_dual" else "lam_star"), "variant": cfg.variant if cfg.problem == "likelihood" else None,
         "budgets": budgets, "lam": lam, "lam_last": dual.lam.numpy(), "lam_star": lam_th, "lam_star_source": lam_source,
         "lam_surrogate": lam_sur, "constraint_values": cons, "constraint_stderr": cons_se,
         "constraint_slope": slopes, "lr_dual": lr_dual, "n_eval": cfg.n_eval,
         "pretrained_distance_to_q": pmeta.get("distance_to_data"), "pretrained_noise_floor": pmeta.get("noise_floor"),
+        "pretrained_constraint_values": pre_cons, "pretrained_constraint_stderr": pre_se,
+        "q_constraint_values": q_cons, "constraint_tolerance": delta_c,
+        "constraint_violation": _violation(cfg.problem, cons, budgets),
         "steps": cfg.steps, "dual_steps": len(hist["lam"]),
         "step_seconds_median": float(np.median(hist["step_seconds"])),
         "dual_seconds_median": float(np.median([s for s in hist["dual_seconds"] if s > 0])) if any(hist["dual_seconds"]) else 0.0,
@@ -375,20 +400,62 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
         summary["distance_noise_floor"] = energy_distance(x_t1, x_t2)
         summary["target_constraint_values"] = quad.constraint_values(lam_eval)
         summary["target_objective"] = quad.objective(lam_eval)
-        # the surrogate law a perfect network would generate (exact scores, same sampler)
-        if cfg.problem != "forward_kl":
+        # the law a perfect network would generate with this target (exact scores, same sampler)
+        if cfg.problem != "forward_kl" and primal_target(cfg) == "composed":
             lam_s = lam_sur if (lam_sur is not None and cfg.algorithm == "primal_dual") else lam_eval
             sm = surrogate_model(cfg.problem, q, forget, lam_s, cfg, cfg.variant)
             xs1 = ddpm_sample(sm, cfg.n_eval, ab, _gen(cfg.seed, "eval-sur1"))
             summary["distance_to_surrogate"] = energy_distance(x_net, xs1)
             summary["surrogate_distance_to_target"] = energy_distance(xs1, x_t2)
-        else:
+        elif cfg.problem == "forward_kl":
             sm = surrogate_model(cfg.problem, q, forget, lam_eval, cfg, cfg.variant)
             xs1 = ddpm_sample(sm, cfg.n_eval, ab, _gen(cfg.seed, "eval-sur1"))
             summary["exact_score_distance_to_target"] = energy_distance(xs1, x_t2)
         summary["objective_learned_mc"] = _objective_mc(cfg.problem, quad, x_net)
+    if len(quads) == 1 and cfg.algorithm in ("primal_dual", "dual_only"):
+        ref = summary["lam_reference"]
+        if summary["lam_reference_source"] == "lam_star":
+            lo, hi = lam_interval_quadrature(quad, float(budgets[0]), float(delta_c[0]))
+        else:
+            lo, hi = lam_interval_surrogate(cfg, q, forget, float(ref[0]), float(delta_c[0]))
+        summary["lam_tolerance_interval"] = [lo, hi]
+        summary["lam_within_tolerance"] = bool(lo <= lam[0] <= hi)
     np.save(Path(cfg.out) / "samples.npy", x_net.numpy())
     return summary
+
+
+def _violation(problem, measured, budgets) -> np.ndarray:
+    from toy.dual import constraint_violation
+    return constraint_violation(problem, torch.as_tensor(measured, dtype=torch.float64),
+                                torch.as_tensor(budgets, dtype=torch.float64)).numpy()
+
+
+def lam_interval_quadrature(quad: Quadrature, budget: float, delta: float) -> tuple[float, float]:
+    """The multipliers whose exact x_0 target has constraint value within ``delta`` of the budget:
+    ``{lam : |C(lam) - b| <= delta}`` (C monotone), the tolerance of a learned lam whose constraint
+    estimate is accurate to ``delta`` (docs/toy.md)."""
+    def inv(b):
+        try:
+            return quad.solve(b)
+        except ValueError:  # beyond the achievable range: the interval is open on that side
+            return float("inf") if quad.problem == "likelihood" or b > budget else quad.lam_max()
+    if quad.problem == "likelihood":
+        lo = inv(budget + delta)
+        hi = inv(budget - delta) if budget - delta > 0 else float("inf")
+    else:
+        lo = inv(budget - delta)
+        hi = inv(budget + delta)
+    return float(lo), float(hi)
+
+
+def lam_interval_surrogate(cfg, q, forget, lam_ref: float, delta: float) -> tuple[float, float]:
+    """As ``lam_interval_quadrature`` for the exact-score surrogate's constraint, linearised at its
+    fixed point (central difference with common random numbers)."""
+    at = surrogate_constraint_fn(cfg.problem, q, forget, cfg, cfg.variant)
+    h = 0.1 * max(lam_ref, 1e-3)
+    slope = (at(lam_ref + h) - at(max(lam_ref - h, 0.0))) / (lam_ref + h - max(lam_ref - h, 0.0))
+    half = delta / max(abs(slope), 1e-12)
+    return max(lam_ref - half, 0.0), lam_ref + half
 
 
 def _objective_mc(problem, quad: Quadrature, x) -> float | None:

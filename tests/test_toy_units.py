@@ -1,0 +1,174 @@
+"""Toy-tier building blocks against independent computations: exact torch mixture eps vs theory's
+numpy eps, target adapters vs theory's targets, toy quadrature lam* vs ``theory.gmm.solve``,
+samplers with exact scores vs the mixture, and the run machinery (resume, refusal, divergence, CLI).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import theory.gmm as gmm
+from theory.diffusion import alphas_cumprod_for_schedule
+from toy.distances import energy_distance
+from toy.models import ComposedEps, EpsMLP, GibbsTiltEps, MixtureEps, SignedMixtureEps
+from toy.objectives import eta_from_lam
+from toy.problems import check_budgets, default_instance
+from toy.reference import Quadrature
+from toy.sampling import ddim_sample, ddpm_sample
+
+torch.set_num_threads(1)
+AB = alphas_cumprod_for_schedule(100, 1e-3, 0.2)
+
+
+@pytest.fixture(scope="module")
+def inst():
+    return default_instance()
+
+
+def _points(seed, n=64):
+    rng = np.random.default_rng(seed)
+    x = torch.as_tensor(rng.normal(0, 1.5, (n, 2)))
+    t = torch.as_tensor(rng.integers(0, 100, n))
+    return x, t
+
+
+def test_mixture_eps_equals_theory_eps_at_every_timestep(inst):
+    x, t = _points(0)
+    ex = MixtureEps.from_mixture(inst.q, AB)
+    ref = np.stack([inst.q.eps(x[i:i + 1].numpy(), AB[t[i]])[0] for i in range(len(t))])
+    np.testing.assert_allclose(ex(x, t).numpy(), ref, atol=1e-10)
+    np.testing.assert_allclose(ex.log_prob(x).numpy(), inst.q.log_prob(x.numpy()), atol=1e-10)
+
+
+def test_eps_of_a_single_training_point_is_the_noise():
+    a = torch.tensor([[0.3, -1.2]], dtype=torch.float64)
+    ex = MixtureEps.from_points(a, AB)
+    z = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.arange(0, 96, 6)
+    ab = torch.as_tensor(AB)[t].unsqueeze(1)
+    x_t = ab.sqrt() * a + (1 - ab).sqrt() * z
+    np.testing.assert_allclose(ex(x_t, t).numpy(), z.numpy(), atol=1e-9)
+
+
+@pytest.mark.parametrize("problem", ["reverse_kl", "forward_kl", "likelihood"])
+def test_target_adapters_equal_theory_targets_eps(inst, problem):
+    q, forget = inst.q, list(inst.forget)
+    qe, fe = MixtureEps.from_mixture(q, AB), [MixtureEps.from_mixture(f, AB) for f in forget]
+    lam = {"reverse_kl": [0.2], "forward_kl": [0.2], "likelihood": [15.0]}[problem]
+    if problem == "reverse_kl":
+        ours, th = ComposedEps(qe, fe, eta_from_lam(torch.tensor(lam, dtype=torch.float64))), gmm.reverse_kl_target(q, forget, lam)
+    elif problem == "forward_kl":
+        ours, th = SignedMixtureEps(qe, fe, lam), gmm.forward_kl_target(q, forget, lam)
+    else:
+        ours, th = GibbsTiltEps(qe, fe, lam, "likelihood", qe), gmm.likelihood_target(q, forget, lam)
+    x, t = _points(1, 32)
+    ref = np.stack([th.eps(x[i:i + 1].numpy(), AB[t[i]])[0] for i in range(len(t))])
+    np.testing.assert_allclose(ours(x, t).numpy(), ref, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("problem", ["reverse_kl", "forward_kl", "likelihood"])
+def test_toy_quadrature_lam_star_agrees_with_theory_solve(inst, problem):
+    b = inst.budgets[problem]
+    ours = Quadrature(problem, inst.q, list(inst.forget)).solve(float(b[0]))
+    theirs = gmm.solve(problem, inst.q, list(inst.forget), b).lam[0]
+    assert abs(ours - theirs) <= 1e-6 * max(1.0, abs(theirs)), (ours, theirs)
+
+
+def test_exact_score_samplers_reproduce_the_mixture(inst):
+    """DDPM (T = 100) and DDIM (100 steps) with exact eps: energy distance to fresh mixture samples
+    within the T = 100 discretisation bias plus 4.25 noise floors (docs/toy.md)."""
+    n = 2000
+    rng = np.random.default_rng(0)
+    ref = inst.q.sample(n, rng)
+    floor = energy_distance(inst.q.sample(n, rng), inst.q.sample(n, rng))
+    ex = MixtureEps.from_mixture(inst.q, AB)
+    for x in (ddpm_sample(ex, n, AB, torch.Generator().manual_seed(1)),
+              ddim_sample(ex, n, AB, torch.Generator().manual_seed(2), num_steps=100)):
+        assert energy_distance(x, ref) <= 4.25 * floor + 2e-3
+
+
+def test_unachievable_budgets_are_refused_with_the_range(inst):
+    with pytest.raises(ValueError, match=r"achievable range \[1\.15.*, 11\.0"):
+        check_budgets("forward_kl", inst.q, list(inst.forget), [50.0])
+    with pytest.raises(ValueError, match="achievable range"):
+        check_budgets("likelihood", inst.q, list(inst.forget), [1e-9])
+
+
+def test_pretrained_model_saves_and_reloads(tmp_path):
+    from toy.pretrain import load_model, save_model
+    net = EpsMLP(2, 16, 2, 8, 100)
+    save_model(tmp_path / "m.pt", net, {"k": 1})
+    net2, meta = load_model(tmp_path / "m.pt")
+    x, t = torch.randn(5, 2), torch.arange(5)
+    assert torch.equal(net(x, t), net2(x, t)) and meta == {"k": 1}
+
+
+# ---------------------------------------------------------------- run machinery on a tiny config
+
+TINY = dict(hidden=16, layers=2, time_dim=8, pretrain_steps=150, pretrain_batch=128, steps=40, batch=64,
+            forget_batch=32, dual_every=5, dual_batch=16, checkpoint_every=10, n_eval=200, n_constraint=400,
+            n_reference=200, figure=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory):
+    from toy.run import ToyConfig, pretrain_on_mixture
+    path = tmp_path_factory.mktemp("tiny") / "pretrained.pt"
+    pretrain_on_mixture(default_instance().q, ToyConfig(**TINY), "pretrain", path)
+    return path
+
+
+@pytest.mark.parametrize("problem", ["forward_kl", "likelihood", "reverse_kl"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_pretrained, problem):
+    from toy.run import ToyConfig, run
+    kw = dict(TINY, problem=problem, pretrained=str(tiny_pretrained), surrogate_reference=False)
+    full = run(ToyConfig(out=str(tmp_path / "full"), **kw))
+    part = run(ToyConfig(out=str(tmp_path / "part"), **kw), stop_after=25)
+    assert part == {"interrupted_at": 20}
+    resumed = run(ToyConfig(out=str(tmp_path / "part"), **kw))
+    assert resumed["lam"] == pytest.approx(full["lam"], abs=0) or np.array_equal(resumed["lam"], full["lam"])
+    np.testing.assert_array_equal(np.load(tmp_path / "part" / "samples.npy"), np.load(tmp_path / "full" / "samples.npy"))
+    rows = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(40))
+
+
+@pytest.mark.parametrize("bad_value, message", [(float("nan"), "non-finite constraint estimate"),
+                                                 (1.0, "multipliers diverged")])
+def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tiny_pretrained, monkeypatch,
+                                                                   bad_value, message):
+    """A non-finite constraint estimate, or multipliers driven past lam_max, stop the run at the
+    dual step where it happens; the checkpoint of step 10 (the last before) stays as it was."""
+    import toy.algorithms as alg
+    from toy.run import ToyConfig, run
+    real = alg.lu_constraint_exact
+    calls = {"n": 0}
+
+    def estimate(*a, **k):  # the genuine estimate for the first two dual steps, then bad values
+        calls["n"] += 1
+        m, se = real(*a, **k)
+        return (m, se) if calls["n"] <= 2 else (torch.full_like(m, bad_value), se)
+
+    monkeypatch.setattr(alg, "lu_constraint_exact", estimate)
+    cfg = ToyConfig(out=str(tmp_path / "div"), problem="likelihood", pretrained=str(tiny_pretrained),
+                    lr_dual=400.0, lam_max=300.0, **TINY)
+    with pytest.raises(FloatingPointError, match=message + r".*dual step 2.*last good checkpoint"):
+        run(cfg)
+    ckpt = torch.load(tmp_path / "div" / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 10 and torch.all(torch.isfinite(ckpt["dual"]["lam"]))
+    assert float(ckpt["dual"]["lam"].max()) <= 300.0
+    assert not (tmp_path / "div" / "summary.json").exists()
+
+
+def test_cli_runs_a_case_and_writes_summary_and_figure(tmp_path, tiny_pretrained):
+    from scale.cli import main
+    over = [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in TINY.items() if k != "figure"]
+    args = ["toy", "--problem", "forward_kl", "--out", str(tmp_path / "cli"), "--no-progress",
+            "--set", f'pretrained="{tiny_pretrained}"'] + sum((["--set", o] for o in over), [])
+    assert main(args) == 0
+    s = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    for key in ("problem", "budgets", "lam", "lam_star", "constraint_values", "distance_to_target", "distance_noise_floor"):
+        assert key in s
+    assert (tmp_path / "cli" / "toy.png").stat().st_size > 0
+    assert main(["toy", "--problem", "forward_kl", "--budget", "99", "--out", str(tmp_path / "bad")]) == 2

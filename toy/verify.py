@@ -1,0 +1,85 @@
+"""The toy section of ``dualunlearn verify``: a small, fast configuration of the toy runs on the
+default 2-D instance, with the checks of docs/toy.md and one figure.
+
+- quick (<= 20 s): FU primal-dual only, a small network (the signed loss's target is exact, so the
+  learned lam must reach theory's lam*).
+- default (<= 90 s): FU primal-dual and LU primal-dual (reweighted target, exact at every t).
+
+Checks per run: lam inside its derived tolerance interval around the reference; the constraint
+violation within 3 standard errors of its estimate; the distance to the target within the
+pretrained model's distance to q plus ``DISTANCE_FLOOR_MULTIPLE`` noise floors.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from theory.report import Check, Section
+from toy.run import ToyConfig, run
+
+log = logging.getLogger(__name__)
+
+#: distance tolerance in noise floors (docs/toy.md: 3 standard deviations of a difference of two
+#: energy-distance V-statistics, each with standard deviation <= its mean, the floor: 3 * sqrt(2)).
+DISTANCE_FLOOR_MULTIPLE = 3.0 * np.sqrt(2.0)
+
+
+def checks_for(summary: dict, label: str) -> list[Check]:
+    """The three statistical checks of one run's summary (docs/toy.md)."""
+    out = []
+    lam = float(np.asarray(summary["lam"])[0])
+    if "lam_tolerance_interval" in summary:
+        lo, hi = summary["lam_tolerance_interval"]
+        ref = float(np.asarray(summary["lam_reference"])[0])
+        out.append(Check(f"{label}: lam in tolerance of {summary['lam_reference_source']}",
+                         f"lam = {lam:.4g} (ref {ref:.4g})", f"[{lo:.4g}, {hi:.4g}]",
+                         bool(summary["lam_within_tolerance"])))
+    viol = float(np.asarray(summary["constraint_violation"])[0])
+    se = float(np.asarray(summary["constraint_stderr"])[0])
+    out.append(Check(f"{label}: constraint holds within estimation error",
+                     f"violation {viol:.3g} (se {se:.2g})", f"<= 3 se = {3 * se:.3g}", viol <= 3 * se))
+    d, d_pre, floor = summary["distance_to_target"], summary["pretrained_distance_to_q"], summary["distance_noise_floor"]
+    bound = d_pre + DISTANCE_FLOOR_MULTIPLE * floor
+    out.append(Check(f"{label}: energy distance to target", f"{d:.4g}",
+                     f"<= pretrained {d_pre:.3g} + {DISTANCE_FLOOR_MULTIPLE:.2f} x floor {floor:.3g} = {bound:.3g}",
+                     d <= bound))
+    return out
+
+
+def configs(out_dir: Path, quick: bool, seed: int) -> list[ToyConfig]:
+    base = ToyConfig(seed=seed, out=str(out_dir / "toy-fu"), problem="forward_kl")
+    if quick:
+        small = replace(base, hidden=64, pretrain_steps=1200, steps=900, n_eval=1000, n_constraint=4000,
+                        checkpoint_every=1000)
+        return [small]
+    base = replace(base, pretrain_steps=3000, steps=2500)
+    lu = replace(base, problem="likelihood", out=str(out_dir / "toy-lu"), pretrained=str(out_dir / "toy-fu" / "pretrained.pt"))
+    return [base, lu]
+
+
+def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    checks: list[Check] = []
+    figures = []
+    lines = []
+    for cfg in configs(out_dir, quick, seed):
+        shutil.rmtree(cfg.out, ignore_errors=True) if not cfg.pretrained else None
+        summary = run(cfg)
+        label = f"{cfg.problem} {cfg.algorithm}"
+        checks += checks_for(summary, label)
+        fig = out_dir / f"toy_{cfg.problem}.png"
+        shutil.copyfile(summary["figure"], fig)
+        figures.append(fig.name)
+        lines.append(f"{label}: lam = {np.asarray(summary['lam'])[0]:.4g}, lam* = {np.asarray(summary['lam_star'])[0]:.4g} "
+                     f"({summary['lam_star_source']}), constraint {np.asarray(summary['constraint_values'])[0]:.4g} "
+                     f"vs budget {np.asarray(summary['budgets'])[0]:.4g}, {summary['seconds']:.1f} s")
+    text = ("Small eps-MLPs pretrained on the default 2-D mixture and unlearned with the primal-dual "
+            "algorithms; tolerances derived in docs/toy.md. " + "; ".join(lines))
+    return Section("toy: learned models vs theory", tuple(checks), tuple(figures), text, time.perf_counter() - t0)
