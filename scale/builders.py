@@ -53,7 +53,7 @@ def build_text_encoder(vocab_size: int, hidden: int = 32, layers: int = 2, heads
 
 def build_cond_unet(sample_size: int = 8, channels: int = 1, block_out_channels=(16, 32),
                     cross_attention_dim: int = 32, layers_per_block: int = 1, attention_head_dim: int = 4,
-                    norm_num_groups: int = 8, seed: int = 0):
+                    norm_num_groups: int = 8, mid_block: bool = True, seed: int = 0):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -64,7 +64,7 @@ def build_cond_unet(sample_size: int = 8, channels: int = 1, block_out_channels=
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
-        norm_num_groups=norm_num_groups)
+        norm_num_groups=norm_num_groups, mid_block_type="UNetMidBlock2DCrossAttn" if mid_block else None)
 
 
 def build_uncond_unet(sample_size: int = 8, channels: int = 1, block_out_channels=(16, 32),

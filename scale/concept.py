@@ -27,7 +27,7 @@ import torch
 
 from scale.diffusion import (add_noise, ancestral_step, lu_weight, predict_x0, strided_kl_weights,
                              strided_timesteps)
-from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, run_loop, step_generator
+from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, make_optimizer, run_loop, step_generator
 from scale.models import ESD_X_TARGETS, Trainable, encode_prompts, load_concept_models
 from theory.config import config_to_dict
 from toy.dual import DualState
@@ -247,7 +247,7 @@ def run(cfg: ConceptConfig, resume: bool = False, stop_after: int | None = None)
     trainable = Trainable(models.unet, cfg.trainable, cfg.lora_rank, cfg.lora_alpha or None,
                           cfg.lora_targets, seed=cfg.train.seed)
     models.unet.to(accelerator.device)
-    optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.train.lr)
+    optimizer = make_optimizer(trainable.parameters(), cfg.train)
     model, optimizer = accelerator.prepare(models.unet, optimizer)
     run_dir = RunDir(cfg.out, config_to_dict(cfg), cfg.train.seed, write_provenance=accelerator.is_main_process)
     task = ConceptTask(cfg, models, trainable, accelerator, model)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from scale.diffusion import add_noise, siss_log_weights
-from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, run_loop, step_generator
+from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, make_optimizer, run_loop, step_generator
 from scale.models import Trainable, load_ddpm_models
 from theory.config import config_to_dict
 from toy.dual import DualState
@@ -226,14 +226,14 @@ def run(cfg: DataConfig, resume: bool = False, stop_after: int | None = None) ->
     else:
         budgets = cfg.budget_factor * pre_forget.double()
     trainable = Trainable(unet, cfg.trainable, seed=cfg.train.seed)
-    optimizer = torch.optim.Adam(trainable.parameters(), lr=cfg.train.lr)
+    optimizer = make_optimizer(trainable.parameters(), cfg.train)
     model, optimizer = accelerator.prepare(unet, optimizer)
     run_dir = RunDir(cfg.out, config_to_dict(cfg), cfg.train.seed, write_provenance=accelerator.is_main_process)
     if cfg.method == "fu":
-        dual = DualState("forward_kl", budgets, cfg.lr_dual / n, upper=torch.full((m,), 1.0 / n))
+        dual = DualState("forward_kl", budgets, cfg.lr_dual / n, upper=torch.full((m,), 1.0 / n, dtype=torch.float64))
     else:  # SISS: a fixed weight, not restricted to the dual domain
         dual = DualState("forward_kl", budgets if cfg.budgets or cfg.budget_factor > 0 else torch.zeros(m),
-                         lr_dual=0.0, lam_init=torch.full((m,), cfg.siss_weight / n))
+                         lr_dual=0.0, lam_init=torch.full((m,), cfg.siss_weight / n, dtype=torch.float64))
     task = DataTask(cfg, unet, model, images, forget_idx, ab, accelerator)
     last = run_loop(run_dir=run_dir, accelerator=accelerator, model=model, trainable=trainable,
                     optimizer=optimizer, dual=dual, step_fn=lambda s, sl: task.step(s, sl, dual),

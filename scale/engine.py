@@ -48,6 +48,7 @@ class TrainConfig:
     batch_size: int = 4
     micro_batch: int = 4
     lr: float = 1e-4
+    optimizer: str = "adam"
     max_grad_norm: float = 0.0
     mixed_precision: str = "no"
     cpu: bool = False
@@ -62,10 +63,21 @@ class TrainConfig:
                              f"{self.batch_size}, {self.micro_batch}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"train.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if self.checkpoint_every < 1:
             raise ValueError(f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (the paper's choice) or plain SGD (whose update is linear in the gradient, so runs that
+    differ only in float summation order stay comparable)."""
+    params = list(params)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    return torch.optim.Adam(params, lr=cfg.lr)
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -235,10 +247,12 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
             if not torch.all(torch.isfinite(measured)):
                 raise FloatingPointError(f"non-finite constraint estimate {measured.tolist()} at step {step}")
             violation = dual.violation(measured)
+        if world > 1:
+            _check_ranks_agree(accelerator, dual.lam, step)
         last = {"loss": loss_val if primal else None, "lam_used": lam_used, "lam": dual.lam.clone(),
                 "measured": measured, "violation": violation, **extras}
         if accelerator.is_main_process:
-            run_dir.log_metrics(step, loss=loss_val if primal else float("nan"), check_finite=False,
+            run_dir.log_metrics(step, loss=loss_val if primal else None, check_finite=False,
                                 lam=dual.lam, measured=measured, violation=violation, primal=primal, **extras)
             bar.set_postfix(loss=f"{loss_val:.4g}", lam=f"{float(dual.lam.sum()):.3g}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps:
@@ -250,4 +264,17 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
         done += 1
         if stop_after is not None and done >= stop_after:
             break
+    if world > 1:  # every rank's final multipliers, for auditing the agreement across processes
+        from toy.runs import atomic_write_json
+
+        atomic_write_json(run_dir.path / "ranks" / f"rank{accelerator.process_index}.json",
+                          {"rank": accelerator.process_index, "world_size": world, "lam": dual.lam,
+                           "dual_steps": dual.steps})
     return last
+
+
+def _check_ranks_agree(accelerator, lam: torch.Tensor, step: int) -> None:
+    """All processes must hold bit-identical multipliers after every dual step."""
+    every = accelerator.gather(lam.reshape(1, -1).to(accelerator.device)).cpu()
+    if not torch.all(every == every[0]):
+        raise RuntimeError(f"multipliers differ across processes at step {step}: {every.tolist()}")

@@ -44,10 +44,10 @@ SIZES = ("quick", "full")
 #: size presets: (pretrain steps cond, pretrain steps uncond, unlearn steps, eval samples per class,
 #: unet channels, batch)
 PRESETS = {
-    "quick": dict(pretrain_steps=300, uncond_steps=300, unlearn_steps=40, eval_per_class=32,
-                  channels=(16, 32), batch=32, fu_train_size=32, fu_unlearn_steps=60),
+    "quick": dict(pretrain_steps=800, uncond_steps=400, unlearn_steps=40, eval_per_class=32,
+                  channels=(16, 32), mid_block=True, batch=32, fu_train_size=32, fu_unlearn_steps=60),
     "full": dict(pretrain_steps=20000, uncond_steps=15000, unlearn_steps=400, eval_per_class=400,
-                 channels=(32, 64), batch=128, fu_train_size=256, fu_unlearn_steps=600),
+                 channels=(32, 64), mid_block=True, batch=128, fu_train_size=256, fu_unlearn_steps=600),
 }
 
 
@@ -141,11 +141,12 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 1
 # ------------------------------------------------------------------ pretraining
 
 
-def _pretrain(unet, x, eps_fn_cond, steps, batch, lr, scheduler, seed, desc):
+def _pretrain(unet, x, eps_fn_cond, steps, batch, lr, scheduler, seed, desc, extra_params=()):
     ab = scheduler.alphas_cumprod.double()
     T = ab.numel()
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.0)
+    params = list(unet.parameters()) + list(extra_params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     unet.train()
     for step in tqdm(range(steps), desc=desc, unit="step", mininterval=5):
@@ -158,7 +159,7 @@ def _pretrain(unet, x, eps_fn_cond, steps, batch, lr, scheduler, seed, desc):
             raise FloatingPointError(f"non-finite pretraining loss at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
     unet.eval()
@@ -170,20 +171,21 @@ def pretrain_concept_model(cfg: RehearseConfig, x, y, path: Path) -> None:
     words = PROMPT.format(" ".join(str(i) for i in range(10))).split()
     tok = builders.build_word_tokenizer(words)
     te = builders.build_text_encoder(len(tok.get_vocab()), seed=cfg.seed)
-    unet = builders.build_cond_unet(block_out_channels=pre["channels"], seed=cfg.seed)
+    unet = builders.build_cond_unet(block_out_channels=pre["channels"], mid_block=pre["mid_block"], seed=cfg.seed)
     sch = builders.build_scheduler(cfg.timesteps, beta_start=0.1 / cfg.timesteps, beta_end=20.0 / cfg.timesteps)
-    from scale.models import encode_prompts
-
-    emb = encode_prompts(tok, te, [PROMPT.format(i) for i in range(10)])
-    null = encode_prompts(tok, te, [""], check_nonempty=False)
+    ids = tok([PROMPT.format(i) for i in range(10)] + [""], padding="max_length", max_length=tok.model_max_length,
+              truncation=True, return_tensors="pt")["input_ids"]
+    te.train()
 
     def eps_fn(net, x_t, t, idx, g):
-        e = emb[y[idx]].clone()
-        drop = torch.rand((idx.shape[0],), generator=g) < 0.15
-        e[drop] = null[0]
-        return net(x_t, t, encoder_hidden_states=e).sample
+        # the text encoder is trained jointly (a random frozen one separates the ten prompts too weakly)
+        lab = y[idx].clone()
+        lab[torch.rand((idx.shape[0],), generator=g) < 0.15] = 10  # prompt dropout: the null prompt
+        return net(x_t, t, encoder_hidden_states=te(ids[lab])[0]).sample
 
-    _pretrain(unet, x, eps_fn, pre["pretrain_steps"], pre["batch"], cfg.lr * 4, sch, cfg.seed, "pretrain/concept")
+    _pretrain(unet, x, eps_fn, pre["pretrain_steps"], pre["batch"], cfg.lr * 2, sch, cfg.seed, "pretrain/concept",
+              extra_params=te.parameters())
+    te.eval()
     builders.save_concept_pipeline(path, unet, te, tok, sch)
 
 
