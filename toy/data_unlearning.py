@@ -42,7 +42,7 @@ class FiniteSetResult:
 
 def retrain(net: EpsMLP, points, ab, steps: int, batch: int, lr: float, seed: int, lr_final_frac: float) -> EpsMLP:
     """Plain DSM on ``points`` from ``net``'s weights, with ``unlearn``'s optimiser and lr schedule."""
-    net = copy.deepcopy(net).train()
+    net = copy.deepcopy(net).train().requires_grad_(True)
     data = PointData(points, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     from toy.objectives import denoising_loss
@@ -64,7 +64,7 @@ def retrain(net: EpsMLP, points, ab, steps: int, batch: int, lr: float, seed: in
 
 def finite_set_experiment(points, forget_idx: list[int], ab, out: Path, seed: int = 0, pretrain_steps: int = 3000,
                           steps: int = 2000, batch: int = 256, lr: float = 1e-3, hidden: int = 128,
-                          algorithm: str = "siss", budgets=None, lr_dual: float = 0.0,
+                          algorithm: str = "siss", budgets=None, lr_dual: float = 0.0, forget_batch: int | None = None,
                           pretrained: EpsMLP | None = None) -> FiniteSetResult:
     """See the module docstring. ``algorithm="siss"``: lam fixed at 1/n for every forget point;
     ``"primal_dual"``: lam from 0 by dual ascent on the ELBO constraint with the given budgets,
@@ -87,7 +87,7 @@ def finite_set_experiment(points, forget_idx: list[int], ab, out: Path, seed: in
     models = Models(net=net, frozen=pretrained, forget=[], retain_data=PointData(points, seed + 2),
                     forget_data=[PointData(points[i:i + 1], seed + 3 + k) for k, i in enumerate(forget_idx)],
                     alphas_cumprod=ab, forget_exact=[MixtureEps.from_points(points[i:i + 1], ab) for i in forget_idx])
-    loop = LoopConfig(steps=steps, batch=batch, forget_batch=batch // 4, lr=lr, checkpoint_every=steps,
+    loop = LoopConfig(steps=steps, batch=batch, forget_batch=forget_batch or batch, lr=lr, checkpoint_every=steps,
                       lr_final_frac=0.1)
     unlearn("forward_kl", "primal_dual" if not fixed else "siss", models, dual, loop, RunDir(out, {"n": n}, seed),
             torch.Generator().manual_seed(seed + 5))

@@ -412,6 +412,8 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
             xs1 = ddpm_sample(sm, cfg.n_eval, ab, _gen(cfg.seed, "eval-sur1"))
             summary["exact_score_distance_to_target"] = energy_distance(xs1, x_t2)
         summary["objective_learned_mc"] = _objective_mc(cfg.problem, quad, x_net)
+    summary["objective_estimate"], summary["objective_stderr"] = objective_estimate(cfg, net, models, q, n_c)
+    summary["target_objective_star"] = quad.objective(lam_th) if len(quads) == 1 else None
     if len(quads) == 1 and cfg.algorithm in ("primal_dual", "dual_only"):
         ref = summary["lam_reference"]
         if summary["lam_reference_source"] == "lam_star":
@@ -422,6 +424,24 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
         summary["lam_within_tolerance"] = bool(lo <= lam[0] <= hi)
     np.save(Path(cfg.out) / "samples.npy", x_net.numpy())
     return summary
+
+
+@torch.no_grad()
+def objective_estimate(cfg, net, models: Models, q, n: int) -> tuple[float, float]:
+    """The retention objective of the learned model by the constraint estimators' twins: RU/LU
+    path KL(P_theta || Q) along own trajectories against the exact q (an upper bound of the x_0
+    KL(p_theta||q)); FU the ELBO estimate of KL(q || p_theta) on fresh samples of q."""
+    ab = torch.as_tensor(models.alphas_cumprod, dtype=torch.float32)
+    gen = _gen(cfg.seed, "objective")
+    if cfg.problem == "forward_kl":
+        x0 = torch.as_tensor(q.sample(n, np.random.default_rng(_seed(cfg.seed, "objective-q"))), dtype=torch.float32)
+        x_t, t, z = noised(x0, ab, gen)
+        terms = elbo_constraint_terms(denoising_loss(net(x_t, t), z), denoising_loss(models.q_exact(x_t, t), z), t,
+                                      reverse_step_kl_weights(ab), x0.shape[1])
+        return float(terms.mean()), float(terms.std() / np.sqrt(n))
+    n_traj = max(n // 5, 100)
+    kl, per, _ = path_kl_to_models(net, [models.q_exact], n_traj, ab, gen)
+    return float(kl[0]), float(per.std() / np.sqrt(n_traj))
 
 
 def _violation(problem, measured, budgets) -> np.ndarray:
