@@ -16,8 +16,12 @@ Public API (import everything from ``theory.gmm``; decisions in ``docs/theory-gm
     surrogate ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` (ESD form, exact only at t = 0),
     ``.exact_eps(x_t, alpha_bar)`` the exact noised tilt's (quadrature, d <= 2);
     ``likelihood_target(q, forget, lam, variant="likelihood")`` -> ``TiltedMixture`` (variants
-    ``"likelihood"`` g = q_i, ``"log_likelihood"`` g = log q_i, ``"likelihood_ratio"`` g = q_i/q);
-    ``.eps`` the same formula on the noised mixtures (surrogate at t > 0), ``.exact_eps`` exact.
+    ``"likelihood"`` g = q_i, ``"log_likelihood"`` g = log q_i, ``"likelihood_ratio"`` g = q_i/q,
+    alias ``"ratio"``); ``.eps`` is the EXACT noised Gibbs tilt's (through q's posterior,
+    Gauss-Hermite, ~1e-5; scalar or per-sample alpha_bar), ``.surrogate_eps`` the tilt formula on
+    the noised mixtures (pathological for "likelihood": do not train on it).
+    Every target has ``eps_is_exact``; ``.score(x, alpha_bar)`` of a tilt is its formula (exact at
+    alpha_bar = 1).
 - ``constraint_value(problem, p, forget_i, variant="likelihood", q=None)``: RU ``KL(p||q_i)``,
   FU ``KL(q_i||p)``, LU ``E_p[g_i]`` (q needed for ``likelihood_ratio``);
   ``objective_value(problem, p, q)``.
@@ -102,6 +106,9 @@ class GaussianMixture:
     @property
     def dim(self) -> int:
         return self.means.shape[1]
+
+    #: ``eps`` is exact at every noise level (same flag as the unlearning targets carry).
+    eps_is_exact = True
 
     def _check_x(self, x) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
@@ -376,6 +383,9 @@ class SignedMixture:
         object.__setattr__(self, "_w_pos", w_pos)
         object.__setattr__(self, "_w_neg", w_neg)
         object.__setattr__(self, "min_log_ratio", float(mlr))
+
+    #: ``eps`` is exact at every noise level (noising is linear in the law).
+    eps_is_exact = True
 
     @property
     def dim(self) -> int:

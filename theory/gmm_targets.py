@@ -8,12 +8,13 @@ each problem, at x_0 and through the diffusion process.
   standard error above). At t > 0, ``.eps`` is the composed-score *surrogate*
   ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` (ESD's form); the exact noised tilt's noise
   prediction is ``.exact_eps`` (Tweedie: ``(x_t - sqrt(ab) E[x_0 | x_t]) / sqrt(1 - ab)`` with
-  the posterior mean by quadrature, d <= 2).
+  the posterior mean by quadrature, d <= 2) or ``.posterior_eps`` (through q's Gaussian-mixture
+  posterior, Gauss-Hermite, any d).
 - LU (``likelihood_target``): the Gibbs tilt ``p ∝ q exp(-sum lam_i g_i)`` for the constraint
   functions ``g_i`` of ``VARIANTS``: ``"likelihood"`` (default) ``g_i = q_i(x)``,
   ``"log_likelihood"`` ``g_i = log q_i(x)``, ``"likelihood_ratio"`` ``g_i = q_i(x) / q(x)``.
-  ``.eps`` is the same formula applied to the noised mixtures (a surrogate at t > 0, exact at
-  t = 0); ``.exact_eps`` is exact (d <= 2).
+  ``.eps`` is the *exact* noised tilt's noise prediction (``posterior_eps``); the same formula
+  applied to the noised mixtures is ``.surrogate_eps`` (a poor surrogate, measured).
 
 Every tilt is ``exp(a log q - sum_i c_i h_i(x))`` with ``h_i`` one of ``log q_i``, ``q_i`` or
 ``q_i / q``; ``tilt_log_unnorm`` writes that once for points and for quadrature grids alike.
@@ -173,7 +174,9 @@ class TiltedMixture:
     ``a = 1 + H``, ``c = eta``; LU: ``a = 1``, ``c = lam``), ``log_normaliser`` ``log Z``,
     ``log_normaliser_se`` (its standard error: 0 for quadrature up to ~1e-12), ``grid`` and
     ``log_p_grid`` (the normalised density on the quadrature grid, d <= 2), ``eps_is_exact``
-    (False: ``.eps`` is the surrogate at t > 0; ``.exact_eps`` is the exact one).
+    (RU False: ``.eps`` is the composed surrogate; LU True: ``.eps`` is the exact noised tilt's).
+    ``.score(x, alpha_bar)`` is always the tilt *formula* on the (noised) mixtures: exact at
+    ``alpha_bar = 1``, the surrogate's score below (what the surrogate PF-ODE integrates).
     """
 
     problem: str
@@ -194,6 +197,7 @@ class TiltedMixture:
 
     def __post_init__(self):
         object.__setattr__(self, "kind", _tilt_kind(self.problem, self.variant))
+        object.__setattr__(self, "eps_is_exact", self.problem == "likelihood")
         if self.dim <= 2:
             grid, log_f = self._fit_grid()
             log_Z = log_integral(log_f, grid)
@@ -303,12 +307,33 @@ class TiltedMixture:
                 out = out - ci * rho * (np.sum(diff * diff, axis=1) + div_i - div_q)
         return out
 
-    def eps(self, x_t, alpha_bar) -> np.ndarray:
-        """Composed noise prediction ``-sqrt(1 - ab) * score(x_t, ab)``: for RU exactly
-        ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` (MATH.md §4). A surrogate at t > 0."""
+    def surrogate_eps(self, x_t, alpha_bar) -> np.ndarray:
+        """The tilt formula on the noised mixtures, ``-sqrt(1 - ab) * score(x_t, ab)``: for RU exactly
+        ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` (MATH.md §4, ESD's form); for LU
+        ``eps_q + lam_i sqrt(1-ab) grad g_{i,t}``. Exact at t = 0 only. For LU's ``"likelihood"``
+        variant it is a poor target: ``lam q_{1,t}`` does not fade at high noise and its
+        PF-ODE collapses onto a ring around the forget mode (docs/theory-gmm.md)."""
         ab = check_alpha_bar(alpha_bar)
         s = self.score(x_t, ab)
         return -np.sqrt(1.0 - np.broadcast_to(ab, (s.shape[0],)))[:, None] * s
+
+    def eps(self, x_t, alpha_bar) -> np.ndarray:
+        """The target's noise prediction for training. RU: the composed surrogate
+        (``surrogate_eps``, ESD's form, what the paper's RU algorithm trains on; ``eps_is_exact``
+        False; ``exact_eps`` gives the exact noised tilt). LU: the exact noised Gibbs tilt via q's
+        posterior (``posterior_eps``, Gauss-Hermite, agrees with the grid ``exact_eps`` to ~1e-5;
+        ``eps_is_exact`` True). ``alpha_bar`` scalar or (N,)."""
+        if self.problem == "reverse_kl":
+            return self.surrogate_eps(x_t, alpha_bar)
+        ab = check_alpha_bar(alpha_bar)
+        x_t = self.q._check_x(x_t)
+        if ab.ndim == 0:
+            return self.posterior_eps(x_t, float(ab))
+        out = np.empty_like(x_t)
+        for v in np.unique(ab):  # group points that share a noise level
+            idx = ab == v
+            out[idx] = self.posterior_eps(x_t[idx], float(v))
+        return out
 
     def exact_eps(self, x_t, alpha_bar, n_local: int = 96, chunk: int = 64) -> np.ndarray:
         """Exact noise prediction of the *noised tilt* (d <= 2), by Tweedie's formula
@@ -347,6 +372,49 @@ class TiltedMixture:
             x0 = np.einsum("cn,cnd->cd", w, X)
             out[j] = (x_t[j] - sq * x0) / np.sqrt(1.0 - ab[j])[:, None]
         return out
+
+    def posterior_eps(self, x_t, alpha_bar, n_gh: int = 24) -> np.ndarray:
+        """Exact noise prediction of the noised tilt through q's exact posterior (any d, cost
+        ``K n_gh^d`` tilt evaluations per point): ``q(x_0 | x_t)`` is a Gaussian mixture with
+        weights ``pi_k ∝ w_k N(x_t; sqrt(ab) mu_k, ab S_k + (1-ab) I)``, means
+        ``m_k = mu_k + sqrt(ab) S_k A_k^-1 (x_t - sqrt(ab) mu_k)`` and covariances
+        ``C_k = S_k - ab S_k A_k^-1 S_k`` (``A_k = ab S_k + (1-ab) I``); then
+        ``E_p[x_0|x_t] = E_q[w x_0 | x_t] / E_q[w | x_t]`` with ``w = p_lam / q`` (up to Z), each
+        Gaussian expectation by tensor Gauss-Hermite quadrature in C_k's eigenbasis. Accurate when
+        w is smooth on the posterior's scale — LU's bounded weights ``exp(-lam g)``; for RU's
+        unbounded ``(q/q_1)^eta`` prefer ``exact_eps`` (checked against each other in the tests)."""
+        x_t = self.q._check_x(x_t)
+        ab = float(check_alpha_bar(alpha_bar))
+        d, q = self.dim, self.q
+        if ab >= 1.0:
+            return np.zeros_like(x_t)
+        z, wz = np.polynomial.hermite_e.hermegauss(n_gh)  # nodes for N(0, 1)
+        Z = np.stack(np.meshgrid(*[z] * d, indexing="ij"), -1).reshape(-1, d)  # (G, d)
+        logWz = np.sum(np.log(np.stack(np.meshgrid(*[wz] * d, indexing="ij"), -1).reshape(-1, d)), axis=1)
+        logWz = logWz - logsumexp(logWz)
+        num = np.zeros((x_t.shape[0], d))
+        log_terms = []
+        acc = []
+        eye = np.eye(d)
+        for k in range(q.n_components):
+            S_k, mu_k = q.covs[k], q.means[k]
+            A = ab * S_k + (1.0 - ab) * eye
+            G = np.linalg.solve(A, S_k).T  # S_k A^-1
+            m = mu_k + np.sqrt(ab) * (x_t - np.sqrt(ab) * mu_k) @ G.T  # (N, d)
+            C = S_k - ab * G @ S_k
+            C = 0.5 * (C + C.T)
+            ev, U = np.linalg.eigh(C)
+            L = U * np.sqrt(np.maximum(ev, 0.0))
+            X0 = m[:, None, :] + (Z @ L.T)[None]  # (N, G, d)
+            flat = X0.reshape(-1, d)
+            lw = (self.log_unnorm(flat) - q.log_prob(flat)).reshape(X0.shape[:2]) + logWz[None]
+            log_pi = np.log(q.weights[k]) + GaussianMixture([1.0], [np.sqrt(ab) * mu_k], [A]).log_prob(x_t)
+            log_terms.append(log_pi[:, None] + lw)  # (N, G)
+            acc.append(X0)
+        LT = np.concatenate(log_terms, axis=1)
+        W = np.exp(LT - logsumexp(LT, axis=1, keepdims=True))
+        num = np.einsum("ng,ngd->nd", W, np.concatenate(acc, axis=1))
+        return (x_t - np.sqrt(ab) * num) / np.sqrt(1.0 - ab)
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` samples (n, d). d <= 2: exact rejection sampling from the piecewise-constant
