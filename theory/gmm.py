@@ -143,10 +143,13 @@ class GaussianMixture:
         tr_prec = np.empty((K, N if per_point else 1))
         for k in range(K):
             U = self._eig_vecs[k]
-            mu_rot = (self.means[k] @ U)[:, None]  # (d, 1)
-            Y = U.T @ X - sq * mu_rot
             var = ab_c * self._eig_vals[k][:, None] + (1.0 - ab_c)  # (d, 1) or (d, N)
-            Z = Y / var
+            if per_point:  # rotate into the eigenbasis, where the noised precision is diagonal
+                Y = U.T @ X - sq * (self.means[k] @ U)[:, None]
+                Z = Y / var
+            else:  # one precision for all points: P (x - sqrt(ab) mu) in one product, no rotation back
+                Y = X - sq * self.means[k][:, None]
+                Z = ((U / var[:, 0]) @ U.T) @ Y  # already the component's score (negated)
             maha = (Y * Z).sum(axis=0) if d > 1 else (Y * Z)[0]
             logdet = np.log(var).sum(axis=0)
             log_terms[k] = (log_w[k] - 0.5 * d * _LOG_2PI) - 0.5 * (maha + logdet)
@@ -160,7 +163,7 @@ class GaussianMixture:
         S = np.zeros((d, N))
         comp = np.empty((N, K, d)) if keep_components else None
         for k in range(K):
-            s_k = self._eig_vecs[k] @ zs[k]  # Sigma_k(ab)^{-1} (x - sqrt(ab) mu_k), (d, N)
+            s_k = self._eig_vecs[k] @ zs[k] if per_point else zs[k]  # Sigma_k(ab)^{-1} (x - sqrt(ab) mu_k)
             S -= r[k] * s_k
             if keep_components:
                 comp[:, k] = -s_k.T
