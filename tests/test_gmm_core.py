@@ -197,6 +197,8 @@ def test_bad_alpha_bar_and_points_are_rejected():
         q.score(np.zeros((2, 2)), np.nan)
     with pytest.raises(ValueError, match=r"shape \(N, 2\)"):
         q.log_prob(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match=r"x must be finite, got \[nan\]"):
+        q.eps(np.array([[0.0, np.nan]]), 0.5)
 
 
 @settings(max_examples=10)

@@ -116,6 +116,9 @@ class GaussianMixture:
             x = x[:, None]
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"x must have shape (N, {self.dim}), got {x.shape}")
+        if not np.isfinite(x).all():
+            bad = x[~np.isfinite(x)][:3].tolist()
+            raise ValueError(f"x must be finite, got {bad}")
         return x
 
     def _terms(self, x, alpha_bar=1.0, keep_components: bool = False):
