@@ -20,7 +20,8 @@ The only case without a KKT certificate is FU with a budget beyond the signed-mi
 approached (by pushing p towards 0 where ``q - lam_max q_1 ~ 0``) but not attained. For m = 1
 ``solve`` builds such a feasible p explicitly (``_fu_boundary_feasible``) and returns
 ``certificate="none"`` with ``primal_value`` = its objective, an upper bound on P*, so
-``gap`` is a measured bound on the duality gap (~1e-10 on the default instance); ``info`` says so. Closed forms for single Gaussians (``gaussian_*``) are the tests' independent oracles.
+``gap`` is a measured bound on the duality gap (~1e-10 on the default instance); ``info`` says
+so. Closed forms for single Gaussians (``gaussian_*``) are the tests' independent oracles.
 """
 
 from __future__ import annotations
