@@ -49,9 +49,7 @@ if not QUICK:
 rows, targets = [], {}
 for problem, variant, hi in cases:
     v = variant or "likelihood"
-    from scipy.optimize import brentq
-
-    lam = brentq(lambda l: mode_masses(target(problem, q, forget, [l], variant=v), q)[2] - MASS, 0.0, hi, xtol=XTOL * hi)
+    lam = lam_for_forget_mass(problem, q, forget, MASS, 2, hi, variant=v, xtol=XTOL * hi)
     p = target(problem, q, forget, [lam], variant=v)
     b = constraint_value(problem, p, forget[0], variant=v, q=q)
     sol = solve(problem, q, forget, [b], variant=v)  # the budget round-trips to lam*

@@ -42,9 +42,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import logsumexp
 
 from theory.diffusion import check_alpha_bar
+
+__all__ = ["GaussianMixture", "SignedMixture", "min_log_ratio", "default_instance", "VARIANTS", "DEFAULT_VARIANT",
+           "TiltedMixture", "reverse_kl_target", "forward_kl_target", "likelihood_target", "constraint_value",
+           "objective_value", "dual_function", "solve"]
 
 _LOG_2PI = np.log(2.0 * np.pi)
 

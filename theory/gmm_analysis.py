@@ -72,12 +72,12 @@ def retained_mode_shift(p, q: GaussianMixture, forget_component: int) -> ModeShi
 
 
 def lam_for_forget_mass(problem: str, q, forget, mass: float, forget_component: int, lam_hi: float,
-                        variant: str = "likelihood") -> float:
+                        variant: str = "likelihood", xtol: float = 1e-12) -> float:
     """The multiplier (m = 1) whose target leaves ``mass`` on the forget mode (bracketed root on
     ``[0, lam_hi]``; the forget mass decreases along every problem's path)."""
     def f(lam):
         return mode_masses(target(problem, q, forget, [lam], variant=variant), q)[forget_component] - mass
-    return float(brentq(f, 0.0, lam_hi, xtol=1e-12))
+    return float(brentq(f, 0.0, lam_hi, xtol=xtol))
 
 
 def esd_lam(eta: float) -> float:

@@ -19,16 +19,13 @@ def _fmt(x, spec=".3g"):
 
 
 def _targets_at_equal_mass(q, forget, mass, xtol):
-    from scipy.optimize import brentq
-
-    from theory.gmm_analysis import mode_masses
+    from theory.gmm_analysis import lam_for_forget_mass
     from theory.gmm_targets import target
 
     his = {"reverse_kl": 0.9, "forward_kl": 0.3, "likelihood": 500.0}
     out = {}
     for problem, hi in his.items():
-        f = lambda lam: mode_masses(target(problem, q, forget, [lam]), q)[2] - mass  # noqa: E731
-        lam = brentq(f, 0.0, hi, xtol=xtol * hi)
+        lam = lam_for_forget_mass(problem, q, forget, mass, 2, hi, xtol=xtol * hi)
         out[problem] = (lam, target(problem, q, forget, [lam]))
     return out
 
