@@ -405,23 +405,41 @@ def _projected_newton(inst, lam0, max_iter=200):
         if np.max(np.abs(pg)) <= 1e-13 * scale:
             return lam, val, g, True
         free = (lam > 1e-300) | (g > 0)
-        d = np.zeros(m)
         Hf = H[np.ix_(free, free)]
-        try:
-            d_f = np.linalg.solve(Hf - 1e-14 * np.eye(Hf.shape[0]) * max(1.0, np.abs(Hf).max()), -g[free])
+        nrm = max(1.0, float(np.abs(Hf).max()))
+        directions = []
+        try:  # Newton (least squares: min-norm when H is singular, e.g. more constraints than atoms)
+            newton = np.linalg.lstsq(Hf, -g[free], rcond=1e-12)[0]
+            # Levenberg-Marquardt also moves along flat directions (duplicated constraints); first
+            # when part of the gradient lies outside the range of H, where Newton cannot move
+            lm = np.linalg.solve(-Hf + 1e-8 * nrm * np.eye(Hf.shape[0]), g[free])
+            outside = np.linalg.norm(g[free] + Hf @ newton) > 1e-6 * np.linalg.norm(g[free])
+            directions += [lm, newton] if outside else [newton, lm]
         except np.linalg.LinAlgError:
-            d_f = g[free]
-        if not np.all(np.isfinite(d_f)) or float(g[free] @ d_f) <= 0:
-            d_f = g[free]
-        d[free] = d_f
-        t, accepted = 1.0, False
-        while t > 1e-16:
-            new = np.maximum(lam + t * d, 0.0)
-            v2, g2, H2 = _dual(inst, new)
-            if np.isfinite(v2) and H2 is not None and v2 >= val + 1e-4 * float(g @ (new - lam)) - 1e-15 * abs(val):
-                accepted = True
+            pass
+        directions.append(g[free])
+        accepted = False
+        for d_f in directions:
+            if not np.all(np.isfinite(d_f)) or float(g[free] @ d_f) <= 0:
+                continue
+            d = np.zeros(m)
+            d[free] = d_f
+            t = 1.0
+            while t > 1e-20:
+                new = np.maximum(lam + t * d, 0.0)
+                v2, g2, H2 = _dual(inst, new)
+                if np.isfinite(v2) and H2 is not None:
+                    armijo = v2 >= val + 1e-4 * float(g @ (new - lam)) - 1e-15 * abs(val)
+                    # near the optimum the increase is below rounding: accept if the gradient shrinks
+                    pg2 = np.where(new > 0, g2, np.maximum(g2, 0.0))
+                    flat = (abs(v2 - val) <= 1e-13 * max(1.0, abs(val))
+                            and np.max(np.abs(pg2)) < np.max(np.abs(pg)))
+                    if armijo or flat:
+                        accepted = True
+                        break
+                t *= 0.5
+            if accepted:
                 break
-            t *= 0.5
         if not accepted:
             return lam, val, g, False
         if np.array_equal(new, lam):
@@ -463,7 +481,26 @@ def _optimal_multipliers(inst):
             info["branch"] = "lp (sum lam >= 1)"
     elif inst.problem == "forward_kl" and not ok:
         info["branch"] = "boundary"
+        lam_b = _fu_boundary(inst)
+        if lam_b is not None:
+            val_b = _dual(inst, lam_b, hessian=False)[0]
+            if val_b >= val - 1e-12 * max(1.0, abs(val)):
+                lam, val, g = lam_b, val_b, None
+                info["branch"] = "boundary (q = sum lam_i q_i, sum lam = 1)"
     return lam, val, g, info
+
+
+def _fu_boundary(inst):
+    """FU's dual on the face Lam = 1, w = 0 (non-empty only when q is a mixture of the q_i), where
+    D(lam) = lam·b - H(q) + sum lam_i H(q_i) is linear: an LP over {lam >= 0, sum lam_i q_i = q}."""
+    Q = inst.data
+    ent = np.sum(xlogy(Q, Q), axis=1)
+    res = linprog(-(inst.budgets - ent), A_eq=Q.T, b_eq=inst.q[inst.on], bounds=[(0, None)] * Q.shape[0],
+                  method="highs")
+    if res.status != 0:
+        return None
+    lam = np.maximum(res.x, 0.0)
+    return lam / lam.sum()
 
 
 def optimal_multipliers(problem, q, forget, budgets, variant=DEFAULT_VARIANT):
@@ -486,6 +523,18 @@ def _feasible_instance(problem, q, forget, budgets, variant=DEFAULT_VARIANT) -> 
         for i in np.flatnonzero(b > best + 1e-12 * np.maximum(1.0, np.abs(best))):
             raise ValueError(f"reverse_kl: budgets[{i}] = {b[i]:.12g} is infeasible: the largest achievable "
                              f"KL(p||q_{i}) with KL(p||q) < inf is {best[i]:.12g} (p = a point mass)")
+    elif problem == "forward_kl" and np.all(np.sum(inst.forget > 0, axis=1) == 1):
+        # point masses: KL(delta_a||p) >= b_i  <=>  p(a) <= exp(-b_i); infeasible only when the
+        # forget atoms cover every atom and their caps sum below 1
+        atoms = np.argmax(inst.forget > 0, axis=1)
+        caps = {}
+        for a, bi in zip(atoms, b):
+            caps[a] = min(caps.get(a, 1.0), float(np.exp(-bi)))
+        total = sum(caps.values())
+        if len(caps) == inst.q.shape[0] and total < 1.0:
+            raise ValueError(f"forward_kl: budgets = {b} are infeasible: with point-mass forget distributions "
+                             f"p(a_i) <= exp(-b_i) and these caps cover every atom, summing to {total:.6g} < 1 "
+                             f"(the largest achievable common budget is {np.log(len(caps)):.6g})")
     elif problem == "likelihood":
         low = inst.data.min(axis=1)
         for i in np.flatnonzero(b <= low):
@@ -553,10 +602,35 @@ def _target_at(inst, lam, budgets):
         return _full(inst, ps)
     if inst.problem == "forward_kl":
         w = inst.q - lam @ forget
+        if float(lam.sum()) >= 1.0 - 1e-12 and lam.shape[0] == 1:
+            # q_1 = q: the Lagrangian does not depend on p; any p with KL(q||p) = b meets CS
+            return _fu_equal_budget_point(inst.q, budgets[0])
         if float(lam.sum()) >= 1.0 or np.any(w < 0):
             return None
         return np.maximum(w, 0.0) / (1.0 - float(lam.sum()))
     return likelihood_target(q, forget, lam, inst.variant)
+
+
+def _fu_equal_budget_point(q, b):
+    """A p with KL(q||p) = b: q mixed with a point mass off supp q if there is one, else at the
+    atom of smallest q (KL then grows from 0 to +inf along the segment); None if impossible."""
+    off = np.flatnonzero(q == 0)
+    on = np.flatnonzero(q > 0)
+    if b <= 0:
+        return q.copy()
+    e = np.zeros_like(q)
+    if off.size:
+        e[off[0]] = 1.0
+        t = -np.expm1(-b)  # KL(q || (1-t) q + t e) = -log(1 - t)
+        return (1 - t) * q + t * e
+    if on.size < 2:
+        return None
+    e[on[np.argmin(q[on])]] = 1.0
+    a, c = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (a + c)
+        a, c = (mid, c) if kl(q, (1 - mid) * q + mid * e) < b else (a, mid)
+    return (1 - c) * q + c * e
 
 
 def _kkt(inst, p, lam, dual_value, grad):

@@ -342,12 +342,16 @@ def forward_kl_global(q, forget, budgets) -> GlobalResult:
             cands.append((_kl(q, p), p))
 
     add(qs)
-    if np.max(np.abs(qs - q1s)) <= 1e-15:  # q_1 = q: the constraint is the objective; P* = max(b, 0)
-        if qs.size > 1 and b > 0:
-            vert = np.zeros_like(qs)
-            vert[np.argmin(qs)] = 1.0
-            t = _segment_root(lambda t: _kl(qs, (1 - t) * qs + t * vert), 0.0, 1.0 - 1e-300, b)
-            add((1 - t) * qs + t * vert)
+    if np.max(np.abs(qs - q1s)) <= 1e-15:
+        # q_1 = q: the constraint is the objective, P* = max(b, 0), met by mixing q with a point
+        # mass off supp q (mass there is free) or at the atom of smallest q
+        if b > 0 and (qs.size > 1 or not on.all()):
+            e = np.zeros_like(q)
+            e[np.flatnonzero(~on)[0] if not on.all() else np.flatnonzero(on)[np.argmin(qs)]] = 1.0
+            t = _segment_root(lambda t: _kl(q, (1 - t) * q + t * e), 0.0, 1.0, b)
+            p = (1 - t) * q + t * e
+            if _kl(q1, p) >= b - _FEAS_TOL * max(1.0, abs(b)):
+                cands.append((_kl(q, p), p))
         return _best(cands, b)
     pos = q1s > 0
     mu_lo = float(np.min(qs[pos] / q1s[pos]))

@@ -29,8 +29,17 @@ class OracleResult:
     duals: np.ndarray
 
 
-def _solve(prob: cp.Problem, what: str):
-    prob.solve(solver=cp.CLARABEL)
+#: Clarabel at tight tolerances: an oracle must be more accurate than what it checks (at its
+#: defaults, 1e-8, multipliers came back 1.2e-5 off on a point-mass FU instance with known lam*). ``fast=True`` uses the defaults (benchmarks).
+TIGHT = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "tol_ktratio": 1e-8}
+
+
+def _solve(prob: cp.Problem, what: str, fast: bool = False):
+    prob.solve(solver=cp.CLARABEL, **({} if fast else TIGHT))
+    if prob.status == cp.OPTIMAL_INACCURATE and not fast:  # tight tolerances out of reach: defaults
+        prob.solve(solver=cp.CLARABEL)
+    if prob.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
+        raise ValueError(f"{what}: the budgets are infeasible (cvxpy status {prob.status})")
     if prob.status != cp.OPTIMAL:
         raise RuntimeError(f"cvxpy oracle for {what} ended with status {prob.status}")
     return prob.value
@@ -42,20 +51,32 @@ def _full(q, ps):
     return p / p.sum()
 
 
+def _solve_either(p, obj, alt, what, fast):
+    """Solve min obj over the simplex; if Clarabel cannot reach OPTIMAL, the equivalent ``alt =
+    (objective, constant)`` (the same function, rescaled)."""
+    prob = cp.Problem(cp.Minimize(obj), [cp.sum(p) == 1])
+    try:
+        return _solve(prob, what, fast)
+    except RuntimeError:
+        if alt is None:
+            raise
+    return _solve(cp.Problem(cp.Minimize(alt[0]), [cp.sum(p) == 1]), what + " (rescaled)", fast) + alt[1]
+
+
 def is_point_mass(forget) -> bool:
     """True when every row of forget is a point mass (FU's data-unlearning case)."""
     forget = np.atleast_2d(forget)
     return bool(np.all(np.sum(forget > 0, axis=1) == 1))
 
 
-def likelihood_primal(q, forget, budgets, variant=DEFAULT_VARIANT) -> OracleResult:
+def likelihood_primal(q, forget, budgets, variant=DEFAULT_VARIANT, fast=False) -> OracleResult:
     """LU's primal ``min sum rel_entr(p, q) s.t. G p <= b, sum p = 1`` on supp q; duals are lam*."""
     q = np.asarray(q, float)
     on = q > 0
     G = _g_values(q, np.atleast_2d(forget), variant)[:, on]
     p = cp.Variable(int(on.sum()), nonneg=True)
     cons = [G @ p <= np.asarray(budgets, float), cp.sum(p) == 1]
-    val = _solve(cp.Problem(cp.Minimize(cp.sum(cp.rel_entr(p, q[on]))), cons), "likelihood primal")
+    val = _solve(cp.Problem(cp.Minimize(cp.sum(cp.rel_entr(p, q[on]))), cons), "likelihood primal", fast)
     return OracleResult(float(val), _full(q, p.value), np.asarray(cons[0].dual_value, float).reshape(-1))
 
 
@@ -67,17 +88,18 @@ def forward_kl_point_mass_primal(q, forget, budgets) -> OracleResult:
         raise ValueError(f"forward_kl: the convex FU oracle needs point-mass forget rows, got {forget}")
     on = q > 0
     atoms = [int(np.flatnonzero(row)[0]) for row in forget]
-    pos = {x: j for j, x in enumerate(np.flatnonzero(on))}
-    p = cp.Variable(int(on.sum()), nonneg=True)
-    cons = [cp.hstack([p[pos[a]] for a in atoms]) <= np.exp(-np.asarray(budgets, float)), cp.sum(p) == 1]
-    val = _solve(cp.Problem(cp.Minimize(cp.sum(cp.rel_entr(q[on], p))), cons), "forward_kl point-mass primal")
+    p = cp.Variable(q.shape[0], nonneg=True)  # mass off supp q is allowed (KL(q||p) ignores it)
+    cons = [cp.hstack([p[a] for a in atoms]) <= np.exp(-np.asarray(budgets, float)), cp.sum(p) == 1]
+    val = _solve(cp.Problem(cp.Minimize(cp.sum(cp.rel_entr(q[on], p[on]))), cons),
+                 "forward_kl point-mass primal")
     # d/dp(a) of -log p(a) gives the KL-constraint multiplier lam_i = nu_i p(a_i)
     nu = np.asarray(cons[0].dual_value, float).reshape(-1)
-    lam = nu * np.array([p.value[pos[a]] for a in atoms])
-    return OracleResult(float(val), _full(q, p.value), lam)
+    lam = nu * np.array([p.value[a] for a in atoms])
+    pv = np.maximum(p.value, 0.0)
+    return OracleResult(float(val), pv / pv.sum(), lam)
 
 
-def lagrangian_minimum(problem, q, forget, lam, budgets, variant=DEFAULT_VARIANT) -> OracleResult:
+def lagrangian_minimum(problem, q, forget, lam, budgets, variant=DEFAULT_VARIANT, fast=False) -> OracleResult:
     """``min_p L(p, lam)`` by cvxpy, i.e. D(lam), with its minimiser (the target at lam):
 
     * RU: ``(1 - Lam) sum p log p + f·p`` (Lam < 1, convex) or ``f·p`` (Lam >= 1, an LP),
@@ -95,20 +117,26 @@ def lagrangian_minimum(problem, q, forget, lam, budgets, variant=DEFAULT_VARIANT
     Lam = float(lam.sum())
     if problem == "reverse_kl":
         f = -np.log(q[on]) + lam @ np.log(forget[:, on])
-        obj = f @ p
         if Lam < 1.0:
-            obj = (1.0 - Lam) * cp.sum(cp.rel_entr(p, np.ones(s))) + obj
-        val = _solve(cp.Problem(cp.Minimize(obj), [cp.sum(p) == 1]), "reverse_kl Lagrangian") + float(lam @ b)
+            obj = (1.0 - Lam) * cp.sum(cp.rel_entr(p, np.ones(s))) + f @ p
+            # the same objective as (1 - Lam) KL(p||c) + const, c = exp(-f/(1-Lam)) rescaled: better
+            # conditioned when Clarabel cannot certify the first form
+            z = -f / (1.0 - Lam)
+            alt = (1.0 - Lam) * cp.sum(cp.rel_entr(p, np.exp(z - z.max()))), -(1.0 - Lam) * z.max()
+        else:
+            obj, alt = f @ p, None
+        val = _solve_either(p, obj, alt, "reverse_kl Lagrangian", fast) + float(lam @ b)
     elif problem == "forward_kl":
         w = q[on] - lam @ forget[:, on]
         if np.any(w < 0) or Lam >= 1:
             raise ValueError(f"forward_kl: lam = {lam} is outside the dual domain")
         const = (float(np.sum(xlogy(q, q))) - float(lam @ np.sum(xlogy(forget, forget), axis=1))
                  - float(np.sum(xlogy(w, w))) + float(lam @ b))
-        val = _solve(cp.Problem(cp.Minimize(cp.sum(cp.rel_entr(w, p))), [cp.sum(p) == 1]),
-                     "forward_kl Lagrangian") + const
+        val = _solve_either(p, cp.sum(cp.rel_entr(w, p)), None, "forward_kl Lagrangian", fast) + const
     else:
         G = _g_values(q, forget, variant)[:, on]
         obj = cp.sum(cp.rel_entr(p, q[on])) + (lam @ G) @ p
-        val = _solve(cp.Problem(cp.Minimize(obj), [cp.sum(p) == 1]), "likelihood Lagrangian") - float(lam @ b)
+        z = np.log(q[on]) - lam @ G
+        alt = cp.sum(cp.rel_entr(p, np.exp(z - z.max()))), -z.max()
+        val = _solve_either(p, obj, alt, "likelihood Lagrangian", fast) - float(lam @ b)
     return OracleResult(float(val), _full(q, p.value), lam.copy())
