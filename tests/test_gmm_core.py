@@ -213,3 +213,25 @@ def test_stein_identities_hold_under_sampling_in_3d(g, ab, seed):
     n = x.shape[0]
     assert np.all(np.abs(s.mean(0)) < 6 * s.std(0) / np.sqrt(n))
     assert abs(stein.mean()) < 6 * stein.std() / np.sqrt(n)
+
+
+@settings(max_examples=15)
+@given(gaussian_mixtures(d=2, k_min=1, k_max=3), st.integers(0, 2), st.floats(0.2, 0.8))
+def test_min_log_ratio_is_below_every_grid_value_and_close_to_the_grid_minimum(q, j, shrink):
+    """A forget Gaussian narrower than one of q's components: the infimum of log q/q_1 is attained
+    inside; it can never exceed q/q_1 at any point, and a fine brute-force grid gets within 1e-3."""
+    j = j % q.n_components
+    f = GaussianMixture([1.0], q.means[j:j + 1], shrink * q.covs[j:j + 1])
+    m = min_log_ratio(q, f)
+    lo, hi = f.box(6.0)
+    xs = [np.linspace(lo[i], hi[i], 700) for i in range(2)]
+    x = np.stack(np.meshgrid(*xs), -1).reshape(-1, 2)
+    vals = q.log_prob(x) - f.log_prob(x)
+    assert m <= vals.min() + 1e-9
+    assert vals.min() - m < 1e-3 * (1 + abs(m))
+
+
+def test_min_log_ratio_is_minus_infinity_when_the_denominator_has_the_heavier_tail():
+    q = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.0]], [np.eye(2), np.diag([1.0, 0.5])])
+    f = GaussianMixture([1.0], [[0.0, 0.0]], [np.diag([0.5, 1.2])])  # wider than both along y
+    assert min_log_ratio(q, f) == -np.inf

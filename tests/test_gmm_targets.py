@@ -245,3 +245,40 @@ def test_reverse_kl_tilt_of_equal_covariance_gaussians_is_a_shift(data):
     shifted = GaussianMixture([1.0], [mu + eta * (mu - mu1)], [Sx])
     x = shifted.sample(10, np.random.default_rng(9))
     np.testing.assert_allclose(p.log_prob(x), shifted.log_prob(x), atol=1e-9)
+
+
+def test_tail_margin_by_directions_equals_the_eigenvalue_formula():
+    """The d <= 2 direction sweep (used for mixture forget sets) against the exact generalised-
+    eigenvalue margin (single Gaussians): duplicate the forget Gaussian into a two-component
+    mixture to force the direction path."""
+    from theory.gmm_targets import log_tilt_tail_margin
+
+    q, _, _ = default_instance()
+    f = GaussianMixture([1.0], [[0.3, 1.0]], [[[0.3, 0.1], [0.1, 0.2]]])
+    f2 = GaussianMixture([0.5, 0.5], [[0.3, 1.0], [0.3, 1.0001]], [f.covs[0], f.covs[0]])
+    for a, c in ((1.2, 0.2), (1.5, 0.5), (3.0, 2.0)):
+        exact = log_tilt_tail_margin(q, [f], a, np.array([c]))
+        swept = log_tilt_tail_margin(q, [f2], a, np.array([c]))
+        assert swept == pytest.approx(exact, abs=1e-5 * max(1, abs(exact)))
+
+
+def test_constraint_values_in_3d_are_monte_carlo_within_their_error():
+    rng = np.random.default_rng(12)
+    mu, mu1 = np.array([0.3, 0.0, -0.2]), np.array([-0.5, 0.4, 0.6])
+    Sq, S1_ = np.diag([0.7, 0.5, 0.6]), 1.3 * np.eye(3)
+    q3, f3 = GaussianMixture([1.0], [mu], [Sq]), GaussianMixture([1.0], [mu1], [S1_])
+    lam = 0.25
+    eta = lam / (1 - lam)
+    p = reverse_kl_target(q3, [f3], [lam], rng=rng)
+    mean, cov, _ = gaussian_power_tilt(mu, Sq, mu1, S1_, 1 + eta, eta)
+    exact = gaussian_kl(mean, cov, mu1, S1_)
+    # self-normalised importance sampling (proposal q with doubled covariances): its standard error
+    # from 6 independent replicates; the mean must sit within 5 of them (plus log Z's own error)
+    reps = np.array([constraint_value("reverse_kl", p, f3, rng=rng, n_mc=100_000) for _ in range(6)])
+    se = reps.std(ddof=1) / np.sqrt(len(reps))
+    assert abs(reps.mean() - exact) < 5 * se + 5 * p.log_normaliser_se
+    pf = forward_kl_target(q3, [GaussianMixture([1.0], [mu], [0.5 * Sq])], [0.2])
+    x = GaussianMixture([1.0], [mu], [0.5 * Sq]).sample(400_000, rng)
+    v = GaussianMixture([1.0], [mu], [0.5 * Sq]).log_prob(x) - pf.log_prob(x)
+    assert constraint_value("forward_kl", pf, GaussianMixture([1.0], [mu], [0.5 * Sq]), rng=rng) == pytest.approx(
+        v.mean(), abs=5 * v.std() / np.sqrt(len(v)) * np.sqrt(2))
