@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,7 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
     bar = tqdm(range(start, total_steps), desc=desc, unit="step", disable=not accelerator.is_main_process,
                initial=start, total=total_steps)
     for step in bar:
+        t_start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         meas_sum = torch.zeros(dual.budgets.numel(), dtype=torch.float64)
         meas_cnt = torch.zeros_like(meas_sum)
@@ -249,11 +251,15 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
             violation = dual.violation(measured)
         if world > 1:
             _check_ranks_agree(accelerator, dual.lam, step)
+        if accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        step_seconds = time.perf_counter() - t_start
         last = {"loss": loss_val if primal else None, "lam_used": lam_used, "lam": dual.lam.clone(),
                 "measured": measured, "violation": violation, **extras}
         if accelerator.is_main_process:
             run_dir.log_metrics(step, loss=loss_val if primal else None, check_finite=False,
-                                lam=dual.lam, measured=measured, violation=violation, primal=primal, **extras)
+                                lam=dual.lam, measured=measured, violation=violation, primal=primal,
+                                step_seconds=step_seconds, **extras)
             bar.set_postfix(loss=f"{loss_val:.4g}", lam=f"{float(dual.lam.sum()):.3g}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps:
             if accelerator.is_main_process:

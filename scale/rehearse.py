@@ -44,8 +44,8 @@ SIZES = ("quick", "full")
 #: size presets: (pretrain steps cond, pretrain steps uncond, unlearn steps, eval samples per class,
 #: unet channels, batch)
 PRESETS = {
-    "quick": dict(pretrain_steps=800, uncond_steps=400, unlearn_steps=40, eval_per_class=32,
-                  channels=(16, 32), mid_block=True, batch=32, fu_train_size=32, fu_unlearn_steps=60),
+    "quick": dict(pretrain_steps=700, uncond_steps=600, unlearn_steps=40, eval_per_class=32,
+                  channels=(16, 32), mid_block=True, batch=64, fu_train_size=32, fu_unlearn_steps=60),
     "full": dict(pretrain_steps=20000, uncond_steps=15000, unlearn_steps=400, eval_per_class=400,
                  channels=(32, 64), mid_block=True, batch=128, fu_train_size=256, fu_unlearn_steps=600),
 }
@@ -61,7 +61,7 @@ class RehearseConfig:
     timesteps: int = 100
     sample_steps: int = 25
     guidance: float = 3.0
-    ru_budget: float = 60.0
+    ru_budget_factor: float = 2.0
     lu_budget: float = 0.3
     lu_constraint: str = "likelihood_ratio"
     esd_eta: float = 1.0
@@ -259,6 +259,23 @@ def evaluate_ddpm(unet, scheduler, x_forget, x_retain, feat, cfg: RehearseConfig
     }
 
 
+def calibrate_ru_budget(cfg: RehearseConfig, model: Path, out: Path, steps: int = 4) -> float:
+    """Path KL(q_base || q_concept) of the pretrained model: the RU dual-only estimate at lam = 0
+    (composed target = the base model). RU budgets are set as a multiple of it, so that the
+    constraint is active (KL(p||q_i) starts at 0 for p = q_i) and reachable with sum(lam) < 1."""
+    import shutil
+
+    from scale import concept
+
+    shutil.rmtree(out, ignore_errors=True)
+    concept.run(concept.ConceptConfig(
+        model=str(model), out=str(out), method="ru_dual_only", concepts=(PROMPT.format(cfg.digit),),
+        budgets=(1.0,), lr_dual=0.0, sample_steps=cfg.sample_steps, dual_only_steps=steps,
+        train=TrainConfig(steps=0, batch_size=16, micro_batch=16, cpu=True, seed=cfg.seed + 3)))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return float(np.mean([r["measured"][0] for r in rows]))
+
+
 def _last_mean(run_dir: Path, key: str, k: int = 10) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("primal", True)] or rows
@@ -306,8 +323,11 @@ def run(cfg: RehearseConfig) -> dict:
     if concept_methods:
         models = load_concept_models(str(pdir / "concept"))
         summary["concept_before"] = evaluate_concept(models, models.unet, clf, feat, x, y, cfg, cfg.seed + 100)
+        kl0 = calibrate_ru_budget(cfg, pdir / "concept", out / "runs" / "calibrate")
+        summary["kl_base_to_concept"] = kl0
+        summary["ru_budget"] = cfg.ru_budget_factor * kl0
         for mth in concept_methods:
-            budgets = (cfg.lu_budget,) if mth == "lu" else (cfg.ru_budget,)
+            budgets = (cfg.lu_budget,) if mth == "lu" else (cfg.ru_budget_factor * kl0,)
             ccfg = concept.ConceptConfig(
                 model=str(pdir / "concept"), out=str(out / "runs" / mth), method=mth,
                 concepts=(PROMPT.format(cfg.digit),), budgets=budgets, esd_eta=cfg.esd_eta,

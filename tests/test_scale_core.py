@@ -407,3 +407,15 @@ def test_evaluation_never_downloads_missing_weights(tmp_path):
         load_feature_extractor("inception:" + str(tmp_path / "pt_inception.pth"))
     with pytest.raises(ValueError, match="cannot be downloaded"):
         clip_score(torch.zeros(1, 8, 8, 3, dtype=torch.uint8), ["x"], "openai/clip-vit-base-patch16")
+
+
+@pytest.mark.parametrize("name,command", [("sd_ru.toml", "concept"), ("celebahq_fu.toml", "data")])
+def test_example_configs_resolve(name, command, capsys):
+    from pathlib import Path
+
+    from scale.commands import main
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    assert main(["scale", command, "--config", str(path), "--dry-run"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["train"]["batch_size"] == 32 if command == "data" else got["train"]["batch_size"] == 8
