@@ -124,7 +124,7 @@ class GaussianMixture:
             raise ValueError(f"x must be finite, got {bad}")
         return x
 
-    def _terms(self, x, alpha_bar=1.0, keep_components: bool = False):
+    def _terms(self, x, alpha_bar=1.0, keep_components: bool = False, need_score: bool = True):
         """One pass over the components of the mixture noised to ``alpha_bar`` (scalar or (N,)).
 
         Returns ``log_terms`` (N, K) = ``log w_k + log N_k(x)``, ``log p`` (N,), ``r`` (N, K)
@@ -166,6 +166,8 @@ class GaussianMixture:
         tot = e.sum(axis=0)
         r = e / tot
         log_p = m + np.log(tot)
+        if not (need_score or keep_components):
+            return log_terms.T, log_p, r.T, None, None, tr_prec.T
         S = np.zeros((d, N))
         comp = np.empty((N, K, d)) if keep_components else None
         for k in range(K):
@@ -183,7 +185,7 @@ class GaussianMixture:
 
     def log_prob(self, x, alpha_bar=1.0) -> np.ndarray:
         """``log p_t(x)`` (N,) of the mixture noised to ``alpha_bar`` (1 = the data law)."""
-        return self._terms(x, alpha_bar)[1]
+        return self._terms(x, alpha_bar, need_score=False)[1]
 
     def score(self, x, alpha_bar=1.0) -> np.ndarray:
         """``grad_x log p_t(x)`` (N, d): responsibilities times component scores."""
