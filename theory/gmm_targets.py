@@ -487,9 +487,13 @@ def reverse_kl_target(q: GaussianMixture, forget, lam, rng: np.random.Generator 
     a = 1.0 + float(eta.sum())
     margin = log_tilt_tail_margin(q, forget, a, eta)
     if margin <= 0:
+        cap = ""
+        if len(forget) == 1 and (q.dim <= 2 or forget[0].n_components == 1):
+            e_max = reverse_kl_eta_max(q, forget[0])
+            cap = f"; the tilt exists for eta < {e_max:.6g}, i.e. lam < {e_max / (1 + e_max):.6g}"
         raise ValueError(f"reverse_kl tilt at lam={lam.tolist()} (eta={eta.tolist()}) has an infinite "
-                         f"normaliser: a forget distribution decays slower than q^(1+H)/q_i^eta allows "
-                         f"(relative tail margin {margin:.3g} <= 0); see reverse_kl_domain")
+                         f"normaliser: a forget Gaussian is narrower than q^(1+H)/q_i^eta allows "
+                         f"(relative tail margin {margin:.3g} <= 0){cap}")
     return TiltedMixture("reverse_kl", q, forget, lam, None, a, eta, rng=rng)
 
 
