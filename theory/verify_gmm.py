@@ -123,6 +123,13 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
                             f"lam*={sol.lam[0]:.5g} P*={sol.primal_value:.5g} gap={sol.gap:.1e} ({dt:.2f} s)",
                             "certificate kkt, |gap| < 1e-8", sol.certificate == "kkt" and abs(sol.gap) < 1e-8))
 
+    # 3b. FU beyond the signed-mixture path: no attained optimum, an explicit feasible point
+    sol = solve("forward_kl", q, forget, [budgets["forward_kl"][0] + 10.0])
+    checks.append(Check("FU budget beyond the signed-mixture path: measured gap via explicit feasible p",
+                        f"lam*={sol.lam[0]:.4g} (edge) P<={sol.primal_value:.6g} gap={sol.gap:.1e}",
+                        "0 <= gap < 1e-8, constraint met",
+                        -1e-9 <= sol.gap < 1e-8 and sol.constraint_values[0] >= sol.budgets[0] - 1e-8))
+
     # 4. closed form: RU with equal-covariance Gaussians
     mu, mu1, S = np.array([0.4, -0.3]), np.array([-0.6, 0.5]), np.array([[0.6, 0.2], [0.2, 0.9]])
     sol = solve("reverse_kl", GaussianMixture([1.0], [mu], [S]), [GaussianMixture([1.0], [mu1], [S])], [3.0])
