@@ -168,3 +168,32 @@ def test_reverse_kl_tilt_is_the_composed_power_formula(lam):
     expected = np.exp(log_expected - log_expected.max())
     np.testing.assert_allclose(d.reverse_kl_target(q, q1[None], lam), expected / expected.sum(), rtol=1e-10,
                                atol=1e-300)
+
+
+@pytest.mark.parametrize("problem", ["reverse_kl", "forward_kl", "likelihood"])
+@given(data=st.data())
+def test_dual_optimum_beats_every_multiplier_on_a_grid(problem, data):
+    """D* from the solver (Newton / LP) is at least D on a dense grid of multipliers (m = 1), across
+    RU's Lam = 1 kink: the dual solver's optimality checked by brute force."""
+    from tests.strategies.discrete import fu_instances, lu_instances, ru_instances
+
+    strat = {"reverse_kl": ru_instances(m=1), "forward_kl": fu_instances(m=1),
+             "likelihood": lu_instances(m=1)}[problem]
+    q, forget, b = data.draw(strat)
+    lam, D = d.optimal_multipliers(problem, q, forget, b)
+    hi = {"reverse_kl": 4.0 * max(1.0, lam[0]), "likelihood": 4.0 * max(1.0, lam[0]),
+          "forward_kl": min(1.0, float(np.min(q[forget[0] > 0] / forget[0, forget[0] > 0])))}[problem]
+    grid = np.linspace(0.0, hi, 801)
+    vals = np.array([d.dual_function(problem, q, forget, np.array([x]), b)[0] for x in grid])
+    assert D >= np.max(vals[np.isfinite(vals)]) - 1e-12 * max(1.0, abs(D))
+
+
+def test_reverse_kl_dual_optimum_on_the_gap_instance_beats_the_grid_for_every_budget():
+    """Regression: as Lam -> 1- the exponential-family shortcut for KL(p_lam||q_1) cancelled to 0,
+    Newton stopped at lam = 1 and D* came out 0.31 too low at b = 3 (lam* = 1.661)."""
+    q, forget = np.array([0.05, 0.5, 0.45]), np.array([[0.02, 0.08, 0.9]])
+    grid = np.linspace(0.0, 4.0, 401)
+    for b in [*np.linspace(0.5, -np.log(0.02), 6), 3.0]:
+        lam, D = d.optimal_multipliers("reverse_kl", q, forget, [b])
+        best = max(d.dual_function("reverse_kl", q, forget, np.array([x]), [b])[0] for x in grid)
+        assert D >= best - 1e-12

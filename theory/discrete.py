@@ -312,9 +312,11 @@ def _dual(inst: _Instance, lam: np.ndarray, hessian: bool = True):
             logits = inst.log_q + eta @ r
             A = logsumexp(logits)
             p = np.exp(logits - A)
-            # KL(p||q_i) = E_p[r_i] + eta·E_p[r] - A  (MATH.md §2, exponential-family form)
+            # KL(p||q_i) = E_p[log p - log q_i] summed directly: the exponential-family shortcut
+            # E[r_i] + eta·E[r] - A cancels catastrophically as Lam -> 1 (eta -> inf)
+            log_p = logits - A
             Er = r @ p
-            kl_i = Er + float(eta @ Er) - A
+            kl_i = (log_p[None, :] - (inst.log_q[None, :] - r)) @ p
             value = float(lam @ b) - (1.0 - Lam) * A
             H = None
             if hessian:
