@@ -31,8 +31,7 @@ def expect(p, fn) -> np.ndarray:
 
 def responsibilities(q: GaussianMixture, x) -> np.ndarray:
     """q's responsibilities (N, K) at x."""
-    lt = q._terms(x)[0]
-    return np.exp(lt - logsumexp(lt, axis=1, keepdims=True))
+    return q._terms(x, need_score=False)[2]
 
 
 def mode_masses(p, q: GaussianMixture) -> np.ndarray:

@@ -95,10 +95,7 @@ class SurrogateGap:
 def forget_mode_mass_fn(q, forget_component: int):
     """``x -> r_k(x)``, q's responsibility of one component (the "mass on the forget mode")."""
     def fn(x):
-        from scipy.special import logsumexp
-
-        lt, _ = q._component_terms(x)
-        return np.exp(lt[:, forget_component] - logsumexp(lt, axis=1))
+        return q._terms(x, need_score=False)[2][:, forget_component]
     return fn
 
 
