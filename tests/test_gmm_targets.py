@@ -282,3 +282,19 @@ def test_constraint_values_in_3d_are_monte_carlo_within_their_error():
     v = GaussianMixture([1.0], [mu], [0.5 * Sq]).log_prob(x) - pf.log_prob(x)
     assert constraint_value("forward_kl", pf, GaussianMixture([1.0], [mu], [0.5 * Sq]), rng=rng) == pytest.approx(
         v.mean(), abs=5 * v.std() / np.sqrt(len(v)) * np.sqrt(2))
+
+
+@pytest.mark.parametrize("problem", ["reverse_kl", "likelihood"])
+def test_reweighted_dsm_weights_have_unit_mean_under_q_and_reweight_q_into_the_tilt(problem):
+    """E_q[w] = 1 and E_q[w f] = E_p[f] (f = x and r_forget) by Monte Carlo from q, 5 se."""
+    q, forget, _ = default_instance()
+    p = reverse_kl_target(q, forget, [0.2]) if problem == "reverse_kl" else likelihood_target(q, forget, [20.0])
+    x = q.sample(400_000, np.random.default_rng(13))
+    w = np.exp(p.log_weight(x))
+    n = len(w)
+    assert _within(w.mean(), 1.0, w.std() / np.sqrt(n))
+    for i in range(2):
+        v = w * x[:, i]
+        assert _within(v.mean(), p.expect(lambda y: y[:, i]), v.std() / np.sqrt(n))
+    if problem == "likelihood":
+        assert np.all(p.log_weight(x) <= -p.log_normaliser + 1e-12)

@@ -21,7 +21,8 @@ Public API (import everything from ``theory.gmm``; decisions in ``docs/theory-gm
     Gauss-Hermite, ~1e-5; scalar or per-sample alpha_bar), ``.surrogate_eps`` the tilt formula on
     the noised mixtures (pathological for "likelihood": do not train on it).
     Every target has ``eps_is_exact``; ``.score(x, alpha_bar)`` of a tilt is its formula (exact at
-    alpha_bar = 1).
+    alpha_bar = 1); ``.log_weight(x)`` = log(p_lam/q) at x_0, the weight of reweighted DSM (exact
+    target at every t; bounded for LU likelihood/ratio).
 - ``constraint_value(problem, p, forget_i, variant="likelihood", q=None)``: RU ``KL(p||q_i)``,
   FU ``KL(q_i||p)``, LU ``E_p[g_i]`` (q needed for ``likelihood_ratio``);
   ``objective_value(problem, p, q)``.

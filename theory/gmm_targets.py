@@ -269,6 +269,13 @@ class TiltedMixture:
         """``log p_lam(x)`` at x_0 (N,)."""
         return self.log_unnorm(x) - self.log_normaliser
 
+    def log_weight(self, x) -> np.ndarray:
+        """``log(p_lam(x) / q(x))`` (N,) at x_0: the importance weight of reweighted denoising score
+        matching, ``E_{x_0~q}[w(x_0) ||eps_theta(x_t, t) - z||^2]``, whose minimiser is the exact noised
+        tilt's eps at every t (docs/theory-gmm.md §3). LU: ``-lam·g(x) - log Z`` (bounded above by
+        ``-log Z`` for the likelihood and ratio variants); RU: ``H log q - sum eta_i log q_i - log Z``."""
+        return self.log_prob(x) - self.q.log_prob(x)
+
     def score(self, x, alpha_bar=1.0) -> np.ndarray:
         """The tilt formula's score with the (noised) mixtures' scores, (N, d). Exact at
         ``alpha_bar = 1``; at ``alpha_bar < 1`` it is the composed surrogate of ``eps``.
