@@ -221,3 +221,17 @@ def test_solve_in_3d_says_it_needs_quadrature():
     g = GaussianMixture([1.0], [[0.0, 0.0, 0.0]], [np.eye(3)])
     with pytest.raises(ValueError, match="d <= 2"):
         solve("reverse_kl", g, [GaussianMixture([1.0], [[1.0, 0.0, 0.0]], [np.eye(3)])], [1.0])
+
+
+@pytest.mark.parametrize("problem, lam0", [("reverse_kl", 0.3), ("forward_kl", 0.25), ("likelihood", 30.0)])
+def test_a_forget_mixture_concept_round_trips_with_certificate(problem, lam0):
+    """The forget set is itself a mixture (a 'concept' covering two of q's modes)."""
+    q = GaussianMixture([0.4, 0.3, 0.3], [[-2.5, 0.0], [2.0, -1.0], [0.5, 2.5]],
+                        [0.4 * np.eye(2), 0.6 * np.eye(2), 0.6 * np.eye(2)])
+    concept = GaussianMixture([0.5, 0.5], q.means[1:], q.covs[1:])
+    b = constraint_value(problem, _TARGET[problem](q, [concept], [lam0]), concept)
+    sol = solve(problem, q, [concept], [b])
+    assert sol.certificate == "kkt" and abs(sol.gap) < 1e-8
+    assert sol.lam[0] == pytest.approx(lam0, rel=1e-7)
+    if problem == "forward_kl":  # q - lam (N_2 + N_3)/2 merges into q's own components
+        assert sol.p.n_components == 3
