@@ -516,7 +516,10 @@ def optimal_multipliers(problem, q, forget, budgets, variant=DEFAULT_VARIANT):
 # feasibility of budgets
 # ---------------------------------------------------------------------------------------------
 
-def _feasible_instance(problem, q, forget, budgets, variant=DEFAULT_VARIANT) -> _Instance:
+def _feasible_instance(problem, q, forget, budgets, variant=DEFAULT_VARIANT, joint=True) -> _Instance:
+    """Validated instance; budgets no distribution can meet raise ValueError with the best value.
+    ``joint=False`` skips LU's joint-feasibility LP (``solve`` runs it only when KKT fails: a
+    certified target is itself a feasible point)."""
     inst = _instance(problem, q, forget, budgets, variant)
     b = inst.budgets
     if problem == "reverse_kl":
@@ -543,7 +546,7 @@ def _feasible_instance(problem, q, forget, budgets, variant=DEFAULT_VARIANT) -> 
             raise ValueError(f"likelihood: budgets[{i}] = {b[i]:.12g} is infeasible: the smallest achievable "
                              f"E_p[g_{i}] ({inst.variant}) is {low[i]:.12g}, and the budget must exceed it "
                              "strictly (Slater)")
-        if b.shape[0] > 1:
+        if b.shape[0] > 1 and joint:
             s = inst.data.shape[1]
             res = linprog(np.append(np.zeros(s), -1.0), A_ub=np.hstack([inst.data, np.ones((b.shape[0], 1))]),
                           b_ub=b, A_eq=np.append(np.ones(s), 0.0)[None, :], b_eq=[1.0],
@@ -670,7 +673,7 @@ def solve(problem, q, forget, budgets, *, variant=DEFAULT_VARIANT, global_max_at
     """
     t0 = time.perf_counter()
     _check_problem(problem)
-    inst = _feasible_instance(problem, q, forget, budgets, variant)
+    inst = _feasible_instance(problem, q, forget, budgets, variant, joint=False)
     lam, dual_value, grad, info = _optimal_multipliers(inst)
     p_dual = _target_at(inst, lam, inst.budgets)
     kkt = _kkt(inst, p_dual, lam, dual_value, grad)
@@ -696,6 +699,7 @@ def solve(problem, q, forget, budgets, *, variant=DEFAULT_VARIANT, global_max_at
             res = discrete_oracles.forward_kl_point_mass_primal(inst.q, inst.forget, inst.budgets)
             certificate, p, primal_value = "cvxpy", res.p, res.value
         elif problem == "likelihood":
+            _feasible_instance(problem, inst.q, inst.forget, inst.budgets, variant)  # raises if jointly infeasible
             res = discrete_oracles.likelihood_primal(inst.q, inst.forget, inst.budgets, inst.variant)
             certificate, p, primal_value = "cvxpy", res.p, res.value
     if certificate == "none" and problem == "reverse_kl":
