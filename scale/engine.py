@@ -114,8 +114,13 @@ class StepOut:
 
 
 def make_accelerator(cfg: TrainConfig):
+    """A fresh ``Accelerator`` for one run. accelerate keeps its mixed-precision setting in a
+    process-wide singleton; runs executed one after another in one process (tests, the rehearsal)
+    may differ in it, so that part is cleared (the process group, if any, is kept)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
 
 

@@ -86,7 +86,9 @@ def _compare(one: Path, two: Path, model_weights: dict | None) -> None:
     for k in wa:
         ref = model_weights[k] if model_weights is not None and k in model_weights else torch.zeros_like(wa[k])
         upd_a, upd_b = wa[k] - ref, wb[k] - ref
-        assert float((upd_a - upd_b).abs().max()) <= 1e-4 * float(upd_a.abs().max()) + 1e-9, k
+        # float32 summation error of the updates, plus the rounding of w + update to float32
+        bound = 1e-4 * upd_a.abs().max() + 4 * torch.finfo(torch.float32).eps * wa[k].abs()
+        assert torch.all((upd_a - upd_b).abs() <= bound), k
 
 
 def test_two_process_fu_multipliers_match_across_ranks_and_one_process(setup, tmp_path):
