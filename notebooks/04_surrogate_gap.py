@@ -69,6 +69,29 @@ print(f"LU lam*={lam_lu[0]:.4g}: KL(plug-in sur||tilt) = {g_lu.kl:.3f} ± {g_lu.
       f"{g_lu.forget_mass_surrogate:.4g} (exact {g_lu.forget_mass_exact:.4g})")
 lu_sur = probability_flow_sample(likelihood_target(q, forget, lam_lu), 300 if QUICK else 1500, rng, **ODE)
 
+# %% [markdown]
+# Sampler dependence. The composed surrogate is not the score of any family of noised densities,
+# so the PF-ODE and the reverse SDE need not produce the same law (they do for exact scores). Here
+# ancestral DDPM sampling (the reverse SDE's discretisation, diffusers' linear schedule, T = 1000)
+# from the same surrogate, validated first with q's exact eps.
+
+# %%
+from theory.gmm_sampling import ddpm_sample, forget_mode_mass_fn
+
+r3 = forget_mode_mass_fn(q, 2)
+n_sde = 500 if QUICK else 4000
+print(f"DDPM with q's exact eps: forget mass {r3(ddpm_sample(q.eps, n_sde, 2, rng)).mean():.4f} (q: 0.30)")
+print(f"{'lam':>5s} {'SDE (DDPM)':>11s} {'PF-ODE':>8s} {'exact tilt':>11s}   (mass on the forget mode)")
+for g in gaps:
+    if g.lam[0] == 0:
+        continue
+    p_ = reverse_kl_target(q, forget, g.lam)
+    m_sde = r3(ddpm_sample(p_.surrogate_eps, n_sde, 2, rng)).mean()
+    print(f"{g.lam[0]:5.2f} {m_sde:11.4f} {g.forget_mass_surrogate:8.4f} {g.forget_mass_exact:11.3g}")
+p_lu = likelihood_target(q, forget, lam_lu)
+print(f"LU plug-in at lam*={lam_lu[0]:.3g}: SDE {r3(ddpm_sample(p_lu.surrogate_eps, n_sde, 2, rng)).mean():.4f}, "
+      f"PF-ODE {g_lu.forget_mass_surrogate:.4f}, exact {g_lu.forget_mass_exact:.4f}")
+
 # %%
 lam_show = 0.3
 p = reverse_kl_target(q, forget, [lam_show])

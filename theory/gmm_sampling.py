@@ -115,3 +115,31 @@ def surrogate_gap(target, n: int, rng: np.random.Generator, forget_component: in
                         forget_mass_exact=float(target.expect(r)),
                         mean_surrogate=out.x.mean(axis=0), mean_exact=target.expect(lambda x: x),
                         nfev=out.nfev)
+
+
+def ddpm_sample(eps_fn, n: int, d: int, rng: np.random.Generator, alphas_cumprod=None) -> np.ndarray:
+    """Ancestral DDPM sampling (the reverse SDE's standard discretisation, diffusers'
+    ``DDPMScheduler`` with ``variance_type="fixed_small"``):
+    ``x_{t-1} = (x_t - beta_t / sqrt(1 - ab_t) eps(x_t, ab_t)) / sqrt(alpha_t) + sigma_t z``,
+    ``sigma_t^2 = beta_t (1 - ab_{t-1}) / (1 - ab_t)``, from ``x_T ~ N(0, I)``; default schedule
+    diffusers' linear one with T = 1000. ``eps_fn(x, alpha_bar)`` is any noise prediction, e.g. a
+    target's ``eps`` or ``surrogate_eps``. For an exact eps this samples the data law up to the
+    discretisation; for a composed surrogate (not the score of any noised family) it can differ
+    from the PF-ODE's law — which is what it is used to measure."""
+    from theory.diffusion import alphas_cumprod_for_schedule
+
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy Generator, got {type(rng).__name__}")
+    ab = alphas_cumprod_for_schedule(1000) if alphas_cumprod is None else np.asarray(alphas_cumprod, float)
+    ab_prev = np.concatenate([[1.0], ab[:-1]])
+    alpha = ab / ab_prev
+    beta = 1.0 - alpha
+    x = rng.standard_normal((int(n), d))
+    for t in range(len(ab) - 1, -1, -1):
+        e = eps_fn(x, ab[t])
+        x = (x - beta[t] / np.sqrt(1.0 - ab[t]) * e) / np.sqrt(alpha[t])
+        if t > 0:
+            x = x + np.sqrt(beta[t] * (1.0 - ab_prev[t]) / (1.0 - ab[t])) * rng.standard_normal(x.shape)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("DDPM sampling produced non-finite values")
+    return x
