@@ -235,3 +235,14 @@ def test_a_forget_mixture_concept_round_trips_with_certificate(problem, lam0):
     assert sol.lam[0] == pytest.approx(lam0, rel=1e-7)
     if problem == "forward_kl":  # q - lam (N_2 + N_3)/2 merges into q's own components
         assert sol.p.n_components == 3
+
+
+def test_forward_kl_with_a_wider_forget_has_dual_domain_zero_and_a_small_measured_gap():
+    """q_1 wider than q: q - lam q_1 < 0 far out for every lam > 0, so D* = D(0) = 0; any budget is
+    still feasible on a non-atomic space and the explicit feasible point bounds the gap (~3e-3)."""
+    q = GaussianMixture([0.5, 0.5], [[-1.5, 0.0], [1.5, 0.0]], [np.eye(2), np.eye(2)])
+    f = GaussianMixture([1.0], [[0.0, 0.5]], [2.0 * np.eye(2)])
+    sol = solve("forward_kl", q, [f], [3.0])
+    assert sol.lam[0] == 0 and sol.dual_value == 0 and sol.certificate == "none"
+    assert sol.constraint_values[0] >= 3.0 - 1e-8
+    assert 0 <= sol.gap < 0.01

@@ -513,7 +513,7 @@ def solve(problem: str, q: GaussianMixture, forget, budgets, variant: str = DEFA
     if feas <= tol and cs <= tol and "boundary" not in info:
         certificate = "kkt"
         primal = objective_value(problem, p, q)
-    elif problem == "forward_kl" and "boundary" in info and m == 1 and lam[0] > 0:
+    elif problem == "forward_kl" and "boundary" in info and m == 1:
         # no attained optimum: a feasible point whose value sandwiches P* against D*
         certificate = "none"
         p, primal, c1 = _fu_boundary_feasible(q, forget[0], float(lam[0]), float(budgets[0]))
