@@ -109,7 +109,7 @@ def test_fu_on_a_finite_set_at_lam_one_over_n_reproduces_retraining(tmp_path):
     from toy.data_unlearning import compare_to_retraining, finite_set_experiment
     ab = torch.tensor(alphas_cumprod_for_schedule(100, 1e-3, 0.2), dtype=torch.float32)
     pts = default_instance().q.sample(8, np.random.default_rng(3))
-    res = finite_set_experiment(pts, [0], ab, tmp_path / "fs", seed=0, pretrain_steps=3000, steps=2500)
+    res = finite_set_experiment(pts, [0], ab, tmp_path / "fs", seed=0, pretrain_steps=3000, steps=2500, batch=128, lr=3e-4)
     assert res.lam[0] == pytest.approx(1 / 8)
     n = 2000
     c = compare_to_retraining(res, pts, [0], ab, n, 0, 0.3)
