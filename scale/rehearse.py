@@ -44,8 +44,8 @@ SIZES = ("quick", "full")
 #: size presets: (pretrain steps cond, pretrain steps uncond, unlearn steps, eval samples per class,
 #: unet channels, batch)
 PRESETS = {
-    "quick": dict(pretrain_steps=700, uncond_steps=600, unlearn_steps=40, eval_per_class=32,
-                  channels=(16, 32), mid_block=True, batch=64, fu_train_size=32, fu_unlearn_steps=60),
+    "quick": dict(pretrain_steps=1500, uncond_steps=600, unlearn_steps=60, eval_per_class=32,
+                  channels=(16, 32), mid_block=True, batch=64, fu_train_size=32, fu_unlearn_steps=150),
     "full": dict(pretrain_steps=20000, uncond_steps=15000, unlearn_steps=400, eval_per_class=400,
                  channels=(32, 64), mid_block=True, batch=128, fu_train_size=256, fu_unlearn_steps=600),
 }
@@ -62,15 +62,15 @@ class RehearseConfig:
     sample_steps: int = 25
     guidance: float = 3.0
     ru_budget_factor: float = 2.0
-    lu_budget: float = 0.3
-    lu_constraint: str = "likelihood_ratio"
+    lu_budget: float = 0.0
+    lu_constraint: str = "log_likelihood_ratio"
     esd_eta: float = 1.0
     lr: float = 1e-3
-    lr_dual_ru: float = 0.002
-    lr_dual_lu: float = 0.5
+    lr_dual_ru: float = 0.01
+    lr_dual_lu: float = 0.1
     fu_forget: int = 4
-    fu_budget_factor: float = 1.3
-    fu_lr_dual: float = 0.2
+    fu_budget_factor: float = 1.15
+    fu_lr_dual: float = 1.0
     lora_rank: int = 4
     reuse_pretrained: bool = True
 
@@ -173,19 +173,17 @@ def pretrain_concept_model(cfg: RehearseConfig, x, y, path: Path) -> None:
     te = builders.build_text_encoder(len(tok.get_vocab()), seed=cfg.seed)
     unet = builders.build_cond_unet(block_out_channels=pre["channels"], mid_block=pre["mid_block"], seed=cfg.seed)
     sch = builders.build_scheduler(cfg.timesteps, beta_start=0.1 / cfg.timesteps, beta_end=20.0 / cfg.timesteps)
-    ids = tok([PROMPT.format(i) for i in range(10)] + [""], padding="max_length", max_length=tok.model_max_length,
-              truncation=True, return_tensors="pt")["input_ids"]
-    te.train()
+    from scale.models import encode_prompts
+
+    emb = encode_prompts(tok, te, [PROMPT.format(i) for i in range(10)])
+    null = encode_prompts(tok, te, [""], check_nonempty=False)
 
     def eps_fn(net, x_t, t, idx, g):
-        # the text encoder is trained jointly (a random frozen one separates the ten prompts too weakly)
-        lab = y[idx].clone()
-        lab[torch.rand((idx.shape[0],), generator=g) < 0.15] = 10  # prompt dropout: the null prompt
-        return net(x_t, t, encoder_hidden_states=te(ids[lab])[0]).sample
+        e = emb[y[idx]].clone()
+        e[torch.rand((idx.shape[0],), generator=g) < 0.15] = null[0]  # prompt dropout: the null prompt
+        return net(x_t, t, encoder_hidden_states=e).sample
 
-    _pretrain(unet, x, eps_fn, pre["pretrain_steps"], pre["batch"], cfg.lr * 2, sch, cfg.seed, "pretrain/concept",
-              extra_params=te.parameters())
-    te.eval()
+    _pretrain(unet, x, eps_fn, pre["pretrain_steps"], pre["batch"], cfg.lr * 2, sch, cfg.seed, "pretrain/concept")
     builders.save_concept_pipeline(path, unet, te, tok, sch)
 
 

@@ -431,3 +431,29 @@ def test_bf16_mixed_precision_run_keeps_float32_losses_and_float64_multipliers(c
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["measured"][0]) for r in rows)
     assert s["lam"].dtype == torch.float64
     assert float(torch.as_tensor(s["lam"])[0]) > 0
+
+
+def test_latent_pipeline_with_vae_loads_unlearns_and_decodes_samples(tmp_path):
+    """The SD layout with a VAE: training runs on latents (no decoding), sampling decodes."""
+    from diffusers import AutoencoderKL
+
+    from scale.commands import main
+    from scale.concept import run
+
+    tok = builders.build_word_tokenizer("a photo of cat dog".split())
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16)
+    unet = builders.build_cond_unet(sample_size=8, channels=4, seed=5)
+    builders.save_concept_pipeline(tmp_path / "sd", unet, builders.build_text_encoder(len(tok.get_vocab())), tok,
+                                   builders.build_scheduler(T, beta_start=2e-3, beta_end=0.4), vae=vae)
+    models = load_concept_models(str(tmp_path / "sd"))
+    assert models.vae is not None and models.sample_shape == (4, 8, 8)
+    s = run(_concept_cfg(str(tmp_path / "sd"), tmp_path / "run", method="esd", concepts=("a photo of a cat",),
+                         train={"steps": 1}))
+    assert s["method"] == "esd"
+    assert main(["scale", "sample", "--out", str(tmp_path / "smp"), "--set", f'model="{tmp_path / "sd"}"',
+                 "--set", f'run="{tmp_path / "run"}"', "--set", 'prompts=["a photo of a cat"]',
+                 "--set", "num_per_prompt=2", "--set", "num_steps=3", "--set", "guidance=2.0", "--set", "cpu=true"]) == 0
+    imgs = np.load(tmp_path / "smp" / "samples.npz")["images"]
+    assert imgs.shape == (2, 16, 16, 3)

@@ -1,0 +1,49 @@
+"""The offline rehearsal on scikit-learn's digits, end to end through the SD and CelebA-HQ code
+paths (``scale.concept.run`` / ``scale.data.run`` on models loaded with ``from_pretrained``).
+
+Default test: data unlearning (FU primal-dual) on a DDPM trained here. Slow test: the whole quick
+size (conditional UNet trained from scratch, RU / LU / ESD on one digit, FU and SISS).
+Sample-size notes for the thresholds are next to each assertion.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scale.rehearse import RehearseConfig, run
+
+
+def test_rehearse_fu_raises_forget_losses_within_the_dual_domain(tmp_path):
+    s = run(RehearseConfig(out=str(tmp_path / "r"), methods=("fu",)))
+    before, after = s["ddpm_before"], s["methods"]["fu"]["after"]
+    lam_n = np.asarray(s["methods"]["fu"]["lam_times_n"], dtype=float)  # n * lam, n = 32 images
+    assert np.all(lam_n >= 0) and np.all(lam_n <= 1 + 1e-12)  # 0 <= lam_i <= 1/n
+    assert np.any(lam_n > 0)  # at least one constraint was active
+    # forget losses (64 fixed draws each) rise relative to the retained images' loss
+    ratio_forget = np.mean(after["forget_loss"]) / np.mean(before["forget_loss"])
+    ratio_retain = after["retain_loss"] / before["retain_loss"]
+    assert ratio_forget > ratio_retain + 0.02, (ratio_forget, ratio_retain)
+    assert abs(ratio_retain - 1) < 0.1  # the retained images' denoising loss barely moves
+    report = (tmp_path / "r" / "report.md").read_text()
+    assert "| fu |" in report and json.loads((tmp_path / "r" / "summary.json").read_text())["methods"]["fu"]
+
+
+@pytest.mark.slow
+def test_rehearse_quick_size_unlearns_a_digit_and_keeps_the_others(tmp_path):
+    s = run(RehearseConfig(out=str(tmp_path / "r")))
+    b = s["concept_before"]
+    # 32 generated images per digit: a binomial accuracy has standard error <= 0.09
+    assert b["accuracy_unlearned"] >= 0.6 and b["accuracy_retained"] >= 0.6
+    for mth in ("ru", "esd"):
+        a = s["methods"][mth]["after"]
+        assert a["accuracy_unlearned"] <= 0.5 * b["accuracy_unlearned"], (mth, a)
+        # 9 x 32 retained images: standard error of the mean accuracy ~0.03
+        assert a["accuracy_retained"] >= b["accuracy_retained"] - 0.15, (mth, a)
+    ru = s["methods"]["ru"]
+    assert 0 < float(np.sum(ru["lam"])) < 0.95
+    lu = s["methods"]["lu"]
+    assert lu["after"]["accuracy_unlearned"] < b["accuracy_unlearned"]
+    assert float(np.sum(lu["lam"])) > 0
