@@ -325,7 +325,10 @@ def _dual(inst: _Instance, lam: np.ndarray, hessian: bool = True):
                 T = np.eye(m) + np.outer(np.ones(m), eta)
                 H = -(T @ Sigma @ T.T) / (1.0 - Lam)
             return value, b - kl_i, H
-        f = -inst.log_q - lam @ (r - inst.log_q[None, :])  # -log q + sum lam_i log q_i
+        with np.errstate(over="ignore", invalid="ignore"):  # only at |lam| ~ 1e300 (line searches)
+            f = -inst.log_q - lam @ (r - inst.log_q[None, :])  # -log q + sum lam_i log q_i
+        if not np.all(np.isfinite(f)):
+            return -np.inf, None, None
         j = int(np.argmin(f))
         log_qi_j = inst.log_q[j] - r[:, j]
         return float(lam @ b) + float(f[j]), b + log_qi_j, None

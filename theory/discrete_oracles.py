@@ -8,6 +8,7 @@ Never on ``theory.discrete.solve``'s default path when the KKT conditions certif
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import cvxpy as cp
@@ -35,9 +36,11 @@ TIGHT = {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10, "tol_ktr
 
 
 def _solve(prob: cp.Problem, what: str, fast: bool = False):
-    prob.solve(solver=cp.CLARABEL, **({} if fast else TIGHT))
-    if prob.status == cp.OPTIMAL_INACCURATE and not fast:  # tight tolerances out of reach: defaults
-        prob.solve(solver=cp.CLARABEL)
+    with warnings.catch_warnings():  # "may be inaccurate": the status is checked below instead
+        warnings.simplefilter("ignore", UserWarning)
+        prob.solve(solver=cp.CLARABEL, **({} if fast else TIGHT))
+        if prob.status == cp.OPTIMAL_INACCURATE and not fast:  # tight tolerances out of reach: defaults
+            prob.solve(solver=cp.CLARABEL)
     if prob.status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
         raise ValueError(f"{what}: the budgets are infeasible (cvxpy status {prob.status})")
     if prob.status != cp.OPTIMAL:
