@@ -670,8 +670,8 @@ def solve(problem, q, forget, budgets, *, variant=DEFAULT_VARIANT, global_max_at
         certify: when False, skip the global / cvxpy fallbacks (``certificate`` may be ``"none"``).
 
     Certification, in order: ``"kkt"`` when the target at lam* is feasible with complementary
-    slackness (then P* = D*); else ``"global"`` (``theory.discrete_global``: RU with m <= 2, FU with
-    m = 1, |supp q| <= global_max_atoms); else ``"cvxpy"`` (LU, or FU with point-mass forget
+    slackness (then P* = D*); else ``"global"`` (``theory.discrete_global``: RU and FU with m <= 2,
+    |supp q| <= global_max_atoms); else ``"cvxpy"`` (LU, or FU with point-mass forget
     distributions); else ``"none"`` with the best feasible value known as an upper bound.
     """
     t0 = time.perf_counter()
@@ -690,12 +690,17 @@ def solve(problem, q, forget, budgets, *, variant=DEFAULT_VARIANT, global_max_at
 
         s = int(inst.on.sum())
         m = inst.budgets.shape[0]
-        if problem == "reverse_kl" and s <= global_max_atoms and m <= 2:
+        if problem == "forward_kl" and m <= 2 and s <= global_max_atoms and certificate == "none":
+            try:
+                res = discrete_global.forward_kl_global(inst.q, inst.forget, inst.budgets)
+                certificate, p, primal_value = "global", res.p, res.value
+                info["global"] = res.info
+            except discrete_global.NotCertified as exc:  # q in the span of q_1, q_2
+                info["global"] = str(exc)
+        if certificate != "none":
+            pass
+        elif problem == "reverse_kl" and s <= global_max_atoms and m <= 2:
             res = discrete_global.reverse_kl_global(inst.q, inst.forget, inst.budgets)
-            certificate, p, primal_value = "global", res.p, res.value
-            info["global"] = res.info
-        elif problem == "forward_kl" and m == 1:
-            res = discrete_global.forward_kl_global(inst.q, inst.forget, inst.budgets)
             certificate, p, primal_value = "global", res.p, res.value
             info["global"] = res.info
         elif problem == "forward_kl" and discrete_oracles.is_point_mass(inst.forget):

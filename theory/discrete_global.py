@@ -21,11 +21,12 @@ Refinement (``cells = K``): every atom split into K equal cells. Cells of one at
 and the family puts equal mass on the chosen cells of an atom, so a face is fully described by how
 many cells of each atom it uses (``(K+1)^n - 1`` faces instead of ``2^(nK) - 1``).
 
-**FU** ``min KL(q||p) s.t. KL(q_1||p) >= b`` (m = 1). A global minimiser has p > 0 on supp q and no
-mass off it (no stationary point puts mass there), and stationarity gives the signed mixtures
-``p_mu = (q - mu q_1)/(1 - mu)`` on the two intervals of mu where they are positive:
-``mu < min q/q_1`` (KL(q_1||p_mu) increases from 0 to +inf) and ``mu > max q/q_1`` (decreases from
-+inf to 0). One root on each, plus p = q when it is feasible.
+**FU** ``min KL(q||p) s.t. KL(q_i||p) >= b_i`` (m <= 2). A global minimiser has p > 0 on supp q and
+no mass off it (no stationary point puts mass there unless q is a combination of the q_i), and
+stationarity gives the signed mixtures ``p_mu = (q - mu·Q_A)/(1 - sum mu)`` over the active set A.
+|A| = 1: on the two intervals of mu where p_mu > 0, ``mu < min q/q_i`` (KL(q_i||p_mu) increases from
+0 to +inf) and ``mu > max q/q_i`` (decreases from +inf to 0): one root each. |A| = 2: one critical
+point per region of a strictly convex potential (``_fu_two_active``). Plus p = q when feasible.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ from scipy.special import rel_entr
 
 from theory.discrete import logsumexp
 
-__all__ = ["GlobalResult", "reverse_kl_global", "forward_kl_global"]
+__all__ = ["GlobalResult", "NotCertified", "reverse_kl_global", "forward_kl_global"]
+
+
+class NotCertified(ValueError):
+    """A degenerate instance the enumeration does not cover (it says so instead of guessing)."""
 
 _FEAS_TOL = 1e-9
 
@@ -323,36 +328,64 @@ def reverse_kl_global(q, forget, budgets, cells: int = 1) -> GlobalResult:
 
 
 def forward_kl_global(q, forget, budgets) -> GlobalResult:
-    """Global minimum of FU with one constraint, ``min KL(q||p) s.t. KL(q_1||p) >= b`` (module
-    docstring): the best of p = q and the root on each of the two monotone branches of p_mu."""
+    """Global minimum of FU, ``min KL(q||p) s.t. KL(q_i||p) >= b_i``, m <= 2 (module docstring): the
+    best feasible point among p = q, the single-active roots (two monotone branches of
+    ``p_mu = (q - mu q_i)/(1 - mu)`` per constraint) and, for m = 2, the both-active points
+    ``p_mu = (q - mu·Q)/(1 - sum mu)``: in each region where p_mu > 0 (``sum mu < 1`` or ``> 1``)
+    they are the critical points of a strictly convex potential (see ``_fu_two_active``), so there
+    is at most one per region and damped Newton finds it. Raises ValueError when q lies in the span
+    of q_1, q_2 on supp q (the potential degenerates; not certified)."""
     q, forget, budgets = _validate_small("forward_kl", q, forget, budgets)
-    if forget.shape[0] != 1:
-        raise ValueError(f"forward_kl: the global solver handles m = 1, got m = {forget.shape[0]}")
+    m = forget.shape[0]
+    if m > 2:
+        raise ValueError(f"forward_kl: the global solver handles m <= 2, got m = {m}")
     on = q > 0
-    q1 = forget[0]
-    if np.any(q1[~on] > 0):
-        raise ValueError("forward_kl: the global solver needs supp q_1 inside supp q")
-    qs, q1s, b = q[on], q1[on], float(budgets[0])
+    if np.any(forget[:, ~on] > 0):
+        raise ValueError("forward_kl: the global solver needs supp q_i inside supp q")
+    qs, Qs = q[on], forget[:, on]
     cands = []
 
     def add(ps):
         p = np.zeros_like(q)
         p[on] = ps
-        if _kl(q1, p) >= b - _FEAS_TOL * max(1.0, abs(b)):
+        if np.all([_kl(fi, p) >= bi - _FEAS_TOL * max(1.0, abs(bi)) for fi, bi in zip(forget, budgets)]):
             cands.append((_kl(q, p), p))
 
     add(qs)
-    if np.max(np.abs(qs - q1s)) <= 1e-15:
-        # q_1 = q: the constraint is the objective, P* = max(b, 0), met by mixing q with a point
-        # mass off supp q (mass there is free) or at the atom of smallest q
-        if b > 0 and (qs.size > 1 or not on.all()):
-            e = np.zeros_like(q)
-            e[np.flatnonzero(~on)[0] if not on.all() else np.flatnonzero(on)[np.argmin(qs)]] = 1.0
-            t = _segment_root(lambda t: _kl(q, (1 - t) * q + t * e), 0.0, 1.0, b)
-            p = (1 - t) * q + t * e
-            if _kl(q1, p) >= b - _FEAS_TOL * max(1.0, abs(b)):
-                cands.append((_kl(q, p), p))
-        return _best(cands, b)
+    for i in range(m):
+        if np.max(np.abs(qs - Qs[i])) <= 1e-15:
+            # q_i = q: constraint i is the objective, met by mixing q with a point mass off supp q
+            # (mass there is free) or at the atom of smallest q
+            bi = float(budgets[i])
+            if bi > 0 and (qs.size > 1 or not on.all()):
+                e = np.zeros_like(q)
+                e[np.flatnonzero(~on)[0] if not on.all() else np.flatnonzero(on)[np.argmin(qs)]] = 1.0
+                t = _segment_root(lambda t: _kl(q, (1 - t) * q + t * e), 0.0, 1.0, bi)
+                p = (1 - t) * q + t * e
+                if np.all([_kl(fj, p) >= bj - _FEAS_TOL * max(1.0, abs(bj)) for fj, bj in zip(forget, budgets)]):
+                    cands.append((_kl(q, p), p))
+            continue
+        for ps in _fu_single_active(qs, Qs[i], float(budgets[i])):
+            add(ps)
+    if m == 2 and qs.size >= 3:  # on two atoms every point is on a single-active branch
+        if np.max(np.abs(Qs[0] - Qs[1])) > 1e-15:
+            X = np.vstack([Qs, np.ones_like(qs)])
+            if np.linalg.matrix_rank(np.vstack([X, qs])) < 3 or np.linalg.matrix_rank(Qs) < 2 or \
+                    np.linalg.lstsq(Qs.T, qs, rcond=None)[1].size and \
+                    np.linalg.lstsq(Qs.T, qs, rcond=None)[1][0] <= 1e-24:
+                raise NotCertified("forward_kl: q lies in the span of q_1, q_2 on supp q; the global "
+                                   "solver does not certify this degenerate case")
+            for ps in _fu_two_active(qs, Qs, budgets):
+                add(ps)
+    if not cands:
+        raise ValueError(f"forward_kl: budgets {budgets} are infeasible for every stationary point")
+    v, p = min(cands, key=lambda c: c[0])
+    return GlobalResult(float(v), p, {"candidates": len(cands)})
+
+
+def _fu_single_active(qs, q1s, b):
+    """Roots of KL(q_1||p_mu) = b on the two monotone branches of p_mu = (q - mu q_1)/(1 - mu)."""
+    out = []
     pos = q1s > 0
     mu_lo = float(np.min(qs[pos] / q1s[pos]))
 
@@ -361,7 +394,7 @@ def forward_kl_global(q, forget, budgets) -> GlobalResult:
         w = np.maximum(qs - mu_lo * q1s, 0.0) + np.exp(tau) * q1s
         return w / (1.0 - mu)
 
-    _root_on_branch(lambda t: _kl(q1s, branch1(t)), b, decreasing=True, add=lambda t: add(branch1(t)))
+    _root_on_branch(lambda t: _kl(q1s, branch1(t)), b, decreasing=True, add=lambda t: out.append(branch1(t)))
     if np.all(q1s > 0):
         mu_hi = float(np.max(qs / q1s))
 
@@ -370,8 +403,66 @@ def forward_kl_global(q, forget, budgets) -> GlobalResult:
             w = np.maximum(mu_hi * q1s - qs, 0.0) + np.exp(tau) * q1s
             return w / (mu - 1.0)
 
-        _root_on_branch(lambda t: _kl(q1s, branch2(t)), b, decreasing=True, add=lambda t: add(branch2(t)))
-    return _best(cands, b)
+        _root_on_branch(lambda t: _kl(q1s, branch2(t)), b, decreasing=True, add=lambda t: out.append(branch2(t)))
+    return out
+
+
+def _fu_two_active(qs, Qs, b):
+    """Points with both FU constraints active: p_mu = s (q - mu·Q)/(1 - M), M = sum mu, s = sign(1 - M),
+    positive on supp q. With w = s (q - mu·Q) > 0, z = s (1 - M) > 0 the potential
+    ``F(mu) = sum w log w - z log z - s mu·(b - sum_x q_i log q_i)`` has gradient
+    ``s (KL(q_i||p_mu) - b_i)`` and Hessian ``sum_x q_i q_j / w - 1/z`` (PSD by Cauchy-Schwarz,
+    definite unless q is in the span of the q_i): strictly convex on each region, so one critical
+    point at most, found by damped Newton and verified by evaluating the constraints directly."""
+    out = []
+    negent = np.sum(Qs * np.log(np.where(Qs > 0, Qs, 1.0)), axis=1)
+    for s in (1.0, -1.0):
+        if s > 0:
+            mu = np.zeros(2)
+        else:
+            tot = Qs.sum(0)
+            if np.any(tot <= 0):
+                continue  # no mu makes mu·Q > q everywhere
+            mu = np.full(2, 2.0 * float(np.max(qs / tot)) + 1.0)
+
+        def parts(mu):
+            w = s * (qs - mu @ Qs)
+            z = s * (1.0 - mu.sum())
+            if np.any(w <= 0) or z <= 0:
+                return None
+            log_p = np.log(w) - np.log(z)
+            kl_i = negent - Qs @ log_p
+            # G = sum w log w - z log z has gradient s (KL(q_i||p_mu) - sum q_i log q_i)
+            F = float(np.sum(w * np.log(w))) - z * np.log(z) - s * float(mu @ (b - negent))
+            g = s * (kl_i - b)
+            H = (Qs / w) @ Qs.T - 1.0 / z
+            return F, g, H, log_p, kl_i
+
+        cur = parts(mu)
+        if cur is None:
+            continue
+        for _ in range(300):
+            F, g, H, log_p, kl_i = cur
+            if np.max(np.abs(kl_i - b)) <= 1e-13 * max(1.0, np.abs(b).max()):
+                break
+            try:
+                d = -np.linalg.solve(H, g)
+            except np.linalg.LinAlgError:
+                break
+            t, nxt = 1.0, None
+            while t > 1e-18:
+                cand = parts(mu + t * d)
+                if cand is not None and cand[0] <= F + 1e-4 * t * float(g @ d) + 1e-15 * abs(F):
+                    nxt = cand
+                    break
+                t *= 0.5
+            if nxt is None:
+                break
+            mu, cur = mu + t * d, nxt
+        F, g, H, log_p, kl_i = cur
+        if np.max(np.abs(kl_i - b)) <= 1e-10 * max(1.0, np.abs(b).max()):
+            out.append(np.exp(log_p))
+    return out
 
 
 def _root_on_branch(f, b, decreasing, add):
@@ -388,8 +479,3 @@ def _root_on_branch(f, b, decreasing, add):
     add(t)
 
 
-def _best(cands, b):
-    if not cands:
-        raise ValueError(f"forward_kl: budget {b} is infeasible for every candidate")
-    v, p = min(cands, key=lambda c: c[0])
-    return GlobalResult(float(v), p, {"candidates": len(cands)})
