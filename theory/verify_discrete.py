@@ -104,6 +104,14 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     checks.append(_check("FU (m=1): KKT = global primal", f"{s.certificate}, |P*_glob - D*| = "
                          f"{abs(gf.value - s.dual_value):.1e}", f"kkt, <= {tol:g}",
                          s.certificate == "kkt" and abs(gf.value - s.dual_value) <= tol))
+    lam_fu = 0.5 * min(float(np.min(q / (np.ones(2) @ forget))), 0.5) * np.ones(2)
+    p_fu = discrete.forward_kl_target(q, forget, lam_fu)  # both constraints active at p_fu
+    fu_b2 = discrete.constraint_values("forward_kl", q, forget, p_fu)
+    s = discrete.solve("forward_kl", q, forget, fu_b2)
+    gf = discrete_global.forward_kl_global(q, forget, fu_b2)
+    checks.append(_check("FU (m=2, both active): KKT = global primal", f"{s.certificate}, |P*_glob - D*| = "
+                         f"{abs(gf.value - s.dual_value):.1e}", f"kkt, <= {tol:g}",
+                         s.certificate == "kkt" and abs(gf.value - s.dual_value) <= tol))
     Eq, E0 = forget @ q, forget @ p0
     lu_b = np.where(Eq > E0, E0 + 0.5 * (Eq - E0), E0 + 0.1)
     s = discrete.solve("likelihood", q, forget, lu_b)
