@@ -173,3 +173,10 @@ def test_cli_runs_a_case_and_writes_summary_and_figure(tmp_path, tiny_pretrained
         assert key in s
     assert (tmp_path / "cli" / "toy.png").stat().st_size > 0
     assert main(["toy", "--problem", "forward_kl", "--budget", "99", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_verify_section_quick_passes_with_its_figure(tmp_path):
+    from toy.verify import verify_section
+    sec = verify_section(tmp_path, quick=True, seed=0)
+    assert sec.checks and sec.passed, [c for c in sec.checks if not c.passed]
+    assert all((tmp_path / f).stat().st_size > 0 for f in sec.figures)

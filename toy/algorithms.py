@@ -147,10 +147,11 @@ def effective_sample_size(log_w: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- constraint estimators
 
-def ru_constraint_path_kl(net, forget, n, ab, gen) -> tuple[torch.Tensor, torch.Tensor]:
-    """RU: path-wise KL(P_theta || Q_i) (m,) and its standard error from n own trajectories."""
-    kl, per, _ = path_kl_to_models(net, forget, n, ab, gen)
-    return kl, per.std(1) / np.sqrt(n)
+def ru_constraint_path_kl(net, forget, n, ab, gen, return_samples: bool = False):
+    """RU: path-wise KL(P_theta || Q_i) (m,) and its standard error from n own trajectories (and
+    the trajectories' end points when asked: they refresh the on-policy pool for free)."""
+    kl, per, x0 = path_kl_to_models(net, forget, n, ab, gen)
+    return (kl, per.std(1) / np.sqrt(n), x0) if return_samples else (kl, per.std(1) / np.sqrt(n))
 
 
 def lu_constraint_exact(net, forget_exact, q_exact, n, ab, gen, variant) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,6 +205,7 @@ class LoopConfig:
     checkpoint_every: int = 250
     average_frac: float = 0.25
     lr_final_frac: float = 1.0  # cosine decay of the primal learning rate to lr * this (1: constant)
+    pool_frac: float = 0.0  # RU composed target: fraction of x_0 drawn from the model's own samples
     target: str = "composed"  # RU/LU primal target: composed-score surrogate or reweighted DSM (exact)
 
 
@@ -230,6 +232,7 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     hist = {"lam": [], "measured": [], "step_seconds": [], "dual_seconds": [], "estimate_seconds": []}
     start = 0
+    pool = None
     ckpt = run.load_checkpoint()
     if ckpt is not None:
         net.load_state_dict(ckpt["net"])
@@ -240,6 +243,7 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
         for d, s in zip(models.forget_data, ckpt["forget_data"]):
             d.set_state(s)
         hist = ckpt["hist"]
+        pool = ckpt.get("pool")
         start = ckpt["step"]
         run.truncate_metrics(start - 1)
         log.info("resumed from step %d", start)
@@ -259,7 +263,17 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
             loss = reweighted_dsm_loss(net, x0, log_w, ab, gen)
         elif problem == "reverse_kl":
             eta = torch.tensor([fixed_eta]) if algorithm == "esd" else eta_from_lam(lam)
-            loss = ru_primal_loss(net, models.frozen, models.forget, models.retain_data(cfg.batch), ab, gen, eta.float())
+            x0 = models.retain_data(cfg.batch)
+            if cfg.pool_frac > 0:
+                # the regression target is a fixed function of (x_t, t); it must be fitted where the
+                # model's own sampler goes, which a strong tilt moves outside q's support
+                if pool is None or (every == 0 and step % cfg.dual_every == 0):
+                    net.eval()
+                    pool = ddpm_sample(net, cfg.dual_batch, ab, gen)
+                    net.train()
+                k = int(round(cfg.pool_frac * cfg.batch))
+                x0 = torch.cat([x0[: cfg.batch - k], pool[torch.randint(0, pool.shape[0], (k,), generator=gen)]])
+            loss = ru_primal_loss(net, models.frozen, models.forget, x0, ab, gen, eta.float())
         elif problem == "forward_kl":
             loss, measured, _ = fu_primal(net, models.retain_data(cfg.batch),
                                           [d(cfg.forget_batch) for d in models.forget_data], ab, gen,
@@ -281,7 +295,9 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
                 te = time.perf_counter()
                 net.eval()
                 if problem == "reverse_kl":
-                    measured, _ = ru_constraint_path_kl(net, models.forget, cfg.dual_batch, ab, gen)
+                    measured, _, x0_own = ru_constraint_path_kl(net, models.forget, cfg.dual_batch, ab, gen, True)
+                    if cfg.pool_frac > 0:
+                        pool = x0_own
                 elif lu_estimator == "network":
                     measured, _ = lu_constraint_network(net, models.frozen, models.forget_nets, cfg.dual_batch, ab, gen)
                 else:
@@ -308,7 +324,7 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
         if (step + 1) % cfg.checkpoint_every == 0 or last:
             run.save_checkpoint({"net": net.state_dict(), "opt": opt.state_dict(), "dual": dual.state_dict(),
                                  "gen": gen.get_state(), "retain_data": models.retain_data.state(),
-                                 "forget_data": [d.state() for d in models.forget_data], "hist": hist,
+                                 "forget_data": [d.state() for d in models.forget_data], "hist": hist, "pool": pool,
                                  "step": step + 1})
         if stop_after is not None and done_here >= stop_after:
             break

@@ -67,6 +67,7 @@ class ToyConfig:
     forget_batch: int = 256
     lr: float = 1e-3
     lr_final_frac: float = 0.1  # cosine decay of the primal learning rate to lr * this
+    pool_frac: float = 0.5  # RU composed target: half of each x_0 batch from the model's own samples
     lr_dual: float = -1.0  # < 0: DUAL_GAIN / slope at lam*
     dual_every: int = 20
     dual_batch: int = 128
@@ -200,7 +201,8 @@ def final_constraints(problem: str, net, models: Models, cfg: ToyConfig, n: int)
     estimator the dual ascent used (RU path KL, FU ELBO, LU exact or network g)."""
     ab = torch.as_tensor(models.alphas_cumprod, dtype=torch.float32)
     gen = _gen(cfg.seed, "final-constraints")
-    net.eval()
+    if hasattr(net, "eval"):
+        net.eval()
     if problem == "reverse_kl":
         kl, per, _ = path_kl_to_models(net, models.forget, n, ab, gen)
         return kl.numpy(), (per.std(1) / np.sqrt(n)).numpy()
@@ -307,7 +309,8 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -
     dual = DualState(cfg.problem, budgets, 0.0 if fixed else lr_dual, lam_init, upper, sum_max, cfg.lam_max)
 
     loop = LoopConfig(cfg.steps, cfg.batch, cfg.forget_batch, cfg.lr, cfg.dual_every, cfg.dual_batch,
-                      cfg.checkpoint_every, cfg.average_frac, cfg.lr_final_frac, primal_target(cfg))
+                      cfg.checkpoint_every, cfg.average_frac, lr_final_frac=cfg.lr_final_frac, target=primal_target(cfg),
+                      pool_frac=cfg.pool_frac if (cfg.problem == "reverse_kl" and primal_target(cfg) == "composed") else 0.0)
     bar_un = bar(total=cfg.steps, desc=f"{cfg.problem} {cfg.algorithm}")
     ckpt = rd.load_checkpoint()
     if ckpt is not None:
@@ -370,7 +373,12 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
     # network of this size represents the constraint functional (the yardstick of the tolerances)
     pre_cons, pre_se = final_constraints(cfg.problem, models.frozen, models, cfg, n_c)
     q_cons = np.array([qd.constraint_values([0.0])[0] for qd in quads])
-    delta_c = np.abs(pre_cons - q_cons) + 3.0 * np.sqrt(cons_se ** 2 + pre_se ** 2)
+    # ... split into its two sources, which can cancel at p = q but need not elsewhere: the
+    # network's error (pretrained vs exact scores, same sampler) and the estimator's own
+    # discretisation bias (exact scores vs the exact x_0 value)
+    ex_cons, ex_se = final_constraints(cfg.problem, models.q_exact, models, cfg, n_c)
+    delta_c = (np.abs(pre_cons - ex_cons) + np.abs(ex_cons - q_cons)
+               + 3.0 * np.sqrt(cons_se ** 2 + pre_se ** 2 + ex_se ** 2))
     x_net = ddpm_sample(net, cfg.n_eval, ab, _gen(cfg.seed, "eval-net"))
     rng = np.random.default_rng(_seed(cfg.seed, "eval-target"))
     quad = quads[0]
@@ -384,7 +392,7 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
         "constraint_slope": slopes, "lr_dual": lr_dual, "n_eval": cfg.n_eval,
         "pretrained_distance_to_q": pmeta.get("distance_to_data"), "pretrained_noise_floor": pmeta.get("noise_floor"),
         "pretrained_constraint_values": pre_cons, "pretrained_constraint_stderr": pre_se,
-        "q_constraint_values": q_cons, "constraint_tolerance": delta_c,
+        "q_constraint_values": q_cons, "exact_score_constraint_values": ex_cons, "constraint_tolerance": delta_c,
         "constraint_violation": _violation(cfg.problem, cons, budgets),
         "steps": cfg.steps, "dual_steps": len(hist["lam"]),
         "step_seconds_median": float(np.median(hist["step_seconds"])),

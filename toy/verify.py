@@ -43,19 +43,19 @@ def checks_for(summary: dict, label: str) -> list[Check]:
     viol = float(np.asarray(summary["constraint_violation"])[0])
     se = float(np.asarray(summary["constraint_stderr"])[0])
     out.append(Check(f"{label}: constraint holds within estimation error",
-                     f"violation {viol:.3g} (se {se:.2g})", f"<= 3 se = {3 * se:.3g}", viol <= 3 * se))
+                     f"violation {viol:.3g} (se {se:.2g})", f"<= 3 se = {3 * se:.3g}", bool(viol <= 3 * se)))
     d, d_pre, floor = summary["distance_to_target"], summary["pretrained_distance_to_q"], summary["distance_noise_floor"]
     bound = d_pre + DISTANCE_FLOOR_MULTIPLE * floor
     out.append(Check(f"{label}: energy distance to target", f"{d:.4g}",
                      f"<= pretrained {d_pre:.3g} + {DISTANCE_FLOOR_MULTIPLE:.2f} x floor {floor:.3g} = {bound:.3g}",
-                     d <= bound))
+                     bool(d <= bound)))
     return out
 
 
 def configs(out_dir: Path, quick: bool, seed: int) -> list[ToyConfig]:
     base = ToyConfig(seed=seed, out=str(out_dir / "toy-fu"), problem="forward_kl")
     if quick:
-        small = replace(base, hidden=64, pretrain_steps=1200, steps=900, n_eval=1000, n_constraint=4000,
+        small = replace(base, hidden=64, pretrain_steps=1000, steps=700, n_eval=1000, n_constraint=4000,
                         checkpoint_every=1000)
         return [small]
     base = replace(base, pretrain_steps=3000, steps=2500)
