@@ -61,12 +61,14 @@ class RehearseConfig:
     timesteps: int = 100
     sample_steps: int = 25
     guidance: float = 3.0
-    ru_budget_factor: float = 2.0
+    ru_budget_factor: float = 1.0
     lu_budget: float = 0.0
     lu_constraint: str = "log_likelihood_ratio"
     esd_eta: float = 1.0
     lr: float = 1e-3
-    lr_dual_ru: float = 0.01
+    unlearn_lr: float = 1e-3
+    lora_targets: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")
+    lr_dual_ru: float = 0.002
     lr_dual_lu: float = 0.1
     fu_forget: int = 4
     fu_budget_factor: float = 1.15
@@ -331,8 +333,8 @@ def run(cfg: RehearseConfig) -> dict:
                 concepts=(PROMPT.format(cfg.digit),), budgets=budgets, esd_eta=cfg.esd_eta,
                 lr_dual=cfg.lr_dual_lu if mth == "lu" else cfg.lr_dual_ru, lu_constraint=cfg.lu_constraint,
                 sample_steps=cfg.sample_steps, dual_only_steps=max(10, pre["unlearn_steps"] // 3),
-                lora_rank=cfg.lora_rank, classifier_t_min=cfg.timesteps // 10,
-                train=TrainConfig(steps=pre["unlearn_steps"], batch_size=16, micro_batch=16, lr=cfg.lr,
+                lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, classifier_t_min=cfg.timesteps // 10,
+                train=TrainConfig(steps=pre["unlearn_steps"], batch_size=16, micro_batch=16, lr=cfg.unlearn_lr,
                                   cpu=True, checkpoint_every=max(1, pre["unlearn_steps"]), seed=cfg.seed))
             res = concept.run(ccfg)
             m2 = load_concept_models(str(pdir / "concept"))
