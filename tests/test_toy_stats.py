@@ -90,10 +90,14 @@ def test_ru_dual_only_fitted_network_matches_the_surrogate_at_lam_star(tmp_path,
 @pytest.mark.slow
 @pytest.mark.parametrize("problem, algorithm, kw", [("reverse_kl", "esd", {"eta": 1.0}),
                                                     ("forward_kl", "siss", {"siss_lam": 0.15})])
-def test_fixed_multiplier_baselines_land_on_the_theory_target_of_their_multiplier(tmp_path, pretrained_path,
-                                                                                 problem, algorithm, kw):
+def test_fixed_multiplier_baselines_land_on_the_law_their_target_defines(tmp_path, pretrained_path,
+                                                                         problem, algorithm, kw):
+    """SISS (signed loss, exact at every t): the signed mixture at its lam. ESD: the composed chain
+    of the frozen network's eps (its target); at eta = 1 that chain is far from the exact-score
+    surrogate (the tilt sits in q's tails, where the pretrained network extrapolates, and the
+    composed target amplifies its error by 1 + eta) — reported in the summary, see docs/toy.md."""
     s = _run(tmp_path, pretrained_path, problem=problem, algorithm=algorithm, **kw)
-    d = s["distance_to_surrogate"] if problem == "reverse_kl" else s["distance_to_target"]
+    d = s["distance_to_frozen_composed"] if problem == "reverse_kl" else s["distance_to_target"]
     assert d <= s["pretrained_distance_to_q"] + DISTANCE_FLOOR_MULTIPLE * s["distance_noise_floor"]
 
 

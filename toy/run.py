@@ -415,6 +415,14 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
             xs1 = ddpm_sample(sm, cfg.n_eval, ab, _gen(cfg.seed, "eval-sur1"))
             summary["distance_to_surrogate"] = energy_distance(x_net, xs1)
             summary["surrogate_distance_to_target"] = energy_distance(xs1, x_t2)
+            if cfg.problem == "reverse_kl":
+                # the law the target actually defines: the composed chain of the *frozen network*'s eps
+                # (the tilt puts mass in q's tails, where the pretrained network extrapolates)
+                lam_f = dual.lam.numpy() if cfg.algorithm != "primal_dual" else lam
+                fm = ComposedEps(models.frozen, models.forget, eta_from_lam(torch.as_tensor(lam_f, dtype=torch.float64)))
+                xf = ddpm_sample(fm, cfg.n_eval, ab, _gen(cfg.seed, "eval-frozen-composed"))
+                summary["distance_to_frozen_composed"] = energy_distance(x_net, xf)
+                summary["frozen_composed_distance_to_surrogate"] = energy_distance(xf, xs1)
         elif cfg.problem == "forward_kl":
             sm = surrogate_model(cfg.problem, q, forget, lam_eval, cfg, cfg.variant)
             xs1 = ddpm_sample(sm, cfg.n_eval, ab, _gen(cfg.seed, "eval-sur1"))
