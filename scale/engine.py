@@ -230,6 +230,7 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
             meas_cnt += out.measured_count.detach().double().cpu()
             for name, v in out.extras.items():
                 extras[name] = extras.get(name, 0.0) + float(v)
+        t_dual = time.perf_counter()  # the dual machinery: all-reduce of estimates, projected ascent
         names = sorted(extras)
         packed = torch.cat([meas_sum, meas_cnt, loss_sum.reshape(1),
                             torch.tensor([extras[n] for n in names], dtype=torch.float64)])
@@ -239,10 +240,12 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
         extras = {n: float(v) for n, v in zip(names, packed[2 * m + 1:])}
         if not math.isfinite(loss_val):
             raise FloatingPointError(f"non-finite loss {loss_val} at step {step}")
+        dual_seconds = time.perf_counter() - t_dual
         if primal:
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
+        t_dual = time.perf_counter()
         if torch.any(meas_cnt <= 0):
             raise ValueError(f"step {step}: no constraint estimate for constraint(s) "
                              f"{torch.nonzero(meas_cnt <= 0).flatten().tolist()}; increase the batch size")
@@ -256,6 +259,7 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
             violation = dual.violation(measured)
         if world > 1:
             _check_ranks_agree(accelerator, dual.lam, step)
+        dual_seconds += time.perf_counter() - t_dual
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         step_seconds = time.perf_counter() - t_start
@@ -264,7 +268,7 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
         if accelerator.is_main_process:
             run_dir.log_metrics(step, loss=loss_val if primal else None, check_finite=False,
                                 lam=dual.lam, measured=measured, violation=violation, primal=primal,
-                                step_seconds=step_seconds, **extras)
+                                step_seconds=step_seconds, dual_seconds=dual_seconds, **extras)
             bar.set_postfix(loss=f"{loss_val:.4g}", lam=f"{float(dual.lam.sum()):.3g}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps:
             if accelerator.is_main_process:
