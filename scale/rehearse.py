@@ -306,20 +306,26 @@ def run(cfg: RehearseConfig) -> dict:
                              | {"preset": {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()}},
                              sort_keys=True)
     pdir = out / "pretrained"
-    fp_file = pdir / "fingerprint.json"
-    cached = cfg.reuse_pretrained and fp_file.is_file() and fp_file.read_text() == fingerprint
     g = torch.Generator().manual_seed(cfg.seed + 7)
     sub = torch.randperm(x.shape[0], generator=g)[:pre["fu_train_size"]]
     names = [f"digit_{int(i):04d}.png" for i in sub]
     forget_names = names[:cfg.fu_forget]
-    if not cached:
+    concept_methods = [mth for mth in cfg.methods if mth in ("ru", "ru_dual_only", "lu", "esd")]
+    data_methods = [mth for mth in cfg.methods if mth in ("fu", "siss", "siss_is")]
+
+    def cached(part: str) -> bool:  # only the models the chosen methods need are trained
+        f = pdir / f"{part}.fingerprint.json"
+        return cfg.reuse_pretrained and f.is_file() and f.read_text() == fingerprint
+
+    if concept_methods and not cached("concept"):
         pretrain_concept_model(cfg, x, y, pdir / "concept")
+        (pdir / "concept.fingerprint.json").write_text(fingerprint)
+    if data_methods and not cached("ddpm"):
         write_png_folder(x[sub], out / "digits_train", names)
         pretrain_ddpm(cfg, _to_pixels(x[sub]), pdir / "ddpm")
-        fp_file.write_text(fingerprint)
+        (pdir / "ddpm.fingerprint.json").write_text(fingerprint)
 
     # ---- concept unlearning (RU, LU, ESD) through scale.concept
-    concept_methods = [mth for mth in cfg.methods if mth in ("ru", "ru_dual_only", "lu", "esd")]
     if concept_methods:
         models = load_concept_models(str(pdir / "concept"))
         summary["concept_before"] = evaluate_concept(models, models.unet, clf, feat, x, y, cfg, cfg.seed + 100)
@@ -346,7 +352,6 @@ def run(cfg: RehearseConfig) -> dict:
                 "run": str(out / "runs" / mth)}
 
     # ---- data unlearning (FU, SISS) through scale.data
-    data_methods = [mth for mth in cfg.methods if mth in ("fu", "siss", "siss_is")]
     if data_methods:
         dm = load_ddpm_models(str(pdir / "ddpm"))
         x_sub = _to_pixels(x[sub])
