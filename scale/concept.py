@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -121,7 +120,7 @@ class ConceptTask:
     def _emb(self, emb: torch.Tensor, n: int) -> torch.Tensor:
         return emb.expand(n, *emb.shape[1:]) if emb.shape[0] == 1 else emb
 
-    def _ref_eps(self, x_t, t, idx_concepts=True):
+    def _ref_eps(self, x_t, t):
         """Reference eps under the base prompt and every concept: (b,...), (m, b, ...)."""
         b = x_t.shape[0]
         embs = [self._emb(self.emb_base, b)] + [self._emb(self.emb_concepts[i:i + 1], b) for i in range(self.m)]
