@@ -137,6 +137,8 @@ class EvaluateConfig:
     forget_dir: str = ""       # folder of forget images for copy similarity
     feature: str = ""          # torchscript:PATH | inception:PATH (KID/FID/SSCD features)
     clip_model: str = ""       # local CLIP folder for CLIP score
+    classifier: str = ""       # torchscript:PATH, logits of images in [-1, 1] (N, C, H, W)
+    concept_label: int = -1    # the classifier's label of the unlearned concept
     kid_subset_size: int = 50
     fid: bool = False
     seed: int = 0
@@ -181,6 +183,15 @@ def run(cfg: EvaluateConfig) -> dict:
         res["copy"] = nearest_neighbour_similarity(fake, _folder_images(cfg.forget_dir), feature)
     if cfg.clip_model:
         res["clip_score"] = clip_score(u8, prompts, cfg.clip_model)
+    if cfg.classifier:
+        kind, _, cpath = cfg.classifier.partition(":")
+        if kind != "torchscript" or not Path(cpath).is_file():
+            raise ValueError(f"classifier must be 'torchscript:PATH' of a local file, got {cfg.classifier!r}")
+        if cfg.concept_label < 0:
+            raise ValueError("concept_label (the classifier's label of the unlearned concept) is required")
+        clf = torch.jit.load(cpath, map_location="cpu").eval()
+        # fraction of generated images still classified as the unlearned concept
+        res["concept_rate"] = classifier_accuracy(clf, fake, torch.full((fake.shape[0],), cfg.concept_label))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(res, indent=2))

@@ -400,6 +400,20 @@ def test_cli_data_run_writes_metrics_summary_and_sample_evaluate(ddpm_setup, tmp
                  "--set", f'feature="torchscript:{tmp_path / "feat.pt"}"', "--set", "kid_subset_size=5"]) == 0
     res = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert math.isfinite(res["kid_mean"]) and len(res["copy"]["nn_l2"]) == 12 and len(res["copy"]["nn_cosine"]) == 12
+    # classifier rate of the unlearned concept: a classifier thresholding mean brightness
+    clf = torch.jit.script(_Brightness())
+    clf.save(str(tmp_path / "clf.pt"))
+    assert main(["scale", "evaluate", "--out", str(tmp_path / "ev2"), "--set", f'samples="{sdir / "samples.npz"}"',
+                 "--set", f'classifier="torchscript:{tmp_path / "clf.pt"}"', "--set", "concept_label=1"]) == 0
+    fake = torch.from_numpy(data["images"]).float() / 127.5 - 1.0
+    expected = float((fake.flatten(1).mean(1) > 0).float().mean())
+    assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["concept_rate"] == pytest.approx(expected)
+
+
+class _Brightness(torch.nn.Module):
+    def forward(self, x):
+        m = x.flatten(1).mean(1, keepdim=True)
+        return torch.cat([-m, m], 1)
 
 
 def test_evaluation_never_downloads_missing_weights(tmp_path):
