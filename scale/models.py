@@ -61,16 +61,8 @@ def _check_epsilon(scheduler, location: str) -> None:
         raise ValueError(f"the scheduler of {location!r} predicts {pred!r}; only 'epsilon' models are supported")
 
 
-@dataclass
-class ConceptModels:
-    """The parts of a text-to-image latent (or pixel) diffusion model used by concept unlearning."""
-
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    vae: torch.nn.Module | None
-    scheduler: object
-    location: str
+class _UNetAndScheduler:
+    """What both model bundles derive from their UNet and DDPM scheduler."""
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -81,6 +73,18 @@ class ConceptModels:
         c = self.unet.config
         s = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
         return (c.in_channels, s, s)
+
+
+@dataclass
+class ConceptModels(_UNetAndScheduler):
+    """The parts of a text-to-image latent (or pixel) diffusion model used by concept unlearning."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    vae: torch.nn.Module | None
+    scheduler: object
+    location: str
 
     @property
     def latent_scale(self) -> float:
@@ -116,20 +120,11 @@ def load_concept_models(path_or_id: str, local_files_only: bool = False) -> Conc
 
 
 @dataclass
-class DDPMModels:
+class DDPMModels(_UNetAndScheduler):
     unet: torch.nn.Module
     scheduler: object
     location: str
 
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        return self.scheduler.alphas_cumprod.to(torch.float64)
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        c = self.unet.config
-        s = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-        return (c.in_channels, s, s)
 
 
 def load_ddpm_models(path_or_id: str, local_files_only: bool = False) -> DDPMModels:

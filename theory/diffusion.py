@@ -47,3 +47,14 @@ def check_alpha_bar(alpha_bar) -> np.ndarray:
         bad = ab[~(np.isfinite(ab) & (ab > 0) & (ab <= 1))].ravel()[:3]
         raise ValueError(f"alpha_bar must lie in (0, 1], got {bad.tolist()}")
     return ab
+
+
+def eps_from_score(score, alpha_bar) -> np.ndarray:
+    """Noise prediction from the score of the noised law (Tweedie):
+    ``eps(x_t) = E[z | x_t] = -sqrt(1 - alpha_bar) grad log p_t(x_t)``.
+
+    score: (N, d); alpha_bar: scalar or (N,). Returns (N, d).
+    """
+    s = np.asarray(score, dtype=np.float64)
+    ab = check_alpha_bar(alpha_bar)
+    return -np.sqrt(1.0 - np.broadcast_to(ab, (s.shape[0],)))[:, None] * s

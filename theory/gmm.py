@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from theory.diffusion import check_alpha_bar
+from theory.diffusion import check_alpha_bar, eps_from_score
 
 __all__ = ["GaussianMixture", "SignedMixture", "min_log_ratio", "default_instance", "VARIANTS", "DEFAULT_VARIANT",
            "TiltedMixture", "reverse_kl_target", "forward_kl_target", "likelihood_target", "constraint_value",
@@ -202,8 +202,7 @@ class GaussianMixture:
     def eps(self, x_t, alpha_bar) -> np.ndarray:
         """Exact noise prediction ``E[z | x_t] = -sqrt(1 - alpha_bar) grad log p_t(x_t)`` (N, d)."""
         ab = check_alpha_bar(alpha_bar)
-        s = self.score(x_t, ab)
-        return -np.sqrt(1.0 - np.broadcast_to(ab, (s.shape[0],)))[:, None] * s
+        return eps_from_score(self.score(x_t, ab), ab)
 
     def noised(self, alpha_bar: float) -> "GaussianMixture":
         """The marginal at ``alpha_bar``: ``N(sqrt(ab) mu_k, ab Sigma_k + (1 - ab) I)``."""
@@ -457,8 +456,7 @@ class SignedMixture:
     def eps(self, x_t, alpha_bar) -> np.ndarray:
         """Exact noise prediction ``-sqrt(1 - ab) grad log p_t(x_t)`` (N, d)."""
         ab = check_alpha_bar(alpha_bar)
-        s = self.score(x_t, ab)
-        return -np.sqrt(1.0 - np.broadcast_to(ab, (s.shape[0],)))[:, None] * s
+        return eps_from_score(self.score(x_t, ab), ab)
 
     def noised(self, alpha_bar: float) -> "SignedMixture":
         ab = float(check_alpha_bar(alpha_bar))

@@ -28,7 +28,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from theory import PROBLEMS
-from theory.diffusion import check_alpha_bar
+from theory.diffusion import check_alpha_bar, eps_from_score
 from theory.gmm import GaussianMixture, SignedMixture, _directions, _tail_rates
 from theory.gmm_quadrature import (Grid, boundary_log_mass, expectation, grid_for, importance_log_normaliser,
                                    kl_on_grid, log_integral, make_grid)
@@ -321,8 +321,7 @@ class TiltedMixture:
         variant it is a poor target: ``lam q_{1,t}`` does not fade at high noise and its
         PF-ODE collapses onto a ring around the forget mode (docs/theory-gmm.md)."""
         ab = check_alpha_bar(alpha_bar)
-        s = self.score(x_t, ab)
-        return -np.sqrt(1.0 - np.broadcast_to(ab, (s.shape[0],)))[:, None] * s
+        return eps_from_score(self.score(x_t, ab), ab)
 
     def eps(self, x_t, alpha_bar) -> np.ndarray:
         """The target's noise prediction for training. RU: the composed surrogate
