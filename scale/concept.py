@@ -15,6 +15,16 @@ The states ``x_t`` come on-policy from the model being trained (ancestral sample
 schedule, stopped at a random step), as ESD does. Constraint estimates per step:
 RU ``KL(p||q_i)`` as the one-term path-KL estimate ``S w_s ||eps_theta - eps_{c_i}||^2``;
 LU ``E_p[g_i]`` from the Tweedie estimate of x_0.
+
+Retain term. The objective ``KL(p||q)`` is over the whole model, i.e. ``E_{c~pi} KL(p(.|c)||q(.|c))``
+over a prompt distribution ``pi``, while the constraints concern only the concept prompts. For a
+prompt ``r`` that is not a concept the Lagrangian's minimiser is ``p(.|r) = q(.|r)``, whose noise
+target is the frozen reference ``eps_ref(x_t, r)``. With ``pi`` giving the retain prompts
+(``retain_prompts``, uniformly) ``retain_weight`` times the mass of the concept prompts, the primal
+loss gains ``retain_weight * mean_r ||eps_theta(x_t, r) - eps_ref(x_t, r)||^2`` at on-policy states of
+the model under ``r`` (a second random stream, ``step_generator(seed, step, 1)``); the concept
+targets, constraints and multipliers are unchanged (the objective is normalised by the concept
+prompts' mass).
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ class ConceptConfig:
     method: str = "ru"
     concepts: tuple[str, ...] = ()
     baseline_prompt: str = ""
+    retain_prompts: tuple[str, ...] = ()
+    retain_weight: float = 1.0
     budgets: tuple[float, ...] = ()
     lr_dual: float = 0.05
     lam_init: tuple[float, ...] = ()
@@ -80,6 +92,11 @@ class ConceptConfig:
             raise ValueError(f"esd_eta must be >= 0, got {self.esd_eta}")
         if self.sample_steps < 1 or self.classifier_draws < 1:
             raise ValueError("sample_steps and classifier_draws must be >= 1")
+        if self.retain_weight < 0:
+            raise ValueError(f"retain_weight must be >= 0, got {self.retain_weight}")
+        both = sorted(set(self.retain_prompts) & set(self.concepts))
+        if both:
+            raise ValueError(f"prompt(s) {both} are both concepts to unlearn and retain prompts")
         if self.baseline_prompt in self.concepts:
             raise ValueError(f"baseline_prompt {self.baseline_prompt!r} is one of the concepts: the guidance "
                              "difference eps_c - eps_base would vanish and nothing would be unlearned")
@@ -105,6 +122,9 @@ class ConceptTask:
         self.emb_base = encode_prompts(models.tokenizer, models.text_encoder, [cfg.baseline_prompt],
                                        check_nonempty=False).to(dev)
         self.m = len(cfg.concepts)
+        self.R = len(cfg.retain_prompts)
+        self.emb_retain = (encode_prompts(models.tokenizer, models.text_encoder, list(cfg.retain_prompts),
+                                          check_nonempty=False).to(dev) if self.R else None)
         self.shape = models.sample_shape
         self.ab = models.alphas_cumprod
         self.T = self.ab.numel()
@@ -130,21 +150,26 @@ class ConceptTask:
         out = out.reshape(1 + self.m, b, *x_t.shape[1:])
         return out[0], out[1:]
 
-    def _draw_states(self, gen, B, sl: Slice, guided_lam=None):
+    def _draw_states(self, gen, B, sl: Slice, guided_lam=None, retain: bool = False):
         """On-policy states: run the ancestral sampler from noise and stop at a random step.
 
-        ``guided_lam=None`` samples the model being trained under each sample's concept prompt;
+        ``guided_lam=None`` samples the model being trained under each sample's concept prompt
+        (``retain=True``: under the retain prompts, cycled from a random offset);
         otherwise the reference composed at ``eta(lam)`` (RU dual-only) and the full path KL
         ``sum_s w_s ||eps_p - eps_{c_i}||^2`` is returned alongside.
         """
-        concept_idx = torch.arange(B) % self.m
+        if retain:
+            offset = int(torch.randint(0, self.R, (1,), generator=gen))
+            concept_idx = (torch.arange(B) + offset) % self.R
+        else:
+            concept_idx = torch.arange(B) % self.m
         z = torch.randn((B, *self.shape), generator=gen)
         stop = torch.randint(0, self.S, (B,), generator=gen)
         noises = [torch.randn((B, *self.shape), generator=gen) for _ in range(self.S - 1)]
         dev = self.acc.device
         x = sl.take(z).to(dev)
         stop, k = sl.take(stop), sl.take(concept_idx)
-        emb = self.emb_concepts[k.to(dev)]
+        emb = (self.emb_retain if retain else self.emb_concepts)[k.to(dev)]
         b = x.shape[0]
         path_kl = torch.zeros(self.m, b, dtype=torch.float64)
         if guided_lam is not None:
@@ -203,10 +228,25 @@ class ConceptTask:
         dev = self.acc.device
         t = self.ts[stop].to(dev)
         eps_base, eps_i = self._ref_eps(x_t, t)
-        with self.acc.autocast():
-            eps_theta = self.model(x_t, t, encoder_hidden_states=emb).sample.float()
         b = x_t.shape[0]
         extras = {}
+        if self.R:  # the retain term: on-policy states under the retain prompts, reference target
+            x_r, stop_r, _, emb_r, _ = self._draw_states(step_generator(cfg.train.seed, step, 1), B, sl, retain=True)
+            t_r = self.ts[stop_r].to(dev)
+            with torch.no_grad(), self.trainable.reference() as ref, self.acc.autocast():
+                eps_ref_r = _unet_eps(ref, x_r, t_r, emb_r)
+            with self.acc.autocast():  # one forward (DDP): concept states, then retain states
+                eps_all = self.model(torch.cat([x_t, x_r]), torch.cat([t, t_r]),
+                                     encoder_hidden_states=torch.cat([emb, emb_r])).sample.float()
+            eps_theta, eps_theta_r = eps_all[:b], eps_all[b:]
+            retain_loss = denoising_loss(eps_theta_r, eps_ref_r).sum() / B
+            w_r = self.w_path[stop_r].to(dev) * self.S
+            extras["retain_kl"] = float(((eps_theta_r.detach() - eps_ref_r).pow(2).flatten(1).sum(1).double()
+                                         * w_r).sum()) / B
+            extras["retain_loss"] = float(retain_loss.detach())
+        else:
+            with self.acc.autocast():
+                eps_theta = self.model(x_t, t, encoder_hidden_states=emb).sample.float()
         if cfg.method == "lu":
             x0 = predict_x0(x_t, eps_theta.detach(), self.ab[t.cpu()].to(dev))
             log_r = self._log_ratio(x0, gen, B, sl)
@@ -221,6 +261,8 @@ class ConceptTask:
             measured_sum = kl.sum(1).cpu()
         target = composed_eps_target(eps_base, eps_i, eta)
         loss = denoising_loss(eps_theta, target).sum() / B
+        if self.R:
+            loss = loss + cfg.retain_weight * retain_loss
         extras["target_gap"] = float((eps_base - eps_i).pow(2).flatten(2).mean(2).sum()) / (B * self.m)
         return StepOut(loss, measured_sum, torch.full((self.m,), float(b)), extras)
 
@@ -242,6 +284,8 @@ def run(cfg: ConceptConfig, resume: bool = False, stop_after: int | None = None)
     models = load_concept_models(cfg.model, cfg.local_files_only)
     # fail on a bad prompt before anything else is built
     encode_prompts(models.tokenizer, models.text_encoder, list(cfg.concepts))
+    if cfg.retain_prompts:
+        encode_prompts(models.tokenizer, models.text_encoder, list(cfg.retain_prompts), check_nonempty=False)
     accelerator = make_accelerator(cfg.train)
     trainable = Trainable(models.unet, cfg.trainable, cfg.lora_rank, cfg.lora_alpha or None,
                           cfg.lora_targets, seed=cfg.train.seed)
@@ -260,6 +304,7 @@ def run(cfg: ConceptConfig, resume: bool = False, stop_after: int | None = None)
     summary = {
         "problem": "likelihood" if cfg.method == "lu" else "reverse_kl", "method": cfg.method,
         "concepts": list(cfg.concepts), "baseline_prompt": cfg.baseline_prompt,
+        "retain_prompts": list(cfg.retain_prompts), "retain_weight": cfg.retain_weight,
         "budgets": dual.budgets, "lam": dual.lam, "constraint_values": last.get("measured"),
         "violation": last.get("violation"), "steps": dual.steps, "world_size": accelerator.num_processes,
         "weights": str(run_dir.path / "checkpoint" / "trainable.safetensors"),

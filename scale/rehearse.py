@@ -62,11 +62,11 @@ class RehearseConfig:
     sample_steps: int = 25
     guidance: float = 3.0
     ru_budget_factor: float = 1.0
-    lu_budget: float = 0.0
+    lu_budget: float = -0.5
     lu_constraint: str = "log_likelihood_ratio"
     esd_eta: float = 1.0
     lr: float = 1e-3
-    unlearn_lr: float = 1e-3
+    unlearn_lr: float = 3e-3
     lora_targets: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")
     lr_dual_ru: float = 0.002
     lr_dual_lu: float = 0.1
@@ -74,6 +74,8 @@ class RehearseConfig:
     fu_budget_factor: float = 1.15
     fu_lr_dual: float = 1.0
     lora_rank: int = 4
+    retain_weight: float = 9.0
+    retain_null: bool = False
     reuse_pretrained: bool = True
 
     def __post_init__(self):
@@ -276,6 +278,14 @@ def calibrate_ru_budget(cfg: RehearseConfig, model: Path, out: Path, steps: int 
     return float(np.mean([r["measured"][0] for r in rows]))
 
 
+def _retain_prompts(cfg: RehearseConfig) -> tuple[str, ...]:
+    """The prompts the concept runs keep (MATH.md §4, docs/scale.md "Retain prompts"): the other nine
+    digits (and the null prompt with ``retain_null``); none when ``retain_weight = 0``."""
+    if cfg.retain_weight <= 0:
+        return ()
+    return tuple(PROMPT.format(k) for k in range(10) if k != cfg.digit) + (("",) if cfg.retain_null else ())
+
+
 def _last_mean(run_dir: Path, key: str, k: int = 10) -> list[float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("primal", True)] or rows
@@ -337,6 +347,8 @@ def run(cfg: RehearseConfig) -> dict:
             ccfg = concept.ConceptConfig(
                 model=str(pdir / "concept"), out=str(out / "runs" / mth), method=mth,
                 concepts=(PROMPT.format(cfg.digit),), budgets=budgets, esd_eta=cfg.esd_eta,
+                retain_prompts=_retain_prompts(cfg),
+                retain_weight=cfg.retain_weight,
                 lr_dual=cfg.lr_dual_lu if mth == "lu" else cfg.lr_dual_ru, lu_constraint=cfg.lu_constraint,
                 sample_steps=cfg.sample_steps, dual_only_steps=max(10, pre["unlearn_steps"] // 3),
                 lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, classifier_t_min=cfg.timesteps // 10,

@@ -221,6 +221,62 @@ def test_esd_is_ru_at_the_fixed_multiplier_lam_eta_over_one_plus_eta(concept_pat
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it did train
 
 
+RETAIN = ("a photo of the digit 5", "a photo of the digit 7")
+
+
+def test_esd_with_retain_term_is_ru_at_the_fixed_multiplier_with_retain_term(concept_path, tmp_path):
+    from safetensors.torch import load_file
+
+    from scale.concept import run
+
+    kw = dict(retain_prompts=RETAIN, retain_weight=2.0)
+    run(_concept_cfg(concept_path, tmp_path / "esd", method="esd", esd_eta=1.5, **kw))
+    run(_concept_cfg(concept_path, tmp_path / "ru", method="ru", lr_dual=0.0, lam_init=(0.6,), **kw))
+    run(_concept_cfg(concept_path, tmp_path / "plain", method="esd", esd_eta=1.5))
+    a = load_file(str(tmp_path / "esd" / "checkpoint" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "ru" / "checkpoint" / "trainable.safetensors"))
+    c = load_file(str(tmp_path / "plain" / "checkpoint" / "trainable.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the retain term changed the training
+    rows = [json.loads(x) for x in (tmp_path / "esd" / "metrics.jsonl").read_text().splitlines()]
+    # LoRA B starts at 0: at step 0 the model *is* the reference, the retain term is exactly 0
+    assert rows[0]["retain_kl"] == 0.0 and rows[0]["retain_loss"] == 0.0
+    assert rows[-1]["retain_kl"] > 0 and all(math.isfinite(r["retain_kl"]) for r in rows)
+    summ = json.loads((tmp_path / "esd" / "summary.json").read_text())
+    assert summ["retain_prompts"] == list(RETAIN) and summ["retain_weight"] == 2.0
+
+
+def test_retain_term_does_not_change_the_dual_estimates_or_multipliers(concept_path, tmp_path):
+    from scale.concept import run
+
+    kw = dict(method="ru_dual_only", budgets=(1e6,), lr_dual=1e-7, dual_only_steps=2, train={"steps": 1})
+    a = run(_concept_cfg(concept_path, tmp_path / "a", **kw))
+    b = run(_concept_cfg(concept_path, tmp_path / "b", retain_prompts=RETAIN, **kw))
+    torch.testing.assert_close(torch.as_tensor(a["lam"]), torch.as_tensor(b["lam"]), rtol=0, atol=0)
+
+
+def test_retain_prompts_are_validated(concept_path, tmp_path):
+    with pytest.raises(ValueError, match="both concepts to unlearn and retain"):
+        _concept_cfg(concept_path, tmp_path / "x", retain_prompts=(PROMPT3,))
+    with pytest.raises(ValueError, match="retain_weight"):
+        _concept_cfg(concept_path, tmp_path / "x", retain_prompts=RETAIN, retain_weight=-1.0)
+
+
+def test_interrupted_and_resumed_concept_run_with_retain_term_equals_uninterrupted(concept_path, tmp_path):
+    from scale.concept import run
+
+    kw = dict(train={"steps": 4, "checkpoint_every": 2}, lr_dual=0.05, budgets=(50.0,), retain_prompts=RETAIN)
+    full = run(_concept_cfg(concept_path, tmp_path / "full", **kw))
+    run(_concept_cfg(concept_path, tmp_path / "cut", **kw), stop_after=3)
+    resumed = run(_concept_cfg(concept_path, tmp_path / "cut", **kw), resume=True)
+    torch.testing.assert_close(torch.as_tensor(resumed["lam"]), torch.as_tensor(full["lam"]), rtol=0, atol=0)
+    wa, _ = load_checkpoint(tmp_path / "full" / "checkpoint")
+    wb, _ = load_checkpoint(tmp_path / "cut" / "checkpoint")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+
+
 def test_ru_multiplier_rises_while_the_kl_constraint_is_violated(concept_path, tmp_path):
     from scale.concept import run
 

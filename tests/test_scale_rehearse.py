@@ -54,11 +54,12 @@ def test_rehearse_quick_size_unlearns_the_digit_and_meets_the_budget(quick_rehea
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="LoRA on cross-attention leaks to prompts whose text embeddings are close "
-                                       "to the unlearned one (digits 5, 6, 7 collapse; retained accuracy ~0.7)")
 def test_rehearse_quick_size_retained_digits_barely_move(quick_rehearsal):
+    # with the retain term (retain_weight = 9: the uniform prompt distribution over the ten digits,
+    # docs/scale.md "Retain prompts"); without it digits 5, 6, 7 collapsed (retained accuracy ~0.7)
     b = quick_rehearsal["concept_before"]
     for mth in ("ru", "esd", "lu"):
         a = quick_rehearsal["methods"][mth]["after"]
         # 9 x 32 retained images: standard error of the mean accuracy ~0.03
         assert a["accuracy_retained"] >= b["accuracy_retained"] - 0.1, (mth, a)
+        assert a["kid_retained"] <= b["kid_retained"] + 0.002, (mth, a)
