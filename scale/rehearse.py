@@ -13,7 +13,9 @@ scikit-learn (the 1,797 handwritten 8x8 digits).
    digits, KID with the classifier's features, the multipliers against their budgets, the forget
    images' denoising loss and the nearest-neighbour distance of generated images to them.
 
-``size="quick"`` runs in about a minute on one CPU thread; ``size="full"`` is the quality run.
+``size="quick"`` takes several minutes on one CPU thread (pretraining 1,500 steps is most of it;
+with cached pretrained models RU / LU / ESD take about 1.5 minutes each); ``size="full"`` is the
+quality run.
 """
 
 from __future__ import annotations
