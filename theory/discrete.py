@@ -65,7 +65,12 @@ def _check_problem(problem) -> str:
     return problem
 
 
+#: The spelling ``theory.gmm``, ``toy`` and ``scale`` use for the ratio variant; accepted here too.
+_VARIANT_ALIASES = {"likelihood_ratio": "ratio"}
+
+
 def _check_variant(problem, variant) -> str:
+    variant = _VARIANT_ALIASES.get(variant, variant)
     if variant not in VARIANTS:
         raise ValueError(f"{problem}: variant must be one of {VARIANTS}, got {variant!r}")
     return variant

@@ -343,6 +343,12 @@ def forward_kl_global(q, forget, budgets) -> GlobalResult:
     if np.any(forget[:, ~on] > 0):
         raise ValueError("forward_kl: the global solver needs supp q_i inside supp q")
     qs, Qs = q[on], forget[:, on]
+    if m == 2 and np.any(np.max(np.abs(Qs - qs[None]), axis=1) <= 1e-15):
+        # q_i = q makes that constraint a lower bound on the objective itself: its single-active
+        # branch degenerates to p = q and the optimum lies where both are active, which on two atoms
+        # the enumeration below does not visit (found by hypothesis: q = q_1 = (1/2, 1/2), q_2 = delta)
+        raise NotCertified("forward_kl: a forget distribution equals q on supp q; the global solver "
+                           "does not certify this degenerate case")
     cands = []
 
     def add(ps):
