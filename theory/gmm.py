@@ -53,6 +53,31 @@ __all__ = ["GaussianMixture", "SignedMixture", "min_log_ratio", "default_instanc
 _LOG_2PI = np.log(2.0 * np.pi)
 
 
+def _mixture_arrays(weights, means, covs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """float64 ``(weights (K,), means (K, d), covs (K, d, d))`` with shapes and finiteness checked
+    (a single component may be given as a (d,) mean and (d, d) covariance); ``ValueError`` names
+    the offending array. Shared by ``GaussianMixture`` and ``SignedMixture``."""
+    w = np.atleast_1d(np.asarray(weights, dtype=np.float64))
+    mu = np.asarray(means, dtype=np.float64)
+    cov = np.asarray(covs, dtype=np.float64)
+    if w.ndim != 1:
+        raise ValueError(f"weights must be 1-D, got shape {w.shape}")
+    K = w.shape[0]
+    if mu.ndim == 1 and K == 1:
+        mu = mu[None]
+    if mu.ndim != 2 or mu.shape[0] != K:
+        raise ValueError(f"means must have shape ({K}, d), got {mu.shape}")
+    d = mu.shape[1]
+    if cov.ndim == 2 and K == 1:
+        cov = cov[None]
+    if cov.shape != (K, d, d):
+        raise ValueError(f"covs must have shape ({K}, {d}, {d}), got {cov.shape}")
+    for name, a in (("weights", w), ("means", mu), ("covs", cov)):
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"{name} must be finite, got {a[~np.isfinite(a)][:3].tolist()}")
+    return w, mu, cov
+
+
 @dataclass(frozen=True)
 class GaussianMixture:
     """``sum_k weights[k] N(means[k], covs[k])`` in d dimensions, float64, validated.
@@ -68,24 +93,7 @@ class GaussianMixture:
     _eig_vecs: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        w = np.atleast_1d(np.asarray(self.weights, dtype=np.float64))
-        mu = np.asarray(self.means, dtype=np.float64)
-        cov = np.asarray(self.covs, dtype=np.float64)
-        if w.ndim != 1:
-            raise ValueError(f"weights must be 1-D, got shape {w.shape}")
-        K = w.shape[0]
-        if mu.ndim == 1 and K == 1:
-            mu = mu[None]
-        if mu.ndim != 2 or mu.shape[0] != K:
-            raise ValueError(f"means must have shape ({K}, d), got {mu.shape}")
-        d = mu.shape[1]
-        if cov.ndim == 2 and K == 1:
-            cov = cov[None]
-        if cov.shape != (K, d, d):
-            raise ValueError(f"covs must have shape ({K}, {d}, {d}), got {cov.shape}")
-        for name, a in (("weights", w), ("means", mu), ("covs", cov)):
-            if not np.all(np.isfinite(a)):
-                raise ValueError(f"{name} must be finite, got {a[~np.isfinite(a)][:3].tolist()}")
+        w, mu, cov = _mixture_arrays(self.weights, self.means, self.covs)
         if np.any(w <= 0):
             raise ValueError(f"weights must be positive, got {w.tolist()}")
         if abs(w.sum() - 1.0) > 1e-8:
@@ -346,19 +354,7 @@ class SignedMixture:
     min_log_ratio: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        w = np.atleast_1d(np.asarray(self.weights, dtype=np.float64))
-        mu = np.asarray(self.means, dtype=np.float64)
-        cov = np.asarray(self.covs, dtype=np.float64)
-        if w.ndim != 1:
-            raise ValueError(f"weights must be 1-D, got shape {w.shape}")
-        if mu.ndim == 1 and w.shape[0] == 1:
-            mu = mu[None]
-        if cov.ndim == 2 and w.shape[0] == 1:
-            cov = cov[None]
-        if mu.ndim != 2 or mu.shape[0] != w.shape[0] or cov.shape != (w.shape[0], mu.shape[1], mu.shape[1]):
-            raise ValueError(f"shapes do not match: weights {w.shape}, means {mu.shape}, covs {cov.shape}")
-        if not (np.all(np.isfinite(w)) and np.all(np.isfinite(mu)) and np.all(np.isfinite(cov))):
-            raise ValueError("weights, means and covs must be finite")
+        w, mu, cov = _mixture_arrays(self.weights, self.means, self.covs)
         if abs(w.sum() - 1.0) > 1e-8:
             raise ValueError(f"weights must sum to 1, got {w.sum():.12g}")
         # merge coincident components
