@@ -110,3 +110,18 @@ def test_path_kl_estimate_sums_weighted_squared_differences():
 def test_signed_objective_is_retain_minus_weighted_forget():
     val = signed_denoising_objective(torch.tensor(2.0), torch.tensor([1.0, 3.0]), torch.tensor([0.1, 0.2]))
     assert abs(float(val) - (2.0 - 0.1 - 0.6)) < 1e-6
+
+
+def test_log_ratio_estimator_averages_over_uniform_t_to_the_elbo_difference():
+    # With t uniform on the T steps, E_t[T w_t (l_ref,t - l_cond,t)] = sum_t w_t (l_ref,t - l_cond,t),
+    # the difference of the two negative ELBOs whose per-step terms reverse_step_kl_weights gives
+    # (checked against the Gaussian KL of reverse steps above).
+    from toy.objectives import log_ratio_from_denoising_losses
+
+    ab = torch.tensor(alphas_cumprod_for_schedule(40, 1e-3, 0.2))
+    w = reverse_step_kl_weights(ab)
+    g = torch.Generator().manual_seed(0)
+    l_cond, l_ref = torch.rand(40, generator=g), torch.rand(40, generator=g)
+    per_t = log_ratio_from_denoising_losses(l_cond, l_ref, w, 40)
+    expect = (w * (l_ref.double() - l_cond.double())).sum()
+    torch.testing.assert_close(per_t.double().mean(), expect, rtol=1e-5, atol=1e-7)
