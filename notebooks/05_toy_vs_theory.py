@@ -53,7 +53,7 @@ WORK = Path(tempfile.mkdtemp(prefix="toy05-"))
 q, forget, budgets = default_instance()
 
 if QUICK:
-    base = ToyConfig(hidden=64, pretrain_steps=800, steps=500, dual_every=10, dual_batch=64, n_eval=500,
+    base = ToyConfig(hidden=64, pretrain_steps=800, steps=500, dual_every=10, pool_every=2, dual_batch=64, n_eval=500,
                      n_constraint=1000, n_reference=500, figure=False, checkpoint_every=1000)
 else:
     base = ToyConfig(figure=False)

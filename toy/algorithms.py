@@ -32,7 +32,7 @@ from toy.objectives import (composed_eps_target, denoising_loss, eta_from_lam, l
                             signed_denoising_objective)
 from toy.pretrain import noised
 from toy.runs import RunDir
-from toy.sampling import ddpm_sample, path_kl_to_models
+from toy.sampling import TrajectoryPool, ddpm_sample, path_kl_to_models
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Models:
     forget_exact: list = field(default_factory=list)
     q_exact: object = None
     forget_nets: list = field(default_factory=list)
+    dim: int = 2
 
 
 # ---------------------------------------------------------------- primal steps (one per column)
@@ -154,9 +155,13 @@ def ru_constraint_path_kl(net, forget, n, ab, gen, return_samples: bool = False)
     return (kl, per.std(1) / np.sqrt(n), x0) if return_samples else (kl, per.std(1) / np.sqrt(n))
 
 
-def lu_constraint_exact(net, forget_exact, q_exact, n, ab, gen, variant) -> tuple[torch.Tensor, torch.Tensor]:
-    """LU: ``E_{p_theta}[g_i(x_0)]`` (m,) with the exact g at n DDPM samples of the network."""
-    x0 = ddpm_sample(net, n, ab, gen)
+def lu_constraint_exact(net, forget_exact, q_exact, n, ab, gen, variant,
+                        x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """LU: ``E_{p_theta}[g_i(x_0)]`` (m,) with the exact g at n DDPM samples of the network (or at
+    the given samples ``x0`` of it, e.g. a ``TrajectoryPool``'s end points)."""
+    if x0 is None:
+        x0 = ddpm_sample(net, n, ab, gen)
+    n = x0.shape[0]
     log_q = q_exact.log_prob(x0) if variant == "likelihood_ratio" else None
     g = torch.stack([constraint_function(variant, f.log_prob(x0), log_q) for f in forget_exact])
     return g.mean(1), g.std(1) / np.sqrt(n)
@@ -184,10 +189,14 @@ def diffusion_classifier_log_ratio(x0, model_c, model_ref, ab, gen, n_t: int | N
     return out
 
 
-def lu_constraint_network(net, frozen, forget_nets, n, ab, gen) -> tuple[torch.Tensor, torch.Tensor]:
+def lu_constraint_network(net, frozen, forget_nets, n, ab, gen,
+                          x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """LU ratio variant from networks only: ``E_{p_theta}[exp(log q_i/q)]`` with the log ratio from
-    the diffusion classifier of the forget network against the pretrained one."""
-    x0 = ddpm_sample(net, n, ab, gen)
+    the diffusion classifier of the forget network against the pretrained one (at n fresh samples of
+    the network, or at the given ``x0``)."""
+    if x0 is None:
+        x0 = ddpm_sample(net, n, ab, gen)
+    n = x0.shape[0]
     g = torch.stack([diffusion_classifier_log_ratio(x0, f, frozen, ab, gen).exp() for f in forget_nets])
     return g.mean(1), g.std(1) / np.sqrt(n)
 
@@ -207,6 +216,9 @@ class LoopConfig:
     lr_final_frac: float = 1.0  # cosine decay of the primal learning rate to lr * this (1: constant)
     pool_frac: float = 0.0  # RU composed target: fraction of x_0 drawn from the model's own samples
     target: str = "composed"  # RU/LU primal target: composed-score surrogate or reweighted DSM (exact)
+    estimate: str = "pool"  # RU/LU constraint: "pool" (TrajectoryPool, one step per step) or "fresh"
+    pool_chains: int = 0  # TrajectoryPool chains (a multiple of T; 0: pool_every * T, one end point per step)
+    pool_every: int = 1  # advance the pool every this many steps (dual_every must be a multiple)
 
 
 def _measure_every(problem: str, algorithm: str, cfg: LoopConfig) -> int:
@@ -227,12 +239,27 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
         raise ValueError(f"algorithm {algorithm!r} is not defined for {problem}; choose from {ALGORITHMS[problem]}")
     if cfg.target not in ("composed", "reweighted"):
         raise ValueError(f"target must be composed or reweighted, got {cfg.target!r}")
+    if cfg.estimate not in ("pool", "fresh"):
+        raise ValueError(f"estimate must be 'pool' or 'fresh', got {cfg.estimate!r}")
     net, ab = models.net, torch.as_tensor(models.alphas_cumprod, dtype=torch.float32)
     w = reverse_step_kl_weights(ab)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    hist = {"lam": [], "measured": [], "step_seconds": [], "dual_seconds": [], "estimate_seconds": []}
+    hist = {"lam": [], "measured": [], "measured_se": [], "step_seconds": [], "dual_seconds": [],
+            "estimate_seconds": [], "pool_seconds": []}
     start = 0
+    every = _measure_every(problem, algorithm, cfg)
+    # the pool serves the composed target's on-policy x_0 (any RU algorithm) and the RU / LU
+    # constraint estimates (primal-dual); it evaluates the forget models only when RU estimates
+    pool_estimates = every > 0 and problem != "forward_kl" and cfg.estimate == "pool"
     pool = None
+    pool_others: tuple = ()
+    if (problem == "reverse_kl" and cfg.pool_frac > 0) or pool_estimates:
+        if cfg.pool_every < 1 or (pool_estimates and cfg.dual_every % cfg.pool_every):
+            raise ValueError(f"pool_every must divide dual_every = {cfg.dual_every} (every dual step needs fresh "
+                             f"pool advances), got {cfg.pool_every}")
+        pool = TrajectoryPool(ab, cfg.pool_chains or cfg.pool_every * int(ab.shape[0]), cfg.dual_batch, models.dim)
+        if pool_estimates and problem == "reverse_kl":
+            pool_others = tuple(models.forget)
     ckpt = run.load_checkpoint()
     if ckpt is not None:
         net.load_state_dict(ckpt["net"])
@@ -243,11 +270,15 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
         for d, s in zip(models.forget_data, ckpt["forget_data"]):
             d.set_state(s)
         hist = ckpt["hist"]
-        pool = ckpt.get("pool")
+        if pool is not None:
+            pool.load_state_dict(ckpt["pool"])
         start = ckpt["step"]
         run.truncate_metrics(start - 1)
         log.info("resumed from step %d", start)
-    every = _measure_every(problem, algorithm, cfg)
+    if pool is not None and not pool.filled:
+        net.eval()
+        pool.fill(net, gen)
+        net.train()
     done_here = 0
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -255,7 +286,7 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
         for group in opt.param_groups:
             group["lr"] = cfg.lr * frac
         lam = dual.lam
-        measured = None
+        measured, measured_se = None, None
         if problem != "forward_kl" and cfg.target == "reweighted":
             x0 = models.retain_data(cfg.batch)
             log_w = tilt_log_weights(problem, lam if algorithm != "esd" else lam_from_eta(torch.tensor([fixed_eta])),
@@ -267,20 +298,17 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
             if cfg.pool_frac > 0:
                 # the regression target is a fixed function of (x_t, t); it must be fitted where the
                 # model's own sampler goes, which a strong tilt moves outside q's support
-                if pool is None or (every == 0 and step % cfg.dual_every == 0):
-                    net.eval()
-                    pool = ddpm_sample(net, cfg.dual_batch, ab, gen)
-                    net.train()
+                own = pool.samples()
                 k = int(round(cfg.pool_frac * cfg.batch))
-                x0 = torch.cat([x0[: cfg.batch - k], pool[torch.randint(0, pool.shape[0], (k,), generator=gen)]])
+                x0 = torch.cat([x0[: cfg.batch - k], own[torch.randint(0, own.shape[0], (k,), generator=gen)]])
             loss = ru_primal_loss(net, models.frozen, models.forget, x0, ab, gen, eta.float())
         elif problem == "forward_kl":
             loss, measured, _ = fu_primal(net, models.retain_data(cfg.batch),
                                           [d(cfg.forget_batch) for d in models.forget_data], ab, gen,
                                           lam, models.forget_exact, w)
         else:
-            loss = lu_primal_loss(net, models.frozen, models.forget_exact, models.q_exact,
-                                  models.retain_data(cfg.batch), ab, gen, lam, variant)
+            x0 = models.retain_data(cfg.batch)
+            loss = lu_primal_loss(net, models.frozen, models.forget_exact, models.q_exact, x0, ab, gen, lam, variant)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (lam={lam.tolist()}); "
                                      f"the last good checkpoint is kept in {run.checkpoint_path}")
@@ -290,28 +318,40 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
         t1 = time.perf_counter()
         est_s = 0.0
         dual_s = 0.0
+        pool_s = 0.0
+        if pool is not None and step % cfg.pool_every == 0:
+            net.eval()
+            pool.advance(net, gen, pool_others)
+            net.train()
+            est_s = pool.others_seconds  # the constraint's share of the advance (0 without others)
+            pool_s = time.perf_counter() - t1 - est_s
         if every and step % every == 0:
             if measured is None:
                 te = time.perf_counter()
                 net.eval()
-                if problem == "reverse_kl":
-                    measured, _, x0_own = ru_constraint_path_kl(net, models.forget, cfg.dual_batch, ab, gen, True)
-                    if cfg.pool_frac > 0:
-                        pool = x0_own
+                own = pool.samples() if pool_estimates else None
+                if problem == "reverse_kl" and pool_estimates:
+                    measured, measured_se = pool.take_path_kl()
+                elif problem == "reverse_kl":
+                    measured, measured_se = ru_constraint_path_kl(net, models.forget, cfg.dual_batch, ab, gen)
                 elif lu_estimator == "network":
-                    measured, _ = lu_constraint_network(net, models.frozen, models.forget_nets, cfg.dual_batch, ab, gen)
+                    measured, measured_se = lu_constraint_network(net, models.frozen, models.forget_nets,
+                                                                  cfg.dual_batch, ab, gen, own)
                 else:
-                    measured, _ = lu_constraint_exact(net, models.forget_exact, models.q_exact, cfg.dual_batch, ab, gen, variant)
+                    measured, measured_se = lu_constraint_exact(net, models.forget_exact, models.q_exact,
+                                                                cfg.dual_batch, ab, gen, variant, own)
                 net.train()
-                est_s = time.perf_counter() - te
+                est_s += time.perf_counter() - te
             td = time.perf_counter()
             dual.step(measured)
             dual_s = time.perf_counter() - td
             hist["lam"].append(dual.lam.tolist())
             hist["measured"].append(measured.tolist())
+            hist["measured_se"].append(None if measured_se is None else measured_se.tolist())
         hist["step_seconds"].append(t1 - t0)
         hist["dual_seconds"].append(dual_s)
         hist["estimate_seconds"].append(est_s)
+        hist["pool_seconds"].append(pool_s)
         row = {"loss": loss.item(), "lam": dual.lam.tolist()}
         if measured is not None:
             row["constraint"] = measured.tolist()
@@ -324,7 +364,8 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
         if (step + 1) % cfg.checkpoint_every == 0 or last:
             run.save_checkpoint({"net": net.state_dict(), "opt": opt.state_dict(), "dual": dual.state_dict(),
                                  "gen": gen.get_state(), "retain_data": models.retain_data.state(),
-                                 "forget_data": [d.state() for d in models.forget_data], "hist": hist, "pool": pool,
+                                 "forget_data": [d.state() for d in models.forget_data], "hist": hist,
+                                 "pool": None if pool is None else pool.state_dict(),
                                  "step": step + 1})
         if stop_after is not None and done_here >= stop_after:
             break

@@ -105,13 +105,16 @@ class MixtureEps:
         return cls(w, pts, torch.zeros(n, d, dtype=torch.float64), torch.eye(d, dtype=torch.float64).expand(n, d, d), alphas_cumprod)
 
     def _terms(self, x: torch.Tensor, ab: torch.Tensor):
+        """Per-component log terms (K, B) and scores (K, B, d), component-major so that every
+        product is one batched matmul (this runs once per sampler or pool step: few ops matter)."""
         x = x.to(torch.float64)
-        ab = ab.to(torch.float64).reshape(-1, 1, 1)
-        var = ab * self.eig_vals.unsqueeze(0) + (1.0 - ab)  # (B,K,d)
-        diff = x.unsqueeze(1) - ab.sqrt() * self.means.unsqueeze(0)
-        y = torch.einsum("bkd,kde->bke", diff, self.eig_vecs)
-        log_terms = self.log_w.unsqueeze(0) - 0.5 * ((y * y / var).sum(2) + var.log().sum(2) + self.dim * _LOG_2PI)
-        comp_score = -torch.einsum("bke,kde->bkd", y / var, self.eig_vecs)
+        ab = ab.to(torch.float64).reshape(1, -1, 1)
+        var = ab * self.eig_vals.unsqueeze(1) + (1.0 - ab)  # (K,B,d)
+        diff = x.unsqueeze(0) - ab.sqrt() * self.means.unsqueeze(1)
+        y = torch.matmul(diff, self.eig_vecs)  # (K,B,d) @ (K,d,d): coordinates in each eigenbasis
+        y_var = y / var
+        log_terms = self.log_w.unsqueeze(1) - 0.5 * ((y * y_var).sum(2) + var.log().sum(2) + self.dim * _LOG_2PI)
+        comp_score = -torch.matmul(y_var, self.eig_vecs.transpose(1, 2))
         return log_terms, comp_score
 
     def _ab(self, x, t):
@@ -124,12 +127,12 @@ class MixtureEps:
     def log_prob(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """``log q_t(x)`` (B,) in float64."""
         log_terms, _ = self._terms(x, self._ab(x, t))
-        return torch.logsumexp(log_terms, dim=1)
+        return torch.logsumexp(log_terms, dim=0)
 
     def score(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         log_terms, comp_score = self._terms(x, self._ab(x, t))
-        r = torch.softmax(log_terms, dim=1)
-        return torch.einsum("bk,bkd->bd", r, comp_score)
+        r = torch.softmax(log_terms, dim=0)
+        return (r.unsqueeze(2) * comp_score).sum(0)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         ab = self._ab(x_t, t)

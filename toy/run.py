@@ -70,7 +70,13 @@ class ToyConfig:
     pool_frac: float = 0.5  # RU composed target: half of each x_0 batch from the model's own samples
     lr_dual: float = -1.0  # < 0: DUAL_GAIN / slope at lam*
     dual_every: int = 20
-    dual_batch: int = 128
+    dual_batch: int = 128  # model samples behind each LU estimate / own x_0 kept for the composed target
+    # RU/LU constraint estimates: "pool" (amortised along toy.sampling.TrajectoryPool, RU's default) or
+    # "fresh" (dual_batch new trajectories every dual_every steps, LU's default: the pool's end points
+    # lag the model by a chain's lifetime, which LU's dual ascent overshoots on; docs/toy.md); "auto"
+    estimate: str = "auto"
+    pool_chains: int = 0  # TrajectoryPool chains (a multiple of num_timesteps; 0: pool_every x num_timesteps)
+    pool_every: int = 4  # advance the pool every this many steps (a divisor of dual_every)
     checkpoint_every: int = 250
     average_frac: float = 0.25
     lam_init: tuple[float, ...] = ()  # initial multipliers (default 0; fixed ones for the baselines)
@@ -118,6 +124,24 @@ def validate(cfg: ToyConfig) -> None:
     for name in ("steps", "batch", "forget_batch", "dual_every", "dual_batch", "checkpoint_every", "n_eval"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.estimate not in ("auto", "pool", "fresh"):
+        raise ValueError(f"estimate must be 'auto', 'pool' or 'fresh', got {cfg.estimate!r}")
+    uses_pool = cfg.problem == "reverse_kl" or (cfg.problem == "likelihood" and estimate_kind(cfg) == "pool")
+    if cfg.pool_every < 1 or (uses_pool and cfg.dual_every % cfg.pool_every):
+        raise ValueError(f"pool_every must divide dual_every = {cfg.dual_every}, got {cfg.pool_every}")
+    if cfg.pool_chains < 0 or cfg.pool_chains % cfg.num_timesteps:
+        raise ValueError(f"pool_chains must be 0 or a positive multiple of num_timesteps = {cfg.num_timesteps}, "
+                         f"got {cfg.pool_chains}")
+
+
+def estimate_kind(cfg: ToyConfig) -> str:
+    """The constraint estimator a config uses: RU/LU ``estimate`` unless "auto" (RU pool, LU fresh);
+    FU's is always the ELBO on its forget minibatch (free)."""
+    if cfg.problem == "forward_kl":
+        return "forget-minibatch ELBO"
+    if cfg.estimate != "auto":
+        return cfg.estimate
+    return "fresh" if cfg.problem == "likelihood" else "pool"
 
 
 # ---------------------------------------------------------------- pretraining
@@ -273,7 +297,7 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -
                     retain_data=MixtureData(q, _seed(cfg.seed, "retain")),
                     forget_data=[MixtureData(f, _seed(cfg.seed, f"forget{i}")) for i, f in enumerate(forget)],
                     alphas_cumprod=ab, forget_exact=forget_exact, q_exact=MixtureEps.from_mixture(q, ab),
-                    forget_nets=forget_nets)
+                    forget_nets=forget_nets, dim=q.dim)
 
     # the multiplier the learned run should reach: lam* for FU and dual-only; the exact-score
     # surrogate's fixed point for RU/LU primal-dual (their training targets are surrogates at t > 0)
@@ -310,7 +334,8 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -
 
     loop = LoopConfig(cfg.steps, cfg.batch, cfg.forget_batch, cfg.lr, cfg.dual_every, cfg.dual_batch,
                       cfg.checkpoint_every, cfg.average_frac, lr_final_frac=cfg.lr_final_frac, target=primal_target(cfg),
-                      pool_frac=cfg.pool_frac if (cfg.problem == "reverse_kl" and primal_target(cfg) == "composed") else 0.0)
+                      pool_frac=cfg.pool_frac if (cfg.problem == "reverse_kl" and primal_target(cfg) == "composed") else 0.0,
+                      estimate=estimate_kind(cfg), pool_chains=cfg.pool_chains, pool_every=cfg.pool_every)
     bar_un = bar(total=cfg.steps, desc=f"{cfg.problem} {cfg.algorithm}")
     ckpt = rd.load_checkpoint()
     if ckpt is not None:
@@ -395,10 +420,11 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
         "pretrained_constraint_values": pre_cons, "pretrained_constraint_stderr": pre_se,
         "q_constraint_values": q_cons, "exact_score_constraint_values": ex_cons, "constraint_tolerance": delta_c,
         "constraint_violation": _violation(cfg.problem, cons, budgets),
-        "steps": cfg.steps, "dual_steps": len(hist["lam"]),
+        "steps": cfg.steps, "dual_steps": len(hist["lam"]), "constraint_estimator": estimate_kind(cfg),
         "step_seconds_median": float(np.median(hist["step_seconds"])),
         "dual_seconds_median": float(np.median([s for s in hist["dual_seconds"] if s > 0])) if any(hist["dual_seconds"]) else 0.0,
         "estimate_seconds_total": float(np.sum(hist["estimate_seconds"])),
+        "pool_seconds_total": float(np.sum(hist.get("pool_seconds", [0.0]))),
     }
     if lam_target is not None:
         lam_eval = lam_target if cfg.algorithm == "primal_dual" or cfg.algorithm == "dual_only" else dual.lam.numpy()

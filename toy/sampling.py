@@ -7,10 +7,15 @@ mixtures alike), on a DDPM schedule ``alphas_cumprod`` (0-based t, diffusers' co
   subset of timesteps.
 - ``path_kl_to_models``: path-wise KL(P_model || P_other_i) along the model's own ancestral
   trajectories (MATH.md §4), together with the trajectories' end points.
+- ``TrajectoryPool``: the same path KL and model samples amortised into training: a persistent
+  pool of chains staggered over t, advanced one step per training step.
 """
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import torch
 
 from toy.objectives import path_kl_estimate, reverse_step_kl_weights
@@ -97,4 +102,130 @@ def path_kl_to_models(model, others: list, n: int, alphas_cumprod, generator: to
     return per_traj.mean(1), per_traj, x0
 
 
-__all__ = ["ddpm_sample", "ddim_sample", "sample", "path_kl_to_models", "path_kl_estimate"]
+
+
+class TrajectoryPool:
+    """A persistent pool of the model's own ancestral DDPM chains, staggered over the timesteps, that
+    advances every chain by one reverse step per call (one batched model evaluation with per-chain t).
+
+    It turns the path-KL estimate and the model-sample estimates, which a fresh sampler pays for
+    with T sequential evaluations every ``dual_every`` steps, into one evaluation per training step:
+
+    - **Path KL** ``KL(P_model || P_other_i) = sum_t w_t E_{x_t ~ P_model} ||eps_model - eps_i||^2``:
+      the chains sit at every timestep in equal numbers (``k = n / T`` per t, enforced), so at each
+      advance ``sum_j w_{t_j} ||eps_model(x_j) - eps_i(x_j)||^2 / k`` is an unbiased estimate of the
+      whole sum over t (stratified in t) — no trajectory has to finish. ``take_path_kl`` returns the
+      mean over the advances since it was last called and its standard error. The terms are summed
+      per chain slot: slots are independent of each other (each runs its own succession of
+      independent chains), so the standard error is the spread across slots; it is conservative
+      when the advances are not a multiple of T (slots then cover different t and their means
+      differ, which the spread counts as noise).
+    - **Samples** ``x_0 ~ p_model``: the ``k`` chains that reach t = 0 at each advance are end points;
+      the last ``buffer`` of them are kept (``samples()``) and the chains restart from N(0, I).
+
+    The price is staleness: a chain's early (high-noise) steps were taken by the model as it was up
+    to ``T`` advances ago. Under slowly changing weights (the primal step is small) the pool's law is
+    the current model's up to that lag. ``fill`` starts the pool with one full ancestral pass (chain j
+    snapshotted at its assigned timestep), so the first estimates are not biased by a cold start.
+    ``state_dict``/``load_state_dict`` make it checkpointable (the randomness comes from the caller's
+    generator, which the caller checkpoints).
+    """
+
+    def __init__(self, alphas_cumprod, n_chains: int, buffer: int, dim: int = 2):
+        ab, alpha, beta = _schedule(alphas_cumprod)
+        self.T = int(ab.shape[0])
+        if n_chains < self.T or n_chains % self.T:
+            raise ValueError(f"n_chains must be a positive multiple of the number of timesteps T = {self.T} "
+                             f"(equal chains per timestep), got {n_chains}")
+        if buffer < 1:
+            raise ValueError(f"buffer must be >= 1, got {buffer}")
+        self.n, self.k, self.dim, self.buffer = int(n_chains), int(n_chains) // self.T, int(dim), int(buffer)
+        self._c_eps = (beta / (1.0 - ab).sqrt()).float()
+        self._inv_sqrt_alpha = (1.0 / alpha.sqrt()).float()
+        self._sigma = beta.sqrt().float()
+        # per-t update x <- a_t x - c_t eps + s_t z in one gather (s_0 = 0: the last step is the mean)
+        self._coef = torch.stack([self._inv_sqrt_alpha, self._c_eps * self._inv_sqrt_alpha,
+                                  torch.where(torch.arange(self.T) > 0, self._sigma, 0.0)], 1).unsqueeze(2)
+        self._w = reverse_step_kl_weights(ab)
+        # chain j sits at timestep T-1 - (j mod T): every t holds k chains
+        self.t = (self.T - 1 - torch.arange(self.n) % self.T).long()
+        self.x = torch.zeros(self.n, self.dim)
+        self.ends = torch.zeros(0, self.dim)
+        self._kl_slots: torch.Tensor | None = None  # (m, n) per-slot sums of path-KL terms
+        self._advances = 0
+        self.filled = False
+        self.others_seconds = 0.0  # wall time of the last advance's evaluation of ``others``
+
+    @torch.no_grad()
+    def fill(self, model, generator: torch.Generator) -> None:
+        """One ancestral pass of ``n`` chains from N(0, I); chain j keeps its state at its own
+        timestep; the pass's end points seed the sample buffer."""
+        x = torch.randn(self.n, self.dim, generator=generator)
+        snap = torch.empty_like(x)
+        for t in range(self.T - 1, -1, -1):
+            at = self.t == t
+            snap[at] = x[at]
+            eps = model(x, torch.full((self.n,), t, dtype=torch.long)).to(torch.float32)
+            _check_finite(eps, t, "eps")
+            x = (x - self._c_eps[t] * eps) * self._inv_sqrt_alpha[t]
+            if t > 0:
+                x = x + self._sigma[t] * torch.randn(self.n, self.dim, generator=generator)
+        self.x = snap
+        self.ends = x[-self.buffer:].clone()
+        self.filled = True
+
+    @torch.no_grad()
+    def advance(self, model, generator: torch.Generator, others: tuple = ()) -> None:
+        """One reverse step of every chain; with ``others`` also one stratified path-KL term each."""
+        if not self.filled:
+            raise RuntimeError("call fill(model, generator) before advance")
+        eps = model(self.x, self.t).to(torch.float32)
+        _check_finite(eps, int(self.t.min()), "eps")
+        self.others_seconds = 0.0
+        if others:
+            t0 = time.perf_counter()
+            w = self._w[self.t]
+            terms = torch.stack([w * (eps.double() - o(self.x, self.t).double()).pow(2).sum(1) for o in others])
+            self._kl_slots = terms if self._kl_slots is None else self._kl_slots + terms
+            self._advances += 1
+            self.others_seconds = time.perf_counter() - t0
+        a, c, sig = self._coef[self.t].unbind(1)
+        noise = torch.randn(self.n, self.dim, generator=generator)
+        x = torch.addcmul(torch.addcmul(a * self.x, c, eps, value=-1.0), sig, noise)
+        done = self.t == 0  # k chains end here (sig = 0 there): keep them, restart those slots
+        self.ends = torch.cat([self.ends, x[done]])[-self.buffer:]
+        self.x = torch.where(done.unsqueeze(1), noise, x)
+        self.t = torch.where(done, self.T - 1, self.t - 1)
+
+    def take_path_kl(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean path-KL estimate (m,) over the advances since the last call and its standard error
+        (m,) from the spread across the independent chain slots; resets the accumulator."""
+        if self._kl_slots is None:
+            raise RuntimeError("no path-KL terms accumulated: advance(model, generator, others) first")
+        scale = 1.0 / (self.k * self._advances)
+        est = self._kl_slots.sum(1) * scale
+        se = self._kl_slots.std(1) * np.sqrt(self.n) * scale
+        self._kl_slots, self._advances = None, 0
+        return est, se
+
+    def samples(self) -> torch.Tensor:
+        """The most recent ``buffer`` end points (fewer only before the pool has been filled)."""
+        return self.ends
+
+    def state_dict(self) -> dict:
+        return {"x": self.x.clone(), "t": self.t.clone(), "ends": self.ends.clone(),
+                "kl_slots": None if self._kl_slots is None else self._kl_slots.clone(),
+                "advances": self._advances, "filled": self.filled,
+                "shape": (self.T, self.n, self.buffer, self.dim)}
+
+    def load_state_dict(self, s: dict) -> None:
+        if tuple(s["shape"]) != (self.T, self.n, self.buffer, self.dim):
+            raise ValueError(f"pool state of shape {tuple(s['shape'])} does not fit this pool "
+                             f"{(self.T, self.n, self.buffer, self.dim)}")
+        self.x, self.t, self.ends = s["x"].clone(), s["t"].clone(), s["ends"].clone()
+        self._kl_slots = None if s["kl_slots"] is None else s["kl_slots"].clone()
+        self._advances = int(s["advances"])
+        self.filled = bool(s["filled"])
+
+
+__all__ = ["ddpm_sample", "ddim_sample", "sample", "path_kl_to_models", "path_kl_estimate", "TrajectoryPool"]
