@@ -109,7 +109,7 @@ def test_pretrained_model_saves_and_reloads(tmp_path):
 # ---------------------------------------------------------------- run machinery on a tiny config
 
 TINY = dict(hidden=16, layers=2, time_dim=8, pretrain_steps=150, pretrain_batch=128, steps=40, batch=64,
-            forget_batch=32, dual_every=4, pool_every=2, dual_batch=16, checkpoint_every=10, n_eval=200, n_constraint=400,
+            forget_batch=32, dual_every=6, pool_every=2, dual_batch=16, checkpoint_every=10, n_eval=200, n_constraint=400,
             n_reference=200, figure=False)
 
 

@@ -335,7 +335,7 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -
     loop = LoopConfig(cfg.steps, cfg.batch, cfg.forget_batch, cfg.lr, cfg.dual_every, cfg.dual_batch,
                       cfg.checkpoint_every, cfg.average_frac, lr_final_frac=cfg.lr_final_frac, target=primal_target(cfg),
                       pool_frac=cfg.pool_frac if (cfg.problem == "reverse_kl" and primal_target(cfg) == "composed") else 0.0,
-                      estimate=estimate_kind(cfg), pool_chains=cfg.pool_chains, pool_every=cfg.pool_every)
+                      estimate="fresh" if estimate_kind(cfg) == "fresh" else "pool", pool_chains=cfg.pool_chains, pool_every=cfg.pool_every)
     bar_un = bar(total=cfg.steps, desc=f"{cfg.problem} {cfg.algorithm}")
     ckpt = rd.load_checkpoint()
     if ckpt is not None:
