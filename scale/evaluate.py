@@ -94,17 +94,51 @@ def fid(real: torch.Tensor, fake: torch.Tensor, feature: nn.Module) -> float:
     return float(metric.compute())
 
 
+class _TensorFeatures(nn.Module):
+    """A CLIP model whose ``get_image_features`` / ``get_text_features`` return the projected
+    embedding tensor: transformers >= 5 returns an output object there, which torchmetrics'
+    CLIPScore (1.9) then tries to normalise as a tensor and fails."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    @staticmethod
+    def _tensor(out):
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    def get_image_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_image_features(*args, **kwargs))
+
+    def get_text_features(self, *args, **kwargs):
+        return self._tensor(self.model.get_text_features(*args, **kwargs))
+
+
 def clip_score(images_uint8: torch.Tensor, prompts: list[str], clip_path: str) -> float:
-    """torchmetrics CLIPScore with a *local* CLIP model folder (no download is attempted)."""
+    """torchmetrics CLIPScore with a *local* CLIP model folder (no download is attempted).
+
+    torchmetrics aggregates as ``max(mean_i 100 cos(E_image_i, E_text_i), 0)``: the clamp of
+    Hessel et al.'s per-sample ``max(100 cos, 0)`` is applied to the batch mean. The two agree
+    whenever no cosine is negative, which real CLIP models give for image-caption pairs; score
+    images one at a time for the per-sample definition."""
     if not clip_path or not Path(clip_path).is_dir():
         raise ValueError(f"CLIP model path {clip_path!r} is not a local folder; CLIP weights cannot be downloaded here")
     from torchmetrics.multimodal.clip_score import CLIPScore
 
-    metric = CLIPScore(model_name_or_path=clip_path)
+    def load_local():
+        from transformers import CLIPModel, CLIPProcessor
+        return _TensorFeatures(CLIPModel.from_pretrained(clip_path)), CLIPProcessor.from_pretrained(clip_path)
+
+    try:  # torchmetrics >= 1.8 accepts only hub names it knows, or a loader callable
+        metric = CLIPScore(model_name_or_path=load_local)
+    except (TypeError, OSError, AttributeError):  # older torchmetrics: any from_pretrained path
+        metric = CLIPScore(model_name_or_path=clip_path)
     imgs = images_uint8.permute(0, 3, 1, 2) if images_uint8.shape[-1] in (1, 3) else images_uint8
     if imgs.shape[1] == 1:
         imgs = imgs.expand(-1, 3, -1, -1)
-    return float(metric(imgs, list(prompts)))
+    with torch.no_grad():
+        return float(metric(imgs, list(prompts)))
 
 
 def classifier_accuracy(classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
