@@ -41,13 +41,17 @@ def build_word_tokenizer(words, model_max_length: int = 16):
 
 
 def build_text_encoder(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4,
-                       max_positions: int = 16, seed: int = 0):
+                       max_positions: int = 16, seed: int = 0, init_scale: float = 1.0):
+    """A randomly initialised CLIP text encoder. ``init_scale`` is CLIP's ``initializer_factor`` (it
+    multiplies the initial standard deviation of the token/position embeddings and the projections);
+    larger values make the hidden states of prompts that differ in one word less alike."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads,
-                         max_position_embeddings=max_positions, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+                         max_position_embeddings=max_positions, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                         initializer_factor=init_scale)
     return CLIPTextModel(cfg).eval()
 
 

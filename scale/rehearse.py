@@ -13,9 +13,9 @@ scikit-learn (the 1,797 handwritten 8x8 digits).
    digits, KID with the classifier's features, the multipliers against their budgets, the forget
    images' denoising loss and the nearest-neighbour distance of generated images to them.
 
-``size="quick"`` takes several minutes on one CPU thread (pretraining 1,500 steps is most of it;
-with cached pretrained models RU / LU / ESD take about 1.5 minutes each); ``size="full"`` is the
-quality run.
+``size="tiny"`` (the default test) takes about 4 minutes on one CPU thread, pretraining included;
+``size="quick"`` several minutes more (pretraining 1,500 steps is most of it; with cached pretrained
+models RU / LU / ESD take about 1.5 minutes each); ``size="full"`` is the quality run.
 """
 
 from __future__ import annotations
@@ -42,15 +42,35 @@ from toy.runs import atomic_write_json
 log = logging.getLogger(__name__)
 
 PROMPT = "a photo of the digit {}"
-SIZES = ("quick", "full")
-#: size presets: (pretrain steps cond, pretrain steps uncond, unlearn steps, eval samples per class,
-#: unet channels, batch)
+SIZES = ("tiny", "quick", "full")
+#: size presets: pretraining steps of the conditional UNet (``pretrain_steps``, batch ``batch``, learning
+#: rate schedule ``lr_schedule``) and of the unconditional DDPM (``uncond_steps``); unlearning steps
+#: (concept ``unlearn_steps``, data ``fu_unlearn_steps``); generated images per digit for evaluation;
+#: UNet widths; prompt length in tokens (``prompt_tokens``: the tokenizer's ``model_max_length``);
+#: the frozen random text encoder's ``text_init_scale`` (``builders.build_text_encoder``);
+#: ancestral sampler steps of the concept runs' on-policy states and path-KL estimate
+#: (``unlearn_sample_steps``) and of evaluation (``eval_sample_steps``, unless
+#: ``RehearseConfig.sample_steps > 0``); RU's dual step ``lr_dual_ru`` (unless
+#: ``RehearseConfig.lr_dual_ru > 0``), larger for fewer unlearning steps.
+#: ``tiny`` is the default-test size (docs/scale.md "Offline rehearsal": why it learns the
+#: conditioning in 600 steps where a 400-step one-cycle run did not).
 PRESETS = {
+    "tiny": dict(pretrain_steps=600, uncond_steps=600, unlearn_steps=40, eval_per_class=32,
+                 channels=(16, 32), mid_block=True, batch=64, fu_train_size=32, fu_unlearn_steps=200,
+                 lr_schedule="wsd", prompt_tokens=8, text_init_scale=5.0, unlearn_sample_steps=10,
+                 eval_sample_steps=15, lr_dual_ru=0.004),
     "quick": dict(pretrain_steps=1500, uncond_steps=600, unlearn_steps=60, eval_per_class=32,
-                  channels=(16, 32), mid_block=True, batch=64, fu_train_size=32, fu_unlearn_steps=150),
+                  channels=(16, 32), mid_block=True, batch=64, fu_train_size=32, fu_unlearn_steps=200,
+                  lr_schedule="one_cycle", prompt_tokens=16, text_init_scale=1.0, unlearn_sample_steps=25,
+                  eval_sample_steps=25, lr_dual_ru=0.002),
     "full": dict(pretrain_steps=20000, uncond_steps=15000, unlearn_steps=400, eval_per_class=400,
-                 channels=(32, 64), mid_block=True, batch=128, fu_train_size=256, fu_unlearn_steps=600),
+                 channels=(32, 64), mid_block=True, batch=128, fu_train_size=256, fu_unlearn_steps=600,
+                 lr_schedule="one_cycle", prompt_tokens=16, text_init_scale=1.0, unlearn_sample_steps=25,
+                 eval_sample_steps=25, lr_dual_ru=0.002),
 }
+#: the preset entries that determine the pretrained models (the cache fingerprint)
+PRETRAIN_KEYS = ("pretrain_steps", "uncond_steps", "channels", "mid_block", "batch", "fu_train_size",
+                 "lr_schedule", "prompt_tokens", "text_init_scale")
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,7 @@ class RehearseConfig:
     digit: int = 3
     methods: tuple[str, ...] = ("ru", "lu", "esd", "fu", "siss")
     timesteps: int = 100
-    sample_steps: int = 25
+    sample_steps: int = 0
     guidance: float = 3.0
     ru_budget_factor: float = 1.0
     lu_budget: float = -0.5
@@ -70,11 +90,15 @@ class RehearseConfig:
     lr: float = 1e-3
     unlearn_lr: float = 3e-3
     lora_targets: tuple[str, ...] = ("attn2.to_k", "attn2.to_v")
-    lr_dual_ru: float = 0.002
+    lr_dual_ru: float = 0.0
     lr_dual_lu: float = 0.1
     fu_forget: int = 4
-    fu_budget_factor: float = 1.15
-    fu_lr_dual: float = 1.0
+    fu_gap_fraction: float = 0.1
+    fu_budget_factor: float = 0.0
+    fu_lr: float = 5e-4
+    fu_lr_dual: float = 2.0
+    fu_forget_draws: int = 16
+    fu_eval_draws: int = 500
     lora_rank: int = 4
     retain_weight: float = 9.0
     retain_null: bool = False
@@ -88,10 +112,24 @@ class RehearseConfig:
         bad = sorted(set(self.methods) - {"ru", "ru_dual_only", "lu", "esd", "fu", "siss", "siss_is"})
         if bad:
             raise ValueError(f"unknown rehearsal method(s) {bad}")
+        if self.sample_steps < 0:
+            raise ValueError(f"sample_steps must be >= 0 (0: the size preset's), got {self.sample_steps}")
+        if self.lr_dual_ru < 0:
+            raise ValueError(f"lr_dual_ru must be >= 0 (0: the size preset's), got {self.lr_dual_ru}")
+        if self.fu_gap_fraction < 0 or self.fu_budget_factor < 0:
+            raise ValueError(f"fu_gap_fraction and fu_budget_factor must be >= 0, got "
+                             f"{self.fu_gap_fraction}, {self.fu_budget_factor}")
+        if self.fu_eval_draws < 2 or self.fu_forget_draws < 1:
+            raise ValueError(f"fu_eval_draws must be >= 2 and fu_forget_draws >= 1, got "
+                             f"{self.fu_eval_draws}, {self.fu_forget_draws}")
 
     @property
     def preset(self) -> dict:
         return PRESETS[self.size]
+
+    @property
+    def eval_sample_steps(self) -> int:
+        return self.sample_steps or self.preset["eval_sample_steps"]
 
 
 # ------------------------------------------------------------------ data and classifier
@@ -147,13 +185,27 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 1
 # ------------------------------------------------------------------ pretraining
 
 
-def _pretrain(unet, x, eps_fn_cond, steps, batch, lr, scheduler, seed, desc, extra_params=()):
+def lr_schedule(opt, kind: str, steps: int):
+    """``"one_cycle"``: warm up over 5% of the steps, cosine decay to ~0. ``"wsd"`` (warmup-stable-decay):
+    warm up over 5%, constant, linear decay to 0 over the last 30%. Cross-attention conditioning
+    appears only after a plateau of a few hundred steps at the peak rate (docs/scale.md "Offline
+    rehearsal"); a short one-cycle run has decayed its rate before then, a WSD run has not."""
+    if kind == "one_cycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"], total_steps=steps,
+                                                   pct_start=0.05)
+    if kind == "wsd":
+        warm, decay = max(1, int(0.05 * steps)), max(1, int(0.3 * steps))
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 1.0, (steps - s) / decay))
+    raise ValueError(f"lr_schedule must be 'one_cycle' or 'wsd', got {kind!r}")
+
+
+def _pretrain(unet, x, eps_fn_cond, steps, batch, lr, scheduler, seed, desc, extra_params=(), schedule="one_cycle"):
     ab = scheduler.alphas_cumprod.double()
     T = ab.numel()
     g = torch.Generator().manual_seed(seed)
     params = list(unet.parameters()) + list(extra_params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    sched = lr_schedule(opt, schedule, steps)
     unet.train()
     for step in tqdm(range(steps), desc=desc, unit="step", mininterval=5):
         idx = torch.randint(0, x.shape[0], (batch,), generator=g)
@@ -175,8 +227,8 @@ def _pretrain(unet, x, eps_fn_cond, steps, batch, lr, scheduler, seed, desc, ext
 def pretrain_concept_model(cfg: RehearseConfig, x, y, path: Path) -> None:
     pre = cfg.preset
     words = PROMPT.format(" ".join(str(i) for i in range(10))).split()
-    tok = builders.build_word_tokenizer(words)
-    te = builders.build_text_encoder(len(tok.get_vocab()), seed=cfg.seed)
+    tok = builders.build_word_tokenizer(words, model_max_length=pre["prompt_tokens"])
+    te = builders.build_text_encoder(len(tok.get_vocab()), seed=cfg.seed, init_scale=pre["text_init_scale"])
     unet = builders.build_cond_unet(block_out_channels=pre["channels"], mid_block=pre["mid_block"], seed=cfg.seed)
     sch = builders.build_scheduler(cfg.timesteps, beta_start=0.1 / cfg.timesteps, beta_end=20.0 / cfg.timesteps)
     from scale.models import encode_prompts
@@ -189,7 +241,8 @@ def pretrain_concept_model(cfg: RehearseConfig, x, y, path: Path) -> None:
         e[torch.rand((idx.shape[0],), generator=g) < 0.15] = null[0]  # prompt dropout: the null prompt
         return net(x_t, t, encoder_hidden_states=e).sample
 
-    _pretrain(unet, x, eps_fn, pre["pretrain_steps"], pre["batch"], cfg.lr * 2, sch, cfg.seed, "pretrain/concept")
+    _pretrain(unet, x, eps_fn, pre["pretrain_steps"], pre["batch"], cfg.lr * 2, sch, cfg.seed, "pretrain/concept",
+              schedule=pre["lr_schedule"])
     builders.save_concept_pipeline(path, unet, te, tok, sch)
 
 
@@ -207,7 +260,7 @@ def pretrain_ddpm(cfg: RehearseConfig, x_train: torch.Tensor, path: Path) -> Non
     unet = builders.build_uncond_unet(block_out_channels=pre["channels"], seed=cfg.seed)
     sch = builders.build_scheduler(cfg.timesteps, beta_start=0.1 / cfg.timesteps, beta_end=20.0 / cfg.timesteps)
     _pretrain(unet, x_train, lambda net, x_t, t, idx, g: net(x_t, t).sample, pre["uncond_steps"],
-              min(pre["batch"], x_train.shape[0]), cfg.lr * 2, sch, cfg.seed + 1, "pretrain/ddpm")
+              min(pre["batch"], x_train.shape[0]), cfg.lr * 2, sch, cfg.seed + 1, "pretrain/ddpm")  # one-cycle
     builders.save_ddpm(path, unet, sch)
 
 
@@ -228,14 +281,18 @@ def evaluate_concept(models, unet, clf, feat, x_real, y_real, cfg: RehearseConfi
     null = encode_prompts(models.tokenizer, models.text_encoder, [""], check_nonempty=False)
     g = torch.Generator().manual_seed(seed)
     acc, imgs = {}, {}
-    for k in range(10):
-        emb = encode_prompts(models.tokenizer, models.text_encoder, [PROMPT.format(k)])
+    per = max(1, 512 // n)  # digits sampled together in one batch (per-sample prompt embeddings)
+    for lo in range(0, 10, per):
+        ks = list(range(lo, min(10, lo + per)))
+        emb = encode_prompts(models.tokenizer, models.text_encoder, [PROMPT.format(k) for k in ks])
+        emb = emb.repeat_interleave(n, 0)
         x = _to_pixels(sample_images(guided_eps_fn(unet, emb, null, cfg.guidance), models.sample_shape,
-                                     models.alphas_cumprod, cfg.sample_steps, n, g))
+                                     models.alphas_cumprod, cfg.eval_sample_steps, emb.shape[0], g, batch=emb.shape[0]))
         with torch.no_grad():
             pred = clf(x).argmax(1)
-        acc[k] = float((pred == k).float().mean())
-        imgs[k] = x
+        for j, k in enumerate(ks):
+            acc[k] = float((pred[j * n:(j + 1) * n] == k).float().mean())
+            imgs[k] = x[j * n:(j + 1) * n]
     retained = [k for k in range(10) if k != cfg.digit]
     fake_ret = torch.cat([imgs[k] for k in retained])
     real_ret = x_real[y_real != cfg.digit]
@@ -246,21 +303,60 @@ def evaluate_concept(models, unet, clf, feat, x_real, y_real, cfg: RehearseConfi
 
 
 def evaluate_ddpm(unet, scheduler, x_forget, x_retain, feat, cfg: RehearseConfig, seed: int) -> dict:
-    from scale.data import forget_losses
-
+    """Denoising losses on seeded systematic draws (``fu_eval_draws`` per forget image, 64 per retained
+    image; paired across models), nearest-neighbour distances of generated images, KID to the
+    training images."""
     ab = scheduler.alphas_cumprod.double()
     n = cfg.preset["eval_per_class"] * 4
-    gen = sample_images(lambda x, t: unet(x, t).sample, (1, 8, 8), ab, cfg.sample_steps, n,
+    gen = sample_images(lambda x, t: unet(x, t).sample, (1, 8, 8), ab, cfg.eval_sample_steps, n,
                         torch.Generator().manual_seed(seed))
     gen = _to_pixels(gen)
     nn_forget = nearest_neighbour_similarity(gen, x_forget)["nn_l2"]
     nn_retain = nearest_neighbour_similarity(gen, x_retain)["nn_l2"]
     return {
-        "forget_loss": forget_losses(unet, x_forget, ab, 64, seed).tolist(),
-        "retain_loss": float(forget_losses(unet, x_retain, ab, 8, seed).mean()),
+        "forget_loss": fixed_draw_losses(unet, x_forget, ab, cfg.fu_eval_draws, seed).double().mean(0).tolist(),
+        "retain_loss": float(fixed_draw_losses(unet, x_retain, ab, 64, seed + 1).double().mean()),
         "nn_l2_forget": nn_forget, "nn_l2_retain_mean": float(np.mean(nn_retain)),
         "kid_train": kid(x_retain, gen, feat, subset_size=min(100, x_retain.shape[0], n), seed=seed)[0],
     }
+
+
+def fixed_draw_losses(unet, images: torch.Tensor, alphas_cumprod: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+    """Denoising loss of every image at ``draws`` seeded (timestep, noise) draws: (draws, N), float32.
+
+    Timesteps are a systematic sample of the uniform law (``t_j = floor((u + j) T / draws) mod T``,
+    one random offset ``u`` per image), so the mean is unbiased for ``E_t`` and most of the loss's
+    variance, which is across timesteps, cancels. The same seed gives the same draws for any model:
+    before/after differences are paired."""
+    from scale.data import denoising_losses
+
+    g = torch.Generator().manual_seed(seed)
+    n, T = images.shape[0], alphas_cumprod.numel()
+    u = torch.rand((1, n), generator=g, dtype=torch.float64)
+    t = (((u + torch.arange(draws, dtype=torch.float64).reshape(-1, 1)) * T / draws).floor().long()) % T
+    noise = torch.randn((draws, *images.shape), generator=g)
+    rep = images.unsqueeze(0).expand(draws, *images.shape).reshape(-1, *images.shape[1:])
+    return denoising_losses(unet, rep, t.reshape(-1), noise.reshape(-1, *images.shape[1:]),
+                            alphas_cumprod).reshape(draws, n)
+
+
+def memorisation_gap(unet, alphas_cumprod, x_retain, x_heldout, draws: int, seed: int) -> dict:
+    """``G = mean loss on held-out digits - mean loss on the retained training images`` (the
+    pretrained DDPM's generalisation gap in denoising-loss units) and its standard error, from
+    ``draws`` seeded draws per image (images are the sampling unit of the standard error)."""
+    l_r = fixed_draw_losses(unet, x_retain, alphas_cumprod, draws, seed).double().mean(0)
+    l_h = fixed_draw_losses(unet, x_heldout, alphas_cumprod, draws, seed + 1).double().mean(0)
+    se = float(torch.sqrt(l_r.var() / l_r.numel() + l_h.var() / l_h.numel()))
+    return {"retain_loss": float(l_r.mean()), "heldout_loss": float(l_h.mean()),
+            "gap": float(l_h.mean() - l_r.mean()), "gap_se": se}
+
+
+def fu_budgets(loss_forget_pre: torch.Tensor, gap: float, fraction: float) -> torch.Tensor:
+    """FU budgets ``b_i = l_i(pretrained) + fraction * G`` (docs/scale.md "Offline rehearsal"): raise each
+    forget image's denoising loss by ``fraction`` of the memorisation gap ``G``. ``fraction = 1`` asks
+    for the loss of an average unseen image, about what retraining without the image gives
+    (measured); smaller fractions are what a short fine-tuning run can reach inside the dual domain."""
+    return loss_forget_pre.double() + fraction * gap
 
 
 def calibrate_ru_budget(cfg: RehearseConfig, model: Path, out: Path, steps: int = 4) -> float:
@@ -274,7 +370,7 @@ def calibrate_ru_budget(cfg: RehearseConfig, model: Path, out: Path, steps: int 
     shutil.rmtree(out, ignore_errors=True)
     concept.run(concept.ConceptConfig(
         model=str(model), out=str(out), method="ru_dual_only", concepts=(PROMPT.format(cfg.digit),),
-        budgets=(1.0,), lr_dual=0.0, sample_steps=cfg.sample_steps, dual_only_steps=steps,
+        budgets=(1.0,), lr_dual=0.0, sample_steps=cfg.preset["unlearn_sample_steps"], dual_only_steps=steps,
         train=TrainConfig(steps=0, batch_size=16, micro_batch=16, cpu=True, seed=cfg.seed + 3)))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return float(np.mean([r["measured"][0] for r in rows]))
@@ -288,11 +384,20 @@ def _retain_prompts(cfg: RehearseConfig) -> tuple[str, ...]:
     return tuple(PROMPT.format(k) for k in range(10) if k != cfg.digit) + (("",) if cfg.retain_null else ())
 
 
-def _last_mean(run_dir: Path, key: str, k: int = 10) -> list[float]:
+def _last_rows(run_dir: Path, key: str, k: int) -> np.ndarray:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("primal", True)] or rows
-    vals = np.array([r[key] for r in rows[-k:]], dtype=np.float64)
-    return vals.mean(0).tolist()
+    return np.array([r[key] for r in rows[-k:]], dtype=np.float64)
+
+
+def _last_mean(run_dir: Path, key: str, k: int = 10) -> list[float]:
+    return _last_rows(run_dir, key, k).mean(0).tolist()
+
+
+def _last_se(run_dir: Path, key: str, k: int = 10) -> list[float]:
+    """Standard error of ``_last_mean``: the per-step estimates use fresh draws every step."""
+    vals = _last_rows(run_dir, key, k)
+    return (vals.std(0, ddof=1) / np.sqrt(vals.shape[0])).tolist()
 
 
 # ------------------------------------------------------------------ the rehearsal
@@ -315,11 +420,13 @@ def run(cfg: RehearseConfig) -> dict:
 
     # ---- pretrained models (cached by a fingerprint of what determines them)
     fingerprint = json.dumps({k: config_to_dict(cfg)[k] for k in ("size", "seed", "timesteps", "lr")}
-                             | {"preset": {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()}},
+                             | {"preset": {k: list(pre[k]) if isinstance(pre[k], tuple) else pre[k] for k in PRETRAIN_KEYS}},
                              sort_keys=True)
     pdir = out / "pretrained"
     g = torch.Generator().manual_seed(cfg.seed + 7)
-    sub = torch.randperm(x.shape[0], generator=g)[:pre["fu_train_size"]]
+    perm = torch.randperm(x.shape[0], generator=g)
+    sub = perm[:pre["fu_train_size"]]
+    held = perm[pre["fu_train_size"]:pre["fu_train_size"] + 256]  # never trained on: the memorisation gap
     names = [f"digit_{int(i):04d}.png" for i in sub]
     forget_names = names[:cfg.fu_forget]
     concept_methods = [mth for mth in cfg.methods if mth in ("ru", "ru_dual_only", "lu", "esd")]
@@ -351,8 +458,9 @@ def run(cfg: RehearseConfig) -> dict:
                 concepts=(PROMPT.format(cfg.digit),), budgets=budgets, esd_eta=cfg.esd_eta,
                 retain_prompts=_retain_prompts(cfg),
                 retain_weight=cfg.retain_weight,
-                lr_dual=cfg.lr_dual_lu if mth == "lu" else cfg.lr_dual_ru, lu_constraint=cfg.lu_constraint,
-                sample_steps=cfg.sample_steps, dual_only_steps=max(10, pre["unlearn_steps"] // 3),
+                lr_dual=cfg.lr_dual_lu if mth == "lu" else (cfg.lr_dual_ru or pre["lr_dual_ru"]),
+                lu_constraint=cfg.lu_constraint,
+                sample_steps=pre["unlearn_sample_steps"], dual_only_steps=max(10, pre["unlearn_steps"] // 3),
                 lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, classifier_t_min=cfg.timesteps // 10,
                 train=TrainConfig(steps=pre["unlearn_steps"], batch_size=16, micro_batch=16, lr=cfg.unlearn_lr,
                                   cpu=True, checkpoint_every=max(1, pre["unlearn_steps"]), seed=cfg.seed))
@@ -368,23 +476,44 @@ def run(cfg: RehearseConfig) -> dict:
     # ---- data unlearning (FU, SISS) through scale.data
     if data_methods:
         dm = load_ddpm_models(str(pdir / "ddpm"))
+        ab = dm.alphas_cumprod
         x_sub = _to_pixels(x[sub])
         x_forget, x_retain = x_sub[:cfg.fu_forget], x_sub[cfg.fu_forget:]
+        x_heldout = _to_pixels(x[held])
         summary["ddpm_before"] = evaluate_ddpm(dm.unet, dm.scheduler, x_forget, x_retain, feat, cfg, cfg.seed + 200)
+        # budgets from the memorisation gap, on seeded draws shared with the after-unlearning check
+        eval_seed, D = cfg.seed + 200, cfg.fu_eval_draws  # the draws of evaluate_ddpm's forget_loss
+        l_pre = fixed_draw_losses(dm.unet, x_forget, ab, D, eval_seed).double()
+        mem = memorisation_gap(dm.unet, ab, x_retain, x_heldout, 32, cfg.seed + 300)
+        if cfg.fu_budget_factor > 0:
+            budgets = cfg.fu_budget_factor * l_pre.mean(0)
+        else:
+            budgets = fu_budgets(l_pre.mean(0), mem["gap"], cfg.fu_gap_fraction)
+        summary["fu_budget_rule"] = (f"{cfg.fu_budget_factor} x pretrained forget loss" if cfg.fu_budget_factor > 0
+                                     else f"pretrained forget loss + {cfg.fu_gap_fraction} x memorisation gap")
+        summary["memorisation"] = mem | {"forget_loss_pre": l_pre.mean(0).tolist(), "budgets": budgets.tolist(),
+                                         "draws": D}
         for mth in data_methods:
             dcfg = data.DataConfig(
                 model=str(pdir / "ddpm"), out=str(out / "runs" / mth), method=mth, train_dir=str(out / "digits_train"),
-                forget=tuple(forget_names), budget_factor=cfg.fu_budget_factor, lr_dual=cfg.fu_lr_dual,
-                siss_weight=1.0, forget_draws=4,
-                train=TrainConfig(steps=pre["fu_unlearn_steps"], batch_size=32, micro_batch=48, lr=cfg.lr / 4,
-                                  cpu=True, checkpoint_every=max(1, pre["fu_unlearn_steps"]), seed=cfg.seed))
+                forget=tuple(forget_names), budgets=tuple(budgets.tolist()), lr_dual=cfg.fu_lr_dual,
+                siss_weight=1.0, forget_draws=cfg.fu_forget_draws,
+                train=TrainConfig(steps=pre["fu_unlearn_steps"], batch_size=32, micro_batch=32,
+                                  lr=cfg.fu_lr, cpu=True, checkpoint_every=max(1, pre["fu_unlearn_steps"]), seed=cfg.seed))
             res = data.run(dcfg)
             dm2 = load_ddpm_models(str(pdir / "ddpm"))
             unet = load_unlearned_unet(dm2, str(out / "runs" / mth))
             ev = evaluate_ddpm(unet, dm2.scheduler, x_forget, x_retain, feat, cfg, cfg.seed + 200)
+            l_post = fixed_draw_losses(unet, x_forget, ab, D, eval_seed).double()
+            diff = l_post - l_pre  # paired draws
+            se = torch.sqrt(diff.var(0) / D + (cfg.fu_gap_fraction * mem["gap_se"]) ** 2 * (cfg.fu_budget_factor <= 0))
             summary["methods"][mth] = {
                 "after": ev, "lam_times_n": res["lam_times_n"], "budgets": res["budgets"],
+                "forget_loss_fixed_draws": l_post.mean(0).tolist(),
+                "budget_margin": (l_post.mean(0) - budgets).tolist(), "budget_margin_se": se.tolist(),
                 "constraint_last10": _last_mean(out / "runs" / mth, "measured"),
+                "constraint_last10_se": _last_se(out / "runs" / mth, "measured"),
+                "lam_times_n_last10": (np.asarray(_last_mean(out / "runs" / mth, "lam")) * res["n_train"]).tolist(),
                 "run": str(out / "runs" / mth)}
     atomic_write_json(out / "summary.json", summary)
     (out / "report.md").write_text(render_report(summary))
@@ -428,4 +557,19 @@ def render_report(s: dict) -> str:
                 lines.append(f"| {mth} | {np.round(a['forget_loss'], 3).tolist()} | {a['retain_loss']:.3f} | "
                              f"{np.round(a['nn_l2_forget'], 2).tolist()} | {a['nn_l2_retain_mean']:.2f} | "
                              f"{a['kid_train']:.4f} | {np.round(np.asarray(r['lam_times_n'], dtype=float), 3).tolist()} |")
+        if "memorisation" in s:
+            mem = s["memorisation"]
+            lines += ["", f"FU budgets ({s['fu_budget_rule']}): memorisation gap = held-out {mem['heldout_loss']:.4f} - "
+                      f"retained {mem['retain_loss']:.4f} = {mem['gap']:.4f} (se {mem['gap_se']:.4f}); "
+                      f"forget losses ({mem['draws']} fixed draws) {np.round(mem['forget_loss_pre'], 4).tolist()}, "
+                      f"budgets {np.round(mem['budgets'], 4).tolist()}", "",
+                      "| method | forget loss (fixed draws) | margin to budget +- se | training estimate (last 10) +- se | n*lam |",
+                      "|---|---|---|---|---|"]
+            for mth, r in s["methods"].items():
+                if "budget_margin" in r:
+                    lines.append(
+                        f"| {mth} | {np.round(r['forget_loss_fixed_draws'], 4).tolist()} | "
+                        + ", ".join(f"{m:+.4f} +- {e:.4f}" for m, e in zip(r["budget_margin"], r["budget_margin_se"]))
+                        + " | " + ", ".join(f"{m:.4f} +- {e:.4f}" for m, e in zip(r["constraint_last10"], r["constraint_last10_se"]))
+                        + f" | {np.round(np.asarray(r['lam_times_n'], dtype=float), 3).tolist()} |")
     return "\n".join(lines) + "\n"
