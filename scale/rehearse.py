@@ -505,8 +505,10 @@ def run(cfg: RehearseConfig) -> dict:
             unet = load_unlearned_unet(dm2, str(out / "runs" / mth))
             ev = evaluate_ddpm(unet, dm2.scheduler, x_forget, x_retain, feat, cfg, cfg.seed + 200)
             l_post = fixed_draw_losses(unet, x_forget, ab, D, eval_seed).double()
-            diff = l_post - l_pre  # paired draws
-            se = torch.sqrt(diff.var(0) / D + (cfg.fu_gap_fraction * mem["gap_se"]) ** 2 * (cfg.fu_budget_factor <= 0))
+            if cfg.fu_budget_factor > 0:  # after - budget on paired draws, and its standard error
+                se = ((l_post - cfg.fu_budget_factor * l_pre).var(0) / D).sqrt()
+            else:
+                se = ((l_post - l_pre).var(0) / D + (cfg.fu_gap_fraction * mem["gap_se"]) ** 2).sqrt()
             summary["methods"][mth] = {
                 "after": ev, "lam_times_n": res["lam_times_n"], "budgets": res["budgets"],
                 "forget_loss_fixed_draws": l_post.mean(0).tolist(),
