@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,7 +81,17 @@ def _check_unlearns_the_digit_and_meets_the_budget(s):
     assert 0 < float(np.asarray(ru["lam"], dtype=float).sum()) < 0.95  # interior: the budget was reachable with sum(lam) < 1
     # the last 10 one-term path-KL estimates (16 trajectories each) are noisy: within 25% of the budget
     assert ru["constraint_last10"][0] >= 0.75 * float(np.asarray(ru["budgets"], dtype=float)[0]), ru
-    assert float(np.asarray(s["methods"]["lu"]["lam"], dtype=float).sum()) > 0
+    # LU: the dual acted (the multiplier left 0 at some step: the pretrained model violates the
+    # budget) and the run ends feasible within the estimate's noise. The *final* multiplier may be 0:
+    # once the edit makes the constraint slack, complementary slackness sends lam back to 0 (seed 1
+    # peaked at 2.6 and ended at 0, docs/scale.md)
+    lu = s["methods"]["lu"]
+    rows = [json.loads(r) for r in (Path(lu["run"]) / "metrics.jsonl").read_text().splitlines() if r.strip()]
+    assert max(float(np.sum(r["lam"])) for r in rows) > 0, "LU's multiplier never moved"
+    meas = np.array([r["measured"] for r in rows[-10:]], dtype=float)[:, 0]
+    b_lu = float(np.asarray(lu["budgets"], dtype=float)[0])
+    # one-term diffusion-classifier estimates are noisy: the last-10 mean within 2 of its standard errors
+    assert meas.mean() <= b_lu + 2 * meas.std(ddof=1) / np.sqrt(len(meas)), (meas, b_lu)
 
 
 def _check_retained_digits_barely_move(s):
