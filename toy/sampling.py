@@ -209,7 +209,8 @@ class TrajectoryPool:
         return est, se
 
     def samples(self) -> torch.Tensor:
-        """The most recent ``buffer`` end points (fewer only before the pool has been filled)."""
+        """The most recent ``buffer`` end points (fewer while fewer chains than that have finished:
+        ``fill`` seeds ``min(n_chains, buffer)``)."""
         return self.ends
 
     def state_dict(self) -> dict:
