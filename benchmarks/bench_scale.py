@@ -4,7 +4,8 @@ random weights (no download): the SD v1 UNet (latents 64x64 at ``--size full``) 
 structure, narrow channels, small images).
 
 Rows, all in one run and on the same device:
-- SD ``plain``: a diffusers LoRA fine-tuning step (denoising loss on random latents and a prompt);
+- SD ``plain``: a diffusers LoRA fine-tuning step (denoising loss on random latents and a prompt;
+  accumulated over ``--micro-batch`` chunks like the engine's steps);
 - SD ``esd``: ESD-x (RU at a fixed multiplier) through ``scale.concept.run``;
 - SD ``ru``: RU primal-dual through ``scale.concept.run`` (same step + KL estimate + dual step);
 - DDPM ``plain``: full fine-tuning step; ``siss``: FU at a fixed weight; ``fu``: FU primal-dual.
@@ -113,21 +114,23 @@ def plain_step_times(kind: str, path: Path, args) -> list[float]:
     model, opt = acc.prepare(m.unet, opt)
     ab = m.alphas_cumprod
     B = args.batch
+    mb = args.micro_batch or B  # gradient accumulation over micro-batches, as the engine does
     times = []
     for _ in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        x0 = torch.randn((B, *m.sample_shape), generator=g).to(acc.device)
-        noise = torch.randn((B, *m.sample_shape), generator=g).to(acc.device)
-        t = torch.randint(0, ab.numel(), (B,), generator=g)
-        x_t = add_noise(x0, noise, ab[t].to(acc.device))
-        with acc.autocast():
-            if kind == "sd":
-                eps = model(x_t, t.to(acc.device), encoder_hidden_states=emb.expand(B, -1, -1)).sample
-            else:
-                eps = model(x_t, t.to(acc.device)).sample
-        loss = denoising_loss(eps, noise).mean()
         opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
+        for start in range(0, B, mb):
+            b = min(mb, B - start)
+            x0 = torch.randn((b, *m.sample_shape), generator=g).to(acc.device)
+            noise = torch.randn((b, *m.sample_shape), generator=g).to(acc.device)
+            t = torch.randint(0, ab.numel(), (b,), generator=g)
+            x_t = add_noise(x0, noise, ab[t].to(acc.device))
+            with acc.autocast():
+                if kind == "sd":
+                    eps = model(x_t, t.to(acc.device), encoder_hidden_states=emb.expand(b, -1, -1)).sample
+                else:
+                    eps = model(x_t, t.to(acc.device)).sample
+            acc.backward(denoising_loss(eps, noise).mean() * (b / B))
         opt.step()
         if acc.device.type == "cuda":
             torch.cuda.synchronize()
