@@ -148,11 +148,11 @@ def effective_sample_size(log_w: torch.Tensor) -> float:
 
 # ---------------------------------------------------------------- constraint estimators
 
-def ru_constraint_path_kl(net, forget, n, ab, gen, return_samples: bool = False):
-    """RU: path-wise KL(P_theta || Q_i) (m,) and its standard error from n own trajectories (and
-    the trajectories' end points when asked: they refresh the on-policy pool for free)."""
-    kl, per, x0 = path_kl_to_models(net, forget, n, ab, gen)
-    return (kl, per.std(1) / np.sqrt(n), x0) if return_samples else (kl, per.std(1) / np.sqrt(n))
+def ru_constraint_path_kl(net, forget, n, ab, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    """RU: path-wise KL(P_theta || Q_i) (m,) and its standard error from n fresh own trajectories
+    (``estimate="fresh"``; the default amortises the same sum along a ``TrajectoryPool``)."""
+    kl, per, _ = path_kl_to_models(net, forget, n, ab, gen)
+    return kl, per.std(1) / np.sqrt(n)
 
 
 def lu_constraint_exact(net, forget_exact, q_exact, n, ab, gen, variant,
