@@ -121,10 +121,13 @@ def tiny_pretrained(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("problem", ["forward_kl", "likelihood", "reverse_kl"])
-def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_pretrained, problem):
+@pytest.mark.parametrize("problem, estimate", [("forward_kl", "auto"), ("likelihood", "auto"), ("likelihood", "pool"),
+                                               ("reverse_kl", "auto"), ("reverse_kl", "fresh")])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_pretrained, problem, estimate):
+    """Every estimator's state resumes exactly: RU and LU's trajectory pool (positions, partial sums,
+    end points) as well as fresh trajectories."""
     from toy.run import ToyConfig, run
-    kw = dict(TINY, problem=problem, pretrained=str(tiny_pretrained), surrogate_reference=False)
+    kw = dict(TINY, problem=problem, pretrained=str(tiny_pretrained), surrogate_reference=False, estimate=estimate)
     full = run(ToyConfig(out=str(tmp_path / "full"), **kw))
     part = run(ToyConfig(out=str(tmp_path / "part"), **kw), stop_after=25)
     assert part == {"interrupted_at": 20}
