@@ -74,6 +74,17 @@ def _data_cfg(model, imgs, out, **kw):
 # ------------------------------------------------------------------ loading and bad input
 
 
+def _assert_resumed_equals_full(full: dict, resumed: dict, tmp_path) -> tuple[dict, dict]:
+    """A resumed run (``tmp_path/cut``) equals the uninterrupted one (``tmp_path/full``) exactly:
+    multipliers and every trained weight; returns both checkpoints' states."""
+    torch.testing.assert_close(torch.as_tensor(resumed["lam"]), torch.as_tensor(full["lam"]), rtol=0, atol=0)
+    wa, sa = load_checkpoint(tmp_path / "full" / "checkpoint")
+    wb, sb = load_checkpoint(tmp_path / "cut" / "checkpoint")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+    return sa, sb
+
+
 def test_loaded_concept_model_reproduces_the_saved_unet(concept_path):
     from diffusers import UNet2DConditionModel
 
@@ -270,11 +281,7 @@ def test_interrupted_and_resumed_concept_run_with_retain_term_equals_uninterrupt
     full = run(_concept_cfg(concept_path, tmp_path / "full", **kw))
     run(_concept_cfg(concept_path, tmp_path / "cut", **kw), stop_after=3)
     resumed = run(_concept_cfg(concept_path, tmp_path / "cut", **kw), resume=True)
-    torch.testing.assert_close(torch.as_tensor(resumed["lam"]), torch.as_tensor(full["lam"]), rtol=0, atol=0)
-    wa, _ = load_checkpoint(tmp_path / "full" / "checkpoint")
-    wb, _ = load_checkpoint(tmp_path / "cut" / "checkpoint")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+    _assert_resumed_equals_full(full, resumed, tmp_path)
 
 
 def test_ru_multiplier_rises_while_the_kl_constraint_is_violated(concept_path, tmp_path):
@@ -360,11 +367,7 @@ def test_interrupted_and_resumed_concept_run_equals_uninterrupted(concept_path, 
     w_cut, st = load_checkpoint(tmp_path / "cut" / "checkpoint")
     assert st["step"] == 2
     resumed = run(_concept_cfg(concept_path, tmp_path / "cut", **kw), resume=True)
-    torch.testing.assert_close(torch.as_tensor(resumed["lam"]), torch.as_tensor(full["lam"]), rtol=0, atol=0)
-    wa, sa = load_checkpoint(tmp_path / "full" / "checkpoint")
-    wb, sb = load_checkpoint(tmp_path / "cut" / "checkpoint")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+    sa, sb = _assert_resumed_equals_full(full, resumed, tmp_path)
     assert sa["step"] == sb["step"] == 4
     steps = [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3]  # the lost step 2 was dropped and redone, not duplicated

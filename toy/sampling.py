@@ -146,6 +146,7 @@ class TrajectoryPool:
         # per-t update x <- a_t x - c_t eps + s_t z in one gather (s_0 = 0: the last step is the mean)
         self._coef = torch.stack([self._inv_sqrt_alpha, self._c_eps * self._inv_sqrt_alpha,
                                   torch.where(torch.arange(self.T) > 0, self._sigma, 0.0)], 1).unsqueeze(2)
+        self._ab = ab
         self._w = reverse_step_kl_weights(ab)
         # chain j sits at timestep T-1 - (j mod T): every t holds k chains
         self.t = (self.T - 1 - torch.arange(self.n) % self.T).long()
@@ -160,16 +161,13 @@ class TrajectoryPool:
     def fill(self, model, generator: torch.Generator) -> None:
         """One ancestral pass of ``n`` chains from N(0, I); chain j keeps its state at its own
         timestep; the pass's end points seed the sample buffer."""
-        x = torch.randn(self.n, self.dim, generator=generator)
-        snap = torch.empty_like(x)
-        for t in range(self.T - 1, -1, -1):
+        snap = torch.empty(self.n, self.dim)
+
+        def keep(t, x, eps):  # chain j's state when the pass reaches its own timestep
             at = self.t == t
             snap[at] = x[at]
-            eps = model(x, torch.full((self.n,), t, dtype=torch.long)).to(torch.float32)
-            _check_finite(eps, t, "eps")
-            x = (x - self._c_eps[t] * eps) * self._inv_sqrt_alpha[t]
-            if t > 0:
-                x = x + self._sigma[t] * torch.randn(self.n, self.dim, generator=generator)
+
+        x = ddpm_sample(model, self.n, self._ab, generator, self.dim, on_step=keep)
         self.x = snap
         self.ends = x[-self.buffer:].clone()
         self.filled = True
