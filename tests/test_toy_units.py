@@ -121,7 +121,7 @@ def tiny_pretrained(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("problem, estimate", [("forward_kl", "auto"), ("likelihood", "auto"), ("likelihood", "pool"),
+@pytest.mark.parametrize("problem, estimate", [("forward_kl", "auto"), ("likelihood", "auto"), ("likelihood", "fresh"),
                                                ("reverse_kl", "auto"), ("reverse_kl", "fresh")])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_pretrained, problem, estimate):
     """Every estimator's state resumes exactly: RU and LU's trajectory pool (positions, partial sums,

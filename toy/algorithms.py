@@ -343,7 +343,7 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
                 net.train()
                 est_s += time.perf_counter() - te
             td = time.perf_counter()
-            dual.step(measured)
+            dual.step(measured, measured_se)
             dual_s = time.perf_counter() - td
             hist["lam"].append(dual.lam.tolist())
             hist["measured"].append(measured.tolist())

@@ -8,6 +8,13 @@ Lagrangian minimiser, so dual ascent is ``lam <- proj(lam + lr_dual * violation)
 - FU ``KL(q_i||p) >= b_i``   -> violation ``b_i - KL(q_i||p)``
 - LU ``E_p[g_i] <= eps_i``   -> violation ``E_p[g_i] - eps_i``
 
+``violation_scale="log"`` (LU with positive g) measures the violation as ``log measured - log budget``:
+the same sign and the same zero, so the same fixed points (complementary slackness), but a step
+proportional to the *relative* violation. LU's constraint spans orders of magnitude (the pretrained
+model's ``E_q[q_1]`` is 10x the default budget) and is flat near lam*, so a step size scaled to the
+slope at lam* turns the initial violation into a jump far past lam*; in log scale the first step is
+bounded by ``lr * log(measured / budget)`` (docs/toy.md, "LU's dual step").
+
 The projection is onto the dual domain ``{0 <= lam_i <= upper_i, sum(lam) <= sum_max}``
 (RU: ``sum_max < 1`` keeps the tilt defined; FU data unlearning: ``upper_i = 1/n``).
 """
@@ -73,7 +80,7 @@ class DualState:
     """
 
     def __init__(self, problem: str, budgets, lr_dual: float, lam_init=None,
-                 upper=None, sum_max: float | None = None, max_lam: float = 1e6):
+                 upper=None, sum_max: float | None = None, max_lam: float = 1e6, violation_scale: str = "linear"):
         if problem not in PROBLEMS:
             raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
         self.problem = problem
@@ -84,6 +91,12 @@ class DualState:
         if lr_dual < 0:
             raise ValueError(f"lr_dual must be >= 0, got {lr_dual}")
         self.lr_dual = float(lr_dual)
+        if violation_scale not in ("linear", "log"):
+            raise ValueError(f"violation_scale must be 'linear' or 'log', got {violation_scale!r}")
+        if violation_scale == "log" and (not _LOWER_IS_FEASIBLE[problem] or bool((self.budgets <= 0).any())):
+            raise ValueError("violation_scale='log' is for upper-bounded constraints with positive budgets "
+                             f"(LU with g > 0), got problem {problem!r}, budgets {self.budgets.tolist()}")
+        self.violation_scale = violation_scale
         self.upper = None if upper is None else torch.as_tensor(upper, dtype=torch.float64).reshape(-1).expand(m).clone()
         self.sum_max = sum_max
         self.max_lam = max_lam
@@ -93,15 +106,26 @@ class DualState:
         self.lam = project_multipliers(lam, self.upper, self.sum_max)
         self.steps = 0
 
-    def violation(self, measured) -> torch.Tensor:
-        return constraint_violation(self.problem, torch.as_tensor(measured, dtype=torch.float64).reshape(-1),
-                                    self.budgets)
+    def violation(self, measured, stderr=None) -> torch.Tensor:
+        """``measured - budget`` (linear) or ``log measured - log budget`` (log scale). In log scale a
+        standard error ``stderr`` of the (mean) estimate removes the log's Jensen bias to second order
+        (delta method: ``E[log m] = log E[m] - se^2 / (2 E[m]^2) + O(n^-2)``), so that the fixed point
+        is ``E[m] = budget`` rather than ``E[log m] = log budget``."""
+        measured = torch.as_tensor(measured, dtype=torch.float64).reshape(-1)
+        if self.violation_scale == "log":
+            if bool((measured <= 0).any()):
+                raise ValueError(f"violation_scale='log' needs positive constraint estimates, got {measured.tolist()}")
+            v = measured.log() - self.budgets.log()
+            if stderr is not None:
+                v = v + 0.5 * (torch.as_tensor(stderr, dtype=torch.float64).reshape(-1) / measured).pow(2)
+            return v
+        return constraint_violation(self.problem, measured, self.budgets)
 
-    def step(self, measured) -> torch.Tensor:
+    def step(self, measured, stderr=None) -> torch.Tensor:
         measured = torch.as_tensor(measured, dtype=torch.float64).reshape(-1)
         if not torch.all(torch.isfinite(measured)):
             raise FloatingPointError(f"non-finite constraint estimate {measured.tolist()} at dual step {self.steps}")
-        v = self.violation(measured)
+        v = self.violation(measured, stderr)
         lam = dual_ascent_step(self.lam, v, self.lr_dual, self.upper, self.sum_max)
         if not torch.all(torch.isfinite(lam)) or float(lam.max()) > self.max_lam:
             raise FloatingPointError(
@@ -114,7 +138,7 @@ class DualState:
     def state_dict(self) -> dict:
         return {"problem": self.problem, "lam": self.lam.clone(), "budgets": self.budgets.clone(),
                 "lr_dual": self.lr_dual, "upper": None if self.upper is None else self.upper.clone(),
-                "sum_max": self.sum_max, "steps": self.steps}
+                "sum_max": self.sum_max, "steps": self.steps, "violation_scale": self.violation_scale}
 
     def load_state_dict(self, state: dict) -> None:
         if state["problem"] != self.problem:
@@ -125,3 +149,4 @@ class DualState:
         self.upper = None if state["upper"] is None else state["upper"].clone()
         self.sum_max = state["sum_max"]
         self.steps = int(state["steps"])
+        self.violation_scale = state.get("violation_scale", "linear")

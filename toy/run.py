@@ -68,12 +68,14 @@ class ToyConfig:
     lr: float = 1e-3
     lr_final_frac: float = 0.1  # cosine decay of the primal learning rate to lr * this
     pool_frac: float = 0.5  # RU composed target: half of each x_0 batch from the model's own samples
-    lr_dual: float = -1.0  # < 0: DUAL_GAIN / slope at lam*
+    lr_dual: float = -1.0  # < 0: dual_gain / slope at lam* (of the log constraint for violation_scale=log)
+    dual_gain: float = -1.0  # < 0: DUAL_GAIN[problem]
+    violation_scale: str = "auto"  # linear | log (LU only) | auto: LU log, RU/FU linear
     dual_every: int = 20
     dual_batch: int = 128  # model samples behind each LU estimate / own x_0 kept for the composed target
-    # RU/LU constraint estimates: "pool" (amortised along toy.sampling.TrajectoryPool, RU's default) or
-    # "fresh" (dual_batch new trajectories every dual_every steps, LU's default: the pool's end points
-    # lag the model by a chain's lifetime, which LU's dual ascent overshoots on; docs/toy.md); "auto"
+    # RU/LU constraint estimates: "pool" (amortised along toy.sampling.TrajectoryPool; "auto") or
+    # "fresh" (dual_batch new trajectories every dual_every steps: no delay, ~50% of a primal step).
+    # LU's pool estimate (its end points) is delayed, so LU's dual gain is lowered to match (docs/toy.md)
     estimate: str = "auto"
     pool_chains: int = 0  # TrajectoryPool chains (a multiple of num_timesteps; 0: pool_every x num_timesteps)
     pool_every: int = 4  # advance the pool every this many steps (a divisor of dual_every)
@@ -124,9 +126,14 @@ def validate(cfg: ToyConfig) -> None:
     for name in ("steps", "batch", "forget_batch", "dual_every", "dual_batch", "checkpoint_every", "n_eval"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.violation_scale not in ("auto", "linear", "log"):
+        raise ValueError(f"violation_scale must be auto, linear or log, got {cfg.violation_scale!r}")
+    if cfg.violation_scale == "log" and (cfg.problem != "likelihood" or cfg.variant == "log_likelihood"):
+        raise ValueError("violation_scale='log' needs a positive constraint function: problem=likelihood with "
+                         f"variant likelihood or likelihood_ratio, got {cfg.problem!r}, {cfg.variant!r}")
     if cfg.estimate not in ("auto", "pool", "fresh"):
         raise ValueError(f"estimate must be 'auto', 'pool' or 'fresh', got {cfg.estimate!r}")
-    uses_pool = cfg.problem == "reverse_kl" or (cfg.problem == "likelihood" and estimate_kind(cfg) == "pool")
+    uses_pool = cfg.problem == "reverse_kl" or (cfg.problem == "likelihood" and estimate_kind(cfg) != "fresh")
     if cfg.pool_every < 1 or (uses_pool and cfg.dual_every % cfg.pool_every):
         raise ValueError(f"pool_every must divide dual_every = {cfg.dual_every}, got {cfg.pool_every}")
     if cfg.pool_chains < 0 or cfg.pool_chains % cfg.num_timesteps:
@@ -134,14 +141,51 @@ def validate(cfg: ToyConfig) -> None:
                          f"got {cfg.pool_chains}")
 
 
+def violation_scale(cfg: ToyConfig) -> str:
+    """The dual step's violation scale: ``cfg.violation_scale`` unless "auto" (LU with g > 0: log)."""
+    if cfg.violation_scale != "auto":
+        return cfg.violation_scale
+    return "log" if cfg.problem == "likelihood" and cfg.variant != "log_likelihood" else "linear"
+
+
+def pool_chains(cfg: ToyConfig) -> int:
+    """Chains of the ``TrajectoryPool``: ``cfg.pool_chains`` unless 0 (RU: ``pool_every x T``, one end
+    point per step for the on-policy x_0; LU: ``2 T``, the pool is all dual machinery there)."""
+    if cfg.pool_chains:
+        return cfg.pool_chains
+    return (2 if cfg.problem == "likelihood" else cfg.pool_every) * cfg.num_timesteps
+
+
+def estimate_delay(cfg: ToyConfig) -> float:
+    """Mean age, in dual steps, of what an LU pool estimate measures: a pool end point is the model's
+    chain of ``T`` advances ``pool_every`` steps apart (its kernel at the middle of that life is
+    ``T pool_every / 2`` steps old), and the estimate averages the last ``dual_batch`` end points,
+    ``k = chains / T`` per advance (another half window). 0 for estimators without delay."""
+    if cfg.problem != "likelihood" or estimate_kind(cfg) != "pool":
+        return 0.0
+    k = pool_chains(cfg) // cfg.num_timesteps
+    age = cfg.num_timesteps * cfg.pool_every / 2 + (cfg.dual_batch / k) * cfg.pool_every / 2
+    return age / cfg.dual_every
+
+
+def delay_limited_gain(cfg: ToyConfig) -> float:
+    """Dual gain (the fraction of the linearised distance to the root taken per dual step):
+    ``DUAL_GAIN[problem]``, lowered for a delayed estimate to ``(pi/6) / D`` (D the delay in dual
+    steps): a Newton-scaled dual ascent is an integral controller of gain k on a unit plant, and
+    with a pure delay D its loop ``k e^{-sD} / s`` crosses over at ``omega = k`` with phase margin
+    ``pi/2 - k D``; ``k D = pi/6`` keeps a 60-degree margin (docs/toy.md, "LU's dual step")."""
+    d = estimate_delay(cfg)
+    return min(DUAL_GAIN[cfg.problem], (np.pi / 6) / d) if d > 0 else DUAL_GAIN[cfg.problem]
+
+
 def estimate_kind(cfg: ToyConfig) -> str:
-    """The constraint estimator a config uses: RU/LU ``estimate`` unless "auto" (RU pool, LU fresh);
+    """The constraint estimator a config uses: RU/LU ``estimate`` unless "auto" (the trajectory pool);
     FU's is always the ELBO on its forget minibatch (free)."""
     if cfg.problem == "forward_kl":
         return "forget-minibatch ELBO"
     if cfg.estimate != "auto":
         return cfg.estimate
-    return "fresh" if cfg.problem == "likelihood" else "pool"
+    return "pool"
 
 
 # ---------------------------------------------------------------- pretraining
@@ -321,7 +365,11 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -
     elif cfg.problem == "forward_kl":
         upper = [qd.lam_max() for qd in quads]
     slopes = np.array([_slope(qd, lam_i) for qd, lam_i in zip(quads, lam_th)])
-    lr_dual = cfg.lr_dual if cfg.lr_dual >= 0 else float(DUAL_GAIN[cfg.problem] / max(np.abs(slopes).max(), 1e-12))
+    vscale = violation_scale(cfg)
+    # d log C / d lam = slope / C, and C = budget at lam*
+    step_slopes = slopes / budgets if vscale == "log" else slopes
+    gain = cfg.dual_gain if cfg.dual_gain >= 0 else delay_limited_gain(cfg)
+    lr_dual = cfg.lr_dual if cfg.lr_dual >= 0 else float(gain / max(np.abs(step_slopes).max(), 1e-12))
     fixed = cfg.algorithm != "primal_dual"
     lam_init = np.asarray(cfg.lam_init, dtype=np.float64) if cfg.lam_init else None
     if cfg.algorithm == "esd":
@@ -330,12 +378,13 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -
         lam_init = np.array([cfg.siss_lam if cfg.siss_lam >= 0 else 0.5 * u for u in upper])
     elif cfg.algorithm == "dual_only":
         lam_init = dual_only_lam(quads, budgets, lr_dual, sum_max)
-    dual = DualState(cfg.problem, budgets, 0.0 if fixed else lr_dual, lam_init, upper, sum_max, cfg.lam_max)
+    dual = DualState(cfg.problem, budgets, 0.0 if fixed else lr_dual, lam_init, upper, sum_max, cfg.lam_max,
+                     violation_scale=vscale)
 
     loop = LoopConfig(cfg.steps, cfg.batch, cfg.forget_batch, cfg.lr, cfg.dual_every, cfg.dual_batch,
                       cfg.checkpoint_every, cfg.average_frac, lr_final_frac=cfg.lr_final_frac, target=primal_target(cfg),
                       pool_frac=cfg.pool_frac if (cfg.problem == "reverse_kl" and primal_target(cfg) == "composed") else 0.0,
-                      estimate="fresh" if estimate_kind(cfg) == "fresh" else "pool", pool_chains=cfg.pool_chains, pool_every=cfg.pool_every)
+                      estimate="fresh" if estimate_kind(cfg) == "fresh" else "pool", pool_chains=pool_chains(cfg), pool_every=cfg.pool_every)
     bar_un = bar(total=cfg.steps, desc=f"{cfg.problem} {cfg.algorithm}")
     ckpt = rd.load_checkpoint()
     if ckpt is not None:
