@@ -183,3 +183,48 @@ def test_verify_section_quick_passes_with_its_figure(tmp_path):
     sec = verify_section(tmp_path, quick=True, seed=0)
     assert sec.checks and sec.passed, [c for c in sec.checks if not c.passed]
     assert all((tmp_path / f).stat().st_size > 0 for f in sec.figures)
+
+
+def test_mode_switch_is_skipped_only_for_networks_without_mode_dependent_layers():
+    from toy.algorithms import has_mode_dependent_layers
+    from toy.models import EpsMLP
+    assert not has_mode_dependent_layers(EpsMLP())
+    assert has_mode_dependent_layers(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Dropout(0.1)))
+    assert has_mode_dependent_layers(torch.nn.Sequential(torch.nn.BatchNorm1d(4)))
+    assert not has_mode_dependent_layers(lambda x, t: x)  # exact models are plain callables
+
+
+def test_pool_layout_is_a_function_of_its_phase_and_rejects_a_foreign_state():
+    """The pool tabulates each phase's timesteps; a state whose timesteps are not one of them
+    (another pool's, or edited) is refused rather than silently re-laid out."""
+    from toy.sampling import TrajectoryPool
+    ab = torch.linspace(0.999, 0.01, 10)
+    pool = TrajectoryPool(ab, 20, 4)
+    exact = lambda x, t: torch.zeros_like(x)
+    g = torch.Generator().manual_seed(0)
+    pool.fill(exact, g)
+    for _ in range(13):
+        t_before = pool.t.clone()
+        pool.advance(exact, g)
+        assert torch.equal(pool.t, torch.where(t_before == 0, 9, t_before - 1))
+        assert torch.equal(torch.bincount(pool.t, minlength=10), torch.full((10,), 2))
+    state = pool.state_dict()
+    other = TrajectoryPool(ab, 20, 4)
+    other.load_state_dict(state)
+    assert torch.equal(other.t, pool.t) and other._phase == pool._phase
+    state["t"] = state["t"].flip(0)
+    with pytest.raises(ValueError, match="staggered layout"):
+        other.load_state_dict(state)
+
+
+def test_eps_mlp_looks_up_the_same_time_embedding_and_refuses_timesteps_outside_the_schedule():
+    from toy.models import timestep_embedding
+    net = EpsMLP(num_timesteps=50)
+    t = torch.tensor([0, 7, 49])
+    x = torch.randn(3, 2)
+    direct = net.net(torch.cat([x, timestep_embedding(t, 32, 50)], 1))
+    assert torch.equal(net(x, t), direct)
+    for bad in (torch.tensor([50]), torch.tensor([-1])):
+        with pytest.raises(ValueError, match="timesteps must lie in"):
+            net(x[:1], bad)
+    assert "_emb" not in net.state_dict()  # saved models do not carry the table

@@ -148,8 +148,15 @@ class TrajectoryPool:
                                   torch.where(torch.arange(self.T) > 0, self._sigma, 0.0)], 1).unsqueeze(2)
         self._ab = ab
         self._w = reverse_step_kl_weights(ab)
-        # chain j sits at timestep T-1 - (j mod T): every t holds k chains
-        self.t = (self.T - 1 - torch.arange(self.n) % self.T).long()
+        # after a advances chain j sits at timestep (T-1 - j - a) mod T: every t holds k chains, and the
+        # whole layout is a function of the phase a mod T, so each phase's timesteps, update
+        # coefficients and finishing slots are tabulated once (an advance is then a few views)
+        j = torch.arange(self.n)
+        self._t_phase = torch.stack([(self.T - 1 - j - a) % self.T for a in range(self.T)]).long()  # (T, n)
+        self._coef_phase = self._coef[self._t_phase]  # (T, n, 3, 1)
+        self._done_phase = [torch.nonzero(self._t_phase[a] == 0).squeeze(1) for a in range(self.T)]
+        self._phase = 0
+        self.t = self._t_phase[0]
         self.x = torch.zeros(self.n, self.dim)
         self.ends = torch.zeros(0, self.dim)
         self._kl_slots: torch.Tensor | None = None  # (m, n) per-slot sums of path-KL terms
@@ -178,7 +185,8 @@ class TrajectoryPool:
         if not self.filled:
             raise RuntimeError("call fill(model, generator) before advance")
         eps = model(self.x, self.t).to(torch.float32)
-        _check_finite(eps, int(self.t.min()), "eps")
+        if not bool(torch.isfinite(eps).all()):
+            raise FloatingPointError(f"non-finite eps at sampling timestep {int(self.t.min())}")
         self.others_seconds = 0.0
         if others:
             t0 = time.perf_counter()
@@ -187,13 +195,15 @@ class TrajectoryPool:
             self._kl_slots = terms if self._kl_slots is None else self._kl_slots + terms
             self._advances += 1
             self.others_seconds = time.perf_counter() - t0
-        a, c, sig = self._coef[self.t].unbind(1)
+        a, c, sig = self._coef_phase[self._phase].unbind(1)
         noise = torch.randn(self.n, self.dim, generator=generator)
         x = torch.addcmul(torch.addcmul(a * self.x, c, eps, value=-1.0), sig, noise)
-        done = self.t == 0  # k chains end here (sig = 0 there): keep them, restart those slots
-        self.ends = torch.cat([self.ends, x[done]])[-self.buffer:]
-        self.x = torch.where(done.unsqueeze(1), noise, x)
-        self.t = torch.where(done, self.T - 1, self.t - 1)
+        # the k chains at t = 0 end here (sig = 0 there): keep their end points, restart those slots
+        done = self._done_phase[self._phase]
+        self.ends = torch.cat([self.ends, x.index_select(0, done)])[-self.buffer:]
+        self.x = x.index_copy_(0, done, noise.index_select(0, done))
+        self._phase = (self._phase + 1) % self.T
+        self.t = self._t_phase[self._phase]
 
     def take_path_kl(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean path-KL estimate (m,) over the advances since the last call and its standard error
@@ -221,7 +231,11 @@ class TrajectoryPool:
         if tuple(s["shape"]) != (self.T, self.n, self.buffer, self.dim):
             raise ValueError(f"pool state of shape {tuple(s['shape'])} does not fit this pool "
                              f"{(self.T, self.n, self.buffer, self.dim)}")
-        self.x, self.t, self.ends = s["x"].clone(), s["t"].clone(), s["ends"].clone()
+        self.x, self.ends = s["x"].clone(), s["ends"].clone()
+        self._phase = int((self.T - 1 - int(s["t"][0])) % self.T)
+        if not torch.equal(s["t"].long(), self._t_phase[self._phase]):
+            raise ValueError("pool state's timesteps are not a staggered layout of this pool")
+        self.t = self._t_phase[self._phase]
         self._kl_slots = None if s["kl_slots"] is None else s["kl_slots"].clone()
         self._advances = int(s["advances"])
         self.filled = bool(s["filled"])
