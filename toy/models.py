@@ -73,9 +73,10 @@ class EpsMLP(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         t = t.long()
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.config["num_timesteps"]):
-            raise ValueError(f"timesteps must lie in [0, {self.config['num_timesteps']}), got "
-                             f"[{int(t.min())}, {int(t.max())}]")
+        if t.numel():
+            lo, hi = (int(v) for v in torch.aminmax(t))
+            if lo < 0 or hi >= self.config["num_timesteps"]:
+                raise ValueError(f"timesteps must lie in [0, {self.config['num_timesteps']}), got [{lo}, {hi}]")
         emb = self._emb[t]
         return self.net(torch.cat([x_t, emb.to(x_t.dtype)], dim=1))
 
