@@ -52,6 +52,16 @@ def test_lu_primal_dual_converges_to_lam_star_meets_budget_and_matches_target(tm
     _assert_checks(s)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_lu_pool_estimate_meets_the_checks_at_other_seeds(tmp_path, seed):
+    """LU's default (delayed) pool estimate with the log-scale, delay-limited dual step: the same
+    checks at two more seeds, each with its own pretrained model (docs/toy.md's seed table)."""
+    s = run(ToyConfig(out=str(tmp_path / "run"), problem="likelihood", seed=seed, figure=False))
+    assert s["constraint_estimator"] == "pool"
+    _assert_checks(s)
+
+
 def test_ru_dual_only_ascent_finds_theory_lam_star():
     """Dual-only RU optimises lam alone on the explicit x_0 tilt: it must reach theory's lam*
     to the dual ascent's convergence (400 steps of gain 0.3: contraction 0.7^400 ~ 0), i.e. to the
