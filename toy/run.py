@@ -470,6 +470,8 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
         "q_constraint_values": q_cons, "exact_score_constraint_values": ex_cons, "constraint_tolerance": delta_c,
         "constraint_violation": _violation(cfg.problem, cons, budgets),
         "steps": cfg.steps, "dual_steps": len(hist["lam"]), "constraint_estimator": estimate_kind(cfg),
+        "pool_every": cfg.pool_every, "pool_chains": pool_chains(cfg), "violation_scale": violation_scale(cfg),
+        "estimate_delay_dual_steps": estimate_delay(cfg),
         "step_seconds_median": float(np.median(hist["step_seconds"])),
         "dual_seconds_median": float(np.median([s for s in hist["dual_seconds"] if s > 0])) if any(hist["dual_seconds"]) else 0.0,
         "estimate_seconds_total": float(np.sum(hist["estimate_seconds"])),
