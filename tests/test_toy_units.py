@@ -228,3 +228,14 @@ def test_eps_mlp_looks_up_the_same_time_embedding_and_refuses_timesteps_outside_
         with pytest.raises(ValueError, match="timesteps must lie in"):
             net(x[:1], bad)
     assert "_emb" not in net.state_dict()  # saved models do not carry the table
+
+
+def test_lu_network_estimator_runs_on_the_pool_end_points_with_the_log_scale_step(tmp_path, tiny_pretrained):
+    """The diffusion-classifier estimate of the ratio variant (forget network against the
+    pretrained one) at the pool's end points: at p = q the ratio's mean is above the budget, so the
+    log-scale dual step must raise lam from 0 (the path otherwise only runs in docs/toy.md's study)."""
+    from toy.run import ToyConfig, run
+    s = run(ToyConfig(out=str(tmp_path / "net"), problem="likelihood", variant="likelihood_ratio",
+                      lu_estimator="network", pretrained=str(tiny_pretrained), surrogate_reference=False, **TINY))
+    assert s["constraint_estimator"] == "pool" and s["violation_scale"] == "log"
+    assert np.all(np.isfinite(s["lam"])) and s["lam"][0] > 0
