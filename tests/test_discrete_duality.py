@@ -3,7 +3,7 @@
 condition under which they appear, and their closing under refinement; what holds for FU and LU.
 
 Every primal value here is certified independently of the dual: the global solver
-(``theory.discrete_global``), cvxpy (``theory.discrete_oracles``), or random search as a check on
+(``theory.discrete.global_primal``), cvxpy (``theory.discrete.oracles``), or random search as a check on
 the global solver itself."""
 
 import numpy as np
@@ -12,8 +12,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from theory import discrete as d
-from theory import discrete_global as dg
-from theory import discrete_oracles as oracles
+from theory.discrete import dual as d_dual
+from theory.discrete import global_primal as dg
+from theory.discrete import oracles
 from tests.strategies.discrete import fu_instances, lu_instances, ru_instances, simplices
 
 TOL = 1e-8
@@ -193,8 +194,8 @@ def test_forward_kl_with_several_constraints_has_zero_gap_unless_q_is_a_mixture_
     rest of the boundary), so the target there is feasible with CS: zero gap, certified by KKT."""
     q, forget, b = data.draw(fu_instances(m=m, max_n=7 if m == 3 else 5))
     s = d.solve("forward_kl", q, forget, b)
-    inst = d._instance("forward_kl", q, forget, b)
-    if d._fu_boundary(inst) is None:
+    inst = d_dual.make_instance("forward_kl", q, forget, b)
+    if d_dual._fu_boundary(inst) is None:
         assert s.certificate == "kkt" and float(s.lam.sum()) < 1.0
         _assert_certified(s, q, forget)
     else:  # Lam* may be 1; what is measured must still obey weak duality

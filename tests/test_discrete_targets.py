@@ -1,5 +1,5 @@
 """Closed-form targets and dual functions on finite spaces (MATH.md §2) against independent
-computations: cvxpy (``theory.discrete_oracles``), finite differences, the Lagrangian itself."""
+computations: cvxpy (``theory.discrete.oracles``), finite differences, the Lagrangian itself."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from theory import discrete as d
-from theory import discrete_oracles as oracles
+from theory.discrete import core as d_core
+from theory.discrete import oracles
 from tests.strategies.discrete import lu_multipliers, simplices
 
 
@@ -83,7 +84,7 @@ def test_likelihood_target_and_dual_match_cvxpy_for_every_variant(variant, inst,
     # the target's atoms differ by up to exp(sum lam_i ptp(g_i)); beyond ~e^12 Clarabel cannot certify
     # a minimiser with atoms below 1e-8 (status optimal_inaccurate), so the oracle check stops there;
     # the solver-free identity L(target, lam) = D(lam) below covers every lam
-    g = d._g_values(q, forget, variant)[:, q > 0]
+    g = d_core.g_values(q, forget, variant)[:, q > 0]
     spread = float(lam @ np.ptp(g, axis=1))
     lam = lam * min(1.0, 12.0 / spread) if spread > 0 else lam
     D, grad = d.dual_function("likelihood", q, forget, lam, b, variant=variant)

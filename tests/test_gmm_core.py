@@ -162,7 +162,7 @@ def test_signed_mixture_sampling_matches_its_moments():
 
 
 def test_signed_mixture_integrates_to_one_and_stays_nonnegative_when_noised():
-    from theory.gmm_quadrature import grid_for, log_integral
+    from theory.gmm.quadrature import grid_for, log_integral
 
     s = _wide_minus_narrow(0.2)
     for ab in (1.0, 0.5, 0.05):

@@ -6,10 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from theory.gmm import (GaussianMixture, constraint_value, default_instance, forward_kl_target, likelihood_target,
-                        objective_value, reverse_kl_target)
-from theory.gmm_dual import gaussian_kl, gaussian_power_tilt
-from theory.gmm_targets import VARIANTS, reverse_kl_eta_max
+from theory.gmm import (VARIANTS, GaussianMixture, constraint_value, default_instance, forward_kl_target,
+                        gaussian_kl, gaussian_power_tilt, likelihood_target, objective_value, reverse_kl_eta_max,
+                        reverse_kl_target)
 from tests.strategies import covariances, unlearning_instances
 
 MU, S = np.array([0.5, -0.2]), np.array([[0.8, 0.25], [0.25, 0.5]])
@@ -251,7 +250,7 @@ def test_tail_margin_by_directions_equals_the_eigenvalue_formula():
     """The d <= 2 direction sweep (used for mixture forget sets) against the exact generalised-
     eigenvalue margin (single Gaussians): duplicate the forget Gaussian into a two-component
     mixture to force the direction path."""
-    from theory.gmm_targets import log_tilt_tail_margin
+    from theory.gmm.targets import log_tilt_tail_margin
 
     q, _, _ = default_instance()
     f = GaussianMixture([1.0], [[0.3, 1.0]], [[[0.3, 0.1], [0.1, 0.2]]])

@@ -31,14 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from theory import PROBLEMS
-from theory.gmm import GaussianMixture, SignedMixture, min_log_ratio
-from theory.gmm_quadrature import (boundary_log_mass, expectation, grid_for, kl_on_grid, log_integral,
+from theory.gmm.mixture import GaussianMixture, SignedMixture, check_instance, min_log_ratio
+from theory.gmm.quadrature import (boundary_log_mass, expectation, grid_for, kl_on_grid, log_integral,
                                    make_grid)
-from theory.gmm_targets import (DEFAULT_VARIANT, _tilt_kind, check_instance, check_variant, constraint_value,
-                                forward_kl_target, likelihood_target, log_tilt_tail_margin, objective_value,
-                                reverse_kl_eta_max, reverse_kl_target, tilt_length_scale, tilt_log_unnorm)
+from theory.gmm.targets import (constraint_value, forward_kl_target, likelihood_target, log_tilt_tail_margin,
+                                objective_value, reverse_kl_eta_max, reverse_kl_target, tilt_kind, tilt_length_scale,
+                                tilt_log_unnorm)
 from theory.solution import Solution
+from theory.validation import DEFAULT_VARIANT, check_budgets, check_variant
 
 _BOUNDARY_LOG_TOL = -36.0
 
@@ -183,7 +183,7 @@ def _dual_on(quad: _Quadrature, problem: str, lam: np.ndarray, budgets: np.ndarr
         P = kl_on_grid(quad.log_q_norm, log_p, g)
         D = float(P - lam @ (kl - budgets))
         return D, budgets - kl, P, kl
-    kind = _tilt_kind("likelihood", variant)
+    kind = tilt_kind("likelihood", variant)
     log_p, log_Z = quad.tilt(kind, 1.0, lam)
     g = quad.grid
     vals = expectation(log_p, _lu_values(kind, quad.log_q, quad.log_qi).T, g)
@@ -195,8 +195,8 @@ def _dual_on(quad: _Quadrature, problem: str, lam: np.ndarray, budgets: np.ndarr
 def dual_function(problem: str, q: GaussianMixture, forget, lam, budgets, variant: str = DEFAULT_VARIANT):
     """``(D(lam), grad D(lam))`` of ``problem`` (module docstring) by quadrature (d <= 2)."""
     forget, lam = check_instance(q, forget, lam)
-    budgets = _check_budgets(problem, budgets, len(forget))
-    variant = check_variant(variant)
+    budgets = check_budgets(problem, budgets, len(forget))
+    variant = check_variant(variant, problem)
     if q.dim > 2:
         raise ValueError(f"dual_function uses quadrature (d <= 2), got d = {q.dim}")
     D, grad, _, _ = _dual_on(_Quadrature(q, forget), problem, lam, budgets, variant)
@@ -206,19 +206,6 @@ def dual_function(problem: str, q: GaussianMixture, forget, lam, budgets, varian
 # ---------------------------------------------------------------------------------------------
 # solve
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_budgets(problem, budgets, m):
-    if problem not in PROBLEMS:
-        raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
-    b = np.atleast_1d(np.asarray(budgets, dtype=np.float64))
-    if b.shape != (m,):
-        raise ValueError(f"budgets must have shape ({m},), got {b.shape}")
-    if not np.all(np.isfinite(b)):
-        raise ValueError(f"budgets must be finite, got {b.tolist()}")
-    if problem != "likelihood" and np.any(b < 0):
-        raise ValueError(f"{problem} budgets are KL thresholds and must be >= 0, got {b.tolist()}")
-    return b
 
 
 def _lu_infimum(q, f, variant):
@@ -473,8 +460,8 @@ def solve(problem: str, q: GaussianMixture, forget, budgets, variant: str = DEFA
     t0 = time.perf_counter()
     forget, _ = check_instance(q, forget)
     m = len(forget)
-    budgets = _check_budgets(problem, budgets, m)
-    variant = check_variant(variant)
+    variant = check_variant(variant, problem)
+    budgets = check_budgets(problem, budgets, m, variant=variant if problem == "likelihood" else None)
     if q.dim > 2:
         raise ValueError(f"solve on mixtures uses quadrature and needs d <= 2, got d = {q.dim}")
     if problem == "likelihood":

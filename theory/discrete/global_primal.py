@@ -38,7 +38,7 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import rel_entr
 
-from theory.discrete import logsumexp
+from theory.discrete.core import logsumexp
 
 __all__ = ["GlobalResult", "NotCertified", "reverse_kl_global", "forward_kl_global"]
 

@@ -27,62 +27,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import logsumexp
 
-from theory import PROBLEMS
 from theory.diffusion import check_alpha_bar, eps_from_score
-from theory.gmm import GaussianMixture, SignedMixture, _directions, _tail_rates
-from theory.gmm_quadrature import (Grid, boundary_log_mass, expectation, grid_for, importance_log_normaliser,
+from theory.gmm.mixture import GaussianMixture, SignedMixture, check_instance, tail_rates, unit_directions
+from theory.gmm.quadrature import (Grid, boundary_log_mass, expectation, grid_for, importance_log_normaliser,
                                    kl_on_grid, log_integral, make_grid)
+from theory.validation import DEFAULT_VARIANT, PROBLEMS, VARIANTS, check_variant
 
-#: LU constraint functions g_i (MATH.md §1 [open]); the first is the default.
-VARIANTS = ("likelihood", "log_likelihood", "likelihood_ratio")
-DEFAULT_VARIANT = "likelihood"
 
 #: Boundary cells may hold at most exp(-this) of a tilt's mass before the box is widened.
 _BOUNDARY_LOG_TOL = -36.0
-
-
-# ---------------------------------------------------------------------------------------------
-# validation
-# ---------------------------------------------------------------------------------------------
-
-
-def check_instance(q, forget, lam=None, name="lam"):
-    """Validate ``q`` (a ``GaussianMixture``), ``forget`` (a non-empty list of them in the same
-    dimension) and, if given, ``lam`` (m,) finite and >= 0. Returns ``(tuple(forget), lam)``."""
-    if not isinstance(q, GaussianMixture):
-        raise ValueError(f"q must be a GaussianMixture, got {type(q).__name__}")
-    if isinstance(forget, GaussianMixture):
-        forget = [forget]
-    forget = tuple(forget)
-    if len(forget) == 0:
-        raise ValueError("forget must hold at least one GaussianMixture, got none")
-    for i, f in enumerate(forget):
-        if not isinstance(f, GaussianMixture):
-            raise ValueError(f"forget[{i}] must be a GaussianMixture, got {type(f).__name__}")
-        if f.dim != q.dim:
-            raise ValueError(f"forget[{i}] has dimension {f.dim}, q has {q.dim}")
-    if lam is None:
-        return forget, None
-    lam = np.atleast_1d(np.asarray(lam, dtype=np.float64))
-    if lam.shape != (len(forget),):
-        raise ValueError(f"{name} must have shape ({len(forget)},), got {lam.shape}")
-    if not np.all(np.isfinite(lam)):
-        raise ValueError(f"{name} must be finite, got {lam.tolist()}")
-    if np.any(lam < 0):
-        raise ValueError(f"{name} must be >= 0, got {lam.tolist()}")
-    return forget, lam
-
-
-#: ``theory.discrete`` names the likelihood-ratio variant ``"ratio"``; both spellings are accepted.
-_VARIANT_ALIASES = {"ratio": "likelihood_ratio"}
-
-
-def check_variant(variant: str) -> str:
-    """The canonical name of an LU variant (``"ratio"`` -> ``"likelihood_ratio"``)."""
-    variant = _VARIANT_ALIASES.get(variant, variant)
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS} (or 'ratio'), got {variant!r}")
-    return variant
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +55,7 @@ def tilt_log_unnorm(kind: str, a: float, c: np.ndarray, log_q: np.ndarray, log_q
     return np.where(np.isnan(out), -np.inf, out)
 
 
-def _tilt_kind(problem: str, variant: str) -> str:
+def tilt_kind(problem: str, variant: str) -> str:
     if problem == "reverse_kl":
         return "log"
     return {"likelihood": "lik", "log_likelihood": "log", "likelihood_ratio": "ratio"}[variant]
@@ -123,9 +76,9 @@ def log_tilt_tail_margin(q: GaussianMixture, forget, a: float, c: np.ndarray) ->
             Li = np.linalg.inv(L)
             out = min(out, float(np.linalg.eigvalsh(Li @ Mk @ Li.T).min()))
         return out
-    v = _directions(d)
-    rq = _tail_rates(q, v)
-    margin = float(((a * rq - sum(ci * _tail_rates(f, v) for ci, f in zip(c, forget))) / rq).min())
+    v = unit_directions(d)
+    rq = tail_rates(q, v)
+    margin = float(((a * rq - sum(ci * tail_rates(f, v) for ci, f in zip(c, forget))) / rq).min())
     if d > 2 and margin > 0:
         import itertools
 
@@ -196,7 +149,7 @@ class TiltedMixture:
     eps_is_exact: bool = field(init=False, default=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "kind", _tilt_kind(self.problem, self.variant))
+        object.__setattr__(self, "kind", tilt_kind(self.problem, self.variant))
         object.__setattr__(self, "eps_is_exact", self.problem == "likelihood")
         if self.dim <= 2:
             grid, log_f = self._fit_grid()
@@ -517,8 +470,8 @@ def reverse_kl_eta_max(q: GaussianMixture, forget_i: GaussianMixture) -> float:
         return float(out)
     if q.dim > 2:
         raise ValueError("eta_max for mixture forget sets is computed for d <= 2 only")
-    v = _directions(q.dim)
-    rq, r1 = _tail_rates(q, v), _tail_rates(forget_i, v)
+    v = unit_directions(q.dim)
+    rq, r1 = tail_rates(q, v), tail_rates(forget_i, v)
     pos = r1 > rq
     return float(np.min(rq[pos] / (r1[pos] - rq[pos]))) if np.any(pos) else np.inf
 

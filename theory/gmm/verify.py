@@ -19,8 +19,8 @@ def _fmt(x, spec=".3g"):
 
 
 def _targets_at_equal_mass(q, forget, mass, xtol):
-    from theory.gmm_analysis import lam_for_forget_mass
-    from theory.gmm_targets import target
+    from theory.gmm.analysis import lam_for_forget_mass
+    from theory.gmm.targets import target
 
     his = {"reverse_kl": 0.9, "forward_kl": 0.3, "likelihood": 500.0}
     out = {}
@@ -81,11 +81,9 @@ def _plot_gap(path: Path, gaps):
 
 
 def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
-    from theory.gmm import default_instance, forward_kl_target, likelihood_target, reverse_kl_target, solve
-    from theory.gmm_analysis import retained_mode_shift
-    from theory.gmm_dual import gaussian_reverse_kl_solution
-    from theory.gmm import GaussianMixture
-    from theory.gmm_sampling import probability_flow_sample, surrogate_gap
+    from theory.gmm import (GaussianMixture, default_instance, forward_kl_target, gaussian_reverse_kl_solution,
+                            likelihood_target, probability_flow_sample, retained_mode_shift, reverse_kl_target,
+                            solve, surrogate_gap)
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

@@ -1,4 +1,4 @@
-"""cvxpy oracles for the finite problems (STYLE.md: ``cp.rel_entr``, Clarabel, status asserted).
+"""cvxpy oracles for the finite problems (``cp.rel_entr``, Clarabel, status asserted).
 
 They are the independent computations the closed forms are tested against, and the certified primal
 where the problem is convex: LU (every variant), and FU when every forget distribution is a point
@@ -15,7 +15,7 @@ import cvxpy as cp
 import numpy as np
 from scipy.special import xlogy
 
-from theory.discrete import DEFAULT_VARIANT, _g_values
+from theory.discrete.core import DEFAULT_VARIANT, g_values
 
 __all__ = ["OracleResult", "is_point_mass", "likelihood_primal", "forward_kl_point_mass_primal",
            "lagrangian_minimum"]
@@ -76,7 +76,7 @@ def likelihood_primal(q, forget, budgets, variant=DEFAULT_VARIANT, fast=False) -
     """LU's primal ``min sum rel_entr(p, q) s.t. G p <= b, sum p = 1`` on supp q; duals are lam*."""
     q = np.asarray(q, float)
     on = q > 0
-    G = _g_values(q, np.atleast_2d(forget), variant)[:, on]
+    G = g_values(q, np.atleast_2d(forget), variant)[:, on]
     p = cp.Variable(int(on.sum()), nonneg=True)
     cons = [G @ p <= np.asarray(budgets, float), cp.sum(p) == 1]
     val = _solve(cp.Problem(cp.Minimize(cp.sum(cp.rel_entr(p, q[on]))), cons), "likelihood primal", fast)
@@ -137,7 +137,7 @@ def lagrangian_minimum(problem, q, forget, lam, budgets, variant=DEFAULT_VARIANT
                  - float(np.sum(xlogy(w, w))) + float(lam @ b))
         val = _solve_either(p, cp.sum(cp.rel_entr(w, p)), None, "forward_kl Lagrangian", fast) + const
     else:
-        G = _g_values(q, forget, variant)[:, on]
+        G = g_values(q, forget, variant)[:, on]
         obj = cp.sum(cp.rel_entr(p, q[on])) + (lam @ G) @ p
         z = np.log(q[on]) - lam @ G
         alt = cp.sum(cp.rel_entr(p, np.exp(z - z.max()))), -z.max()

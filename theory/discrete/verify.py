@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from theory import discrete
-from theory import discrete_global
+from theory.discrete import global_primal as discrete_global
 from theory.report import Check, Section
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     Eq, E0 = forget @ q, forget @ p0
     lu_b = np.where(Eq > E0, E0 + 0.5 * (Eq - E0), E0 + 0.1)
     s = discrete.solve("likelihood", q, forget, lu_b)
-    from theory import discrete_oracles
+    from theory.discrete import oracles as discrete_oracles
 
     orc = discrete_oracles.likelihood_primal(q, forget, lu_b)
     checks.append(_check("LU (m=2): KKT, cvxpy primal", f"{s.certificate}, |P_cvx - D*| = "

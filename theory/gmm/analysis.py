@@ -15,9 +15,9 @@ import numpy as np
 from scipy.optimize import brentq
 from scipy.special import logsumexp
 
-from theory.gmm import GaussianMixture
-from theory.gmm_quadrature import expectation, grid_for
-from theory.gmm_targets import TiltedMixture, constraint_value, target
+from theory.gmm.mixture import GaussianMixture
+from theory.gmm.quadrature import expectation, grid_for
+from theory.gmm.targets import TiltedMixture, constraint_value, objective_value, target
 
 
 def expect(p, fn) -> np.ndarray:
@@ -88,7 +88,6 @@ def sweep(problem: str, q, forget, lams, variant: str = "likelihood"):
     """Along the dual path: for each lam the budget b(lam) it certifies (the constraint value of
     its target; then lam* (b) = lam) and the optimal value P*(b) = objective at the target (zero
     gap, checked by ``solve`` in the tests). Returns ``(b, P)`` arrays."""
-    from theory.gmm_targets import objective_value
 
     b, P = [], []
     for lam in lams:
