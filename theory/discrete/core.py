@@ -250,5 +250,5 @@ def refine(q: ArrayLike, forget: ArrayLike, cells: int) -> tuple[np.ndarray, np.
     q, forget = validate("reverse_kl", q, forget)
     k = int(cells)
     if k != cells or k < 1:
-        raise ValueError(f"refine: cells must be a positive integer, got {cells!r}")
+        raise ValueError(f"refine: cells must be a positive integer, got {plain(cells)!r}")
     return np.repeat(q / k, k), np.repeat(forget / k, k, axis=1)

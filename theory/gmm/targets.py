@@ -31,7 +31,7 @@ from theory.diffusion import check_alpha_bar, eps_from_score
 from theory.gmm.mixture import GaussianMixture, SignedMixture, check_instance, tail_rates, unit_directions
 from theory.gmm.quadrature import (Grid, boundary_log_mass, expectation, grid_for, importance_log_normaliser,
                                    kl_on_grid, log_integral, make_grid)
-from theory.validation import DEFAULT_VARIANT, PROBLEMS, VARIANTS, check_variant
+from theory.validation import DEFAULT_VARIANT, VARIANTS, check_problem, check_variant
 
 
 #: Boundary cells may hold at most exp(-this) of a tilt's mass before the box is widened.
@@ -511,13 +511,12 @@ def likelihood_target(q: GaussianMixture, forget, lam, variant: str = DEFAULT_VA
 
 def target(problem: str, q, forget, lam, variant: str = DEFAULT_VARIANT, rng=None):
     """Dispatch to the problem's target."""
+    check_problem(problem)
     if problem == "reverse_kl":
         return reverse_kl_target(q, forget, lam, rng=rng)
     if problem == "forward_kl":
         return forward_kl_target(q, forget, lam)
-    if problem == "likelihood":
-        return likelihood_target(q, forget, lam, variant=variant, rng=rng)
-    raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
+    return likelihood_target(q, forget, lam, variant=variant, rng=rng)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,8 +546,7 @@ def constraint_value(problem: str, p, forget_i: GaussianMixture, variant: str = 
     """The constraint functional of ``problem`` at the distribution ``p`` (a ``GaussianMixture``,
     ``SignedMixture`` or ``TiltedMixture``): RU ``KL(p||q_i)``, FU ``KL(q_i||p)``, LU ``E_p[g_i]``.
     Quadrature for d <= 2 (on a grid holding both), Monte Carlo with ``rng`` above."""
-    if problem not in PROBLEMS:
-        raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
+    check_problem(problem)
     if not isinstance(forget_i, GaussianMixture):
         raise ValueError(f"forget_i must be a GaussianMixture, got {type(forget_i).__name__}")
     if forget_i.dim != p.dim:
