@@ -1,4 +1,4 @@
-"""Duality on finite spaces, measured (MATH.md §3): weak duality always; zero gap with KKT residuals
+"""Duality on finite spaces, measured (``docs/math.md`` §3): weak duality always; zero gap with KKT residuals
 ~0 when the target at lam* is feasible with complementary slackness; RU's positive gaps, the
 condition under which they appear, and their closing under refinement; what holds for FU and LU.
 
@@ -103,7 +103,7 @@ def test_forward_kl_global_solver_beats_random_search(inst, seed):
 
 @st.composite
 def _ru_gap_instances(draw):
-    """m = 1 instances with a non-empty gap interval (b_M, b_max] (MATH.md §3): argmin q_1 is not in
+    """m = 1 instances with a non-empty gap interval (b_M, b_max] (eqs. 20-21 of ``docs/math.md``): argmin q_1 is not in
     M = argmax q/q_1. Atom x gets the smallest q and the smallest q_1; the atom z with the largest q
     gets q_1(z) = q_1(x) sqrt(q(z)/q(x)) > q_1(x), so q(z)/q_1(z) > q(x)/q_1(x)."""
     n = draw(st.integers(3, 5))

@@ -1,5 +1,5 @@
 """Dual solutions on mixtures: KKT certificates, closed forms, weak duality, structure, bad input
-(MATH.md §2-3)."""
+(``docs/math.md`` §2-3)."""
 
 import time
 

@@ -1,5 +1,5 @@
 """PF-ODE sampler with exact log-densities, the surrogate gap, the analysis helpers and the
-report section (MATH.md §4, issue 3 §2)."""
+report section (``docs/math.md`` §4)."""
 
 import numpy as np
 import pytest

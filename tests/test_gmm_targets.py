@@ -1,5 +1,5 @@
 """Targets on mixtures: closed forms vs quadrature vs Monte Carlo, exact vs surrogate noise
-predictions, domains and bad input (MATH.md §2, §4)."""
+predictions, domains and bad input (``docs/math.md`` §2, §4)."""
 
 import numpy as np
 import pytest
@@ -234,7 +234,7 @@ def test_bad_multipliers_and_instances_are_rejected_with_the_value():
 @settings(max_examples=10)
 @given(st.data())
 def test_reverse_kl_tilt_of_equal_covariance_gaussians_is_a_shift(data):
-    """Equal covariances: the tilt is N(mu + eta (mu - mu_1), S) exactly (MATH.md §2, closed form)."""
+    """Equal covariances: the tilt is N(mu + eta (mu - mu_1), S) exactly (eq. 7 of ``docs/math.md``, closed form)."""
     Sx = data.draw(covariances(2))
     mu = np.array(data.draw(st.lists(st.floats(-2, 2), min_size=2, max_size=2)))
     mu1 = np.array(data.draw(st.lists(st.floats(-2, 2), min_size=2, max_size=2)))

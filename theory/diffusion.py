@@ -1,4 +1,4 @@
-"""The DDPM / VP forward process in closed form (MATH.md §4): noise schedules and the map from a
+"""The DDPM / VP forward process in closed form (``docs/math.md`` §4, eqs. 23-24): noise schedules and the map from a
 data law to its noised marginal. ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) z``.
 
 Schedules match diffusers' ``DDPMScheduler`` (``linear``, ``scaled_linear``,

@@ -167,7 +167,7 @@ def violation(problem: str, q: np.ndarray, forget: np.ndarray, p: np.ndarray, bu
 
 def lagrangian(problem: str, q: np.ndarray, forget: np.ndarray, p: np.ndarray, lam: np.ndarray,
                budgets: np.ndarray, variant: str = DEFAULT_VARIANT) -> float:
-    """L(p, lam) = objective(p) + lam · violation(p) (MATH.md §2)."""
+    """L(p, lam) = objective(p) + lam · violation(p) (eqs. 5, 6, 11 and 15 of ``docs/math.md``)."""
     v = violation(problem, q, forget, p, budgets, variant)
     lv = np.where(lam > 0, lam * v, 0.0)
     return objective_value(problem, q, p) + float(np.sum(lv))
@@ -182,7 +182,7 @@ def _ru_parts(q, forget):
 
 
 def reverse_kl_target(q: ArrayLike, forget: ArrayLike, lam: ArrayLike) -> np.ndarray:
-    """RU Lagrangian minimiser argmin_p KL(p||q) - sum lam_i KL(p||q_i) (MATH.md §2).
+    """RU Lagrangian minimiser argmin_p KL(p||q) - sum lam_i KL(p||q_i) (eqs. 7 and 10 of ``docs/math.md``).
 
     For Lam = sum(lam) < 1 the tilt ``p ∝ q prod (q/q_i)^eta_i``, ``eta = lam/(1-Lam)``. On a finite
     space the Lagrangian is linear (Lam = 1) or concave (Lam > 1) in p for larger Lam; its minimisers
@@ -213,7 +213,7 @@ def reverse_kl_target(q: ArrayLike, forget: ArrayLike, lam: ArrayLike) -> np.nda
 
 
 def forward_kl_target(q: ArrayLike, forget: ArrayLike, lam: ArrayLike) -> np.ndarray:
-    """FU Lagrangian minimiser, the signed mixture ``(q - sum lam_i q_i) / (1 - Lam)`` (MATH.md §2).
+    """FU Lagrangian minimiser, the signed mixture ``(q - sum lam_i q_i) / (1 - Lam)`` (eq. 12 of ``docs/math.md``).
 
     Defined on the dual domain ``q - sum lam_i q_i >= 0`` with Lam < 1; outside it the Lagrangian is
     unbounded below and a ValueError names the most negative entry. Returns p (n,).
@@ -230,7 +230,7 @@ def forward_kl_target(q: ArrayLike, forget: ArrayLike, lam: ArrayLike) -> np.nda
 
 
 def likelihood_target(q: ArrayLike, forget: ArrayLike, lam: ArrayLike, variant: str = DEFAULT_VARIANT) -> np.ndarray:
-    """LU Lagrangian minimiser, the Gibbs tilt ``p ∝ q exp(-sum lam_i g_i)`` (MATH.md §2), with
+    """LU Lagrangian minimiser, the Gibbs tilt ``p ∝ q exp(-sum lam_i g_i)`` (eq. 15 of ``docs/math.md``), with
     ``g_i`` given by ``variant`` (default ``"likelihood"``: g_i = q_i). Returns p (n,)."""
     q, forget, lam = validate("likelihood", q, forget, lam=lam)
     check_variant(variant, "likelihood")
@@ -245,7 +245,7 @@ def likelihood_target(q: ArrayLike, forget: ArrayLike, lam: ArrayLike, variant: 
 
 def refine(q: ArrayLike, forget: ArrayLike, cells: int) -> tuple[np.ndarray, np.ndarray]:
     """Split every atom into ``cells`` equal cells (q and each q_i uniform inside an atom): the finite
-    approximation of a non-atomic base measure used to close RU's gap (MATH.md §3). Returns
+    approximation of a non-atomic base measure used to close RU's gap (eq. 22 of ``docs/math.md``). Returns
     (q (n*cells,), forget (m, n*cells))."""
     q, forget = validate("reverse_kl", q, forget)
     k = int(cells)

@@ -123,7 +123,8 @@ def dual_at(inst: Instance, lam: np.ndarray,
 
 def dual_function(problem: str, q: ArrayLike, forget: ArrayLike, lam: ArrayLike, budgets: ArrayLike,
                   variant: str = DEFAULT_VARIANT) -> tuple[float, np.ndarray | None]:
-    """D(lam) = min_p L(p, lam) and its (super)gradient, the violation at the target (MATH.md §2).
+    """D(lam) = min_p L(p, lam) and its (super)gradient, the violation at the target (eqs. 9, 10, 13, 16, 17 of
+    ``docs/math.md``).
 
     * RU: ``lam·b - (1-Lam) log sum_x q (q/prod q_i^lam_i)^(1/(1-Lam))`` for Lam < 1 and
       ``lam·b + min_x [-log q(x) + sum lam_i log q_i(x)]`` for Lam >= 1 (finite spaces only).
@@ -327,7 +328,7 @@ def feasible_instance(problem: str, q: ArrayLike, forget: ArrayLike, budgets: Ar
 # ---------------------------------------------------------------------------------------------
 
 def ru_gap_interval(q: ArrayLike, forget: ArrayLike) -> tuple[float, float]:
-    """For m = 1, the budgets (b_M, b_max] where RU's dual optimum has lam* > 1 (MATH.md §3):
+    """For m = 1, the budgets (b_M, b_max] where RU's dual optimum has lam* > 1 (eq. 20 of ``docs/math.md``):
     ``M = argmax_x q/q_1``, ``b_M = max_{x in M} -log q_1(x)`` (the furthest the Lam = 1 face of
     Lagrangian minimisers reaches), ``b_max = max_x -log q_1(x)`` (the largest feasible budget).
     Inside it the Lagrangian minimisers are point masses, so the gap is > 0 except at the budgets

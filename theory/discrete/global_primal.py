@@ -1,4 +1,4 @@
-"""Certified global primal solvers for the non-convex problems on small finite spaces (MATH.md §3).
+"""Certified global primal solvers for the non-convex problems on small finite spaces (``docs/math.md`` §3).
 
 Neither solver uses the dual. Both enumerate the points that *any* global minimiser must be, by the
 first-order conditions on the face of the simplex that is its support, and return the best feasible

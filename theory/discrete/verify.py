@@ -1,4 +1,4 @@
-"""The finite-space section of ``dualunlearn verify`` (MATH.md §2-3, docs/theory-discrete.md).
+"""The finite-space section of ``dualunlearn verify`` (``docs/math.md`` §2-3, ``docs/theory-discrete.md``).
 
 Built-in instances; every primal value is certified independently of the dual (KKT where it
 certifies, the global enumeration solver, or cvxpy), so each gap below is measured:
@@ -188,7 +188,7 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     fig.savefig(out_dir / "discrete_ru_refinement.png", dpi=110)
     plt.close(fig)
 
-    text = ("Finite distributions (MATH.md §3): RU can have a strictly positive duality gap on atomic "
+    text = ("Finite distributions (docs/math.md §3, eqs. 20-22): RU can have a strictly positive duality gap on atomic "
             "spaces (lam* > 1, Lagrangian minimisers are point masses); refinement into K cells closes it "
             "exactly once K >= exp(b - b_M). FU and LU have zero gap here (KKT certificates, checked "
             "against a global solver and cvxpy). See docs/theory-discrete.md.")

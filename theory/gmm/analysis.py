@@ -1,4 +1,4 @@
-"""Quantities the figures and the report read off mixture targets (issue 3 §2): mass left on the
+"""Quantities the figures and the report read off mixture targets: mass left on the
 forget mode, how far the retained modes move, budgets that leave equal forget mass, and sweeps of
 P*(b), lam*(b) with the fixed-multiplier baselines (ESD, SISS) placed on them.
 
@@ -80,7 +80,7 @@ def lam_for_forget_mass(problem: str, q, forget, mass: float, forget_component: 
 
 
 def esd_lam(eta: float) -> float:
-    """ESD's guidance scale eta as an RU multiplier (MATH.md §4): ``lam = eta / (1 + eta)``."""
+    """ESD's guidance scale eta as an RU multiplier (eq. 8 of ``docs/math.md``): ``lam = eta / (1 + eta)``."""
     return eta / (1.0 + eta)
 
 

@@ -1,4 +1,4 @@
-"""Dual functions and dual solutions of RU, FU and LU on Gaussian mixtures (MATH.md §2-3).
+"""Dual functions and dual solutions of RU, FU and LU on Gaussian mixtures (eqs. 9, 13 and 16 of ``docs/math.md``).
 
 For each problem, on the right dual domain:
 

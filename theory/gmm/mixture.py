@@ -217,7 +217,7 @@ class GaussianMixture:
 
 
 # ---------------------------------------------------------------------------------------------
-# Signed mixtures (the forward-KL target, MATH.md §2 FU and §4)
+# Signed mixtures (the forward-KL target, eq. 12 of docs/math.md, noised by linearity, §4)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -306,7 +306,7 @@ class SignedMixture:
     density that is non-negative everywhere (checked at construction, ``ValueError`` otherwise).
 
     Written as ``W_+ P - W_- N`` with ``P``, ``N`` normalised ``GaussianMixture`` objects. Noising
-    is linear in the law, so the noised signed mixture is ``W_+ P_t - W_- N_t`` (MATH.md §4) and
+    is linear in the law, so the noised signed mixture is ``W_+ P_t - W_- N_t`` (``docs/math.md`` §4: noising is linear in the law) and
     stays non-negative; ``log_prob``, ``score`` and ``eps`` are exact at every ``alpha_bar``.
     Components that coincide (same mean and covariance) are merged first, so
     ``q - lam * (a component of q)`` just lowers that component's weight.

@@ -1,4 +1,4 @@
-"""Quadrature on a box in d <= 2 and self-normalised importance sampling above (MATH.md §2):
+"""Quadrature on a box in d <= 2 and self-normalised importance sampling above (``docs/math.md`` §2):
 the integrals behind tilt normalisers, KL divergences and expectations of mixture targets.
 
 The midpoint rule on a box that holds the mass converges exponentially fast for the smooth,

@@ -1,4 +1,4 @@
-"""Probability-flow ODE sampling with exact log-densities (MATH.md §4), and the gap between the
+"""Probability-flow ODE sampling with exact log-densities (``docs/math.md`` §4, eq. 24), and the gap between the
 composed-score surrogate and the exact tilted target.
 
 The VP probability-flow ODE in DDIM variables ``y = x / sqrt(ab)``, ``sigma = sqrt((1 - ab)/ab)``

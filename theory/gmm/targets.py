@@ -1,4 +1,4 @@
-"""Unlearning targets on Gaussian mixtures (MATH.md §2 and §4): the Lagrangian minimiser p_lam of
+"""Unlearning targets on Gaussian mixtures (``docs/math.md`` §2 and §4): the Lagrangian minimiser p_lam of
 each problem, at x_0 and through the diffusion process.
 
 - FU (``forward_kl_target``): the signed mixture ``(q - sum lam_i q_i) / (1 - Lam)``, a
@@ -269,7 +269,7 @@ class TiltedMixture:
 
     def surrogate_eps(self, x_t, alpha_bar) -> np.ndarray:
         """The tilt formula on the noised mixtures, ``-sqrt(1 - ab) * score(x_t, ab)``: for RU exactly
-        ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` (MATH.md §4, ESD's form); for LU
+        ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` (eq. 26 of ``docs/math.md``, ESD's form); for LU
         ``eps_q + lam_i sqrt(1-ab) grad g_{i,t}``. Exact at t = 0 only. For LU's ``"likelihood"``
         variant it is a poor target: ``lam q_{1,t}`` does not fade at high noise and its
         PF-ODE collapses onto a ring around the forget mode (docs/theory-gmm.md)."""
@@ -432,7 +432,7 @@ class TiltedMixture:
 
 
 def reverse_kl_target(q: GaussianMixture, forget, lam, rng: np.random.Generator | None = None) -> TiltedMixture:
-    """RU Lagrangian minimiser (MATH.md §2): ``p_lam ∝ q prod (q/q_i)^eta_i = q^(1+H) prod q_i^(-eta_i)``,
+    """RU Lagrangian minimiser (eq. 7 of ``docs/math.md``): ``p_lam ∝ q prod (q/q_i)^eta_i = q^(1+H) prod q_i^(-eta_i)``,
     ``eta_i = lam_i / (1 - Lam)``, ``H = sum eta``. Needs ``Lam = sum lam < 1`` and a finite
     normaliser: ``(1 + H) rate_q(v) > sum eta_i rate_i(v)`` along every direction (a forget
     Gaussian narrower than q caps eta). ``ValueError`` naming the bound otherwise.
@@ -477,7 +477,7 @@ def reverse_kl_eta_max(q: GaussianMixture, forget_i: GaussianMixture) -> float:
 
 
 def forward_kl_target(q: GaussianMixture, forget, lam) -> SignedMixture:
-    """FU Lagrangian minimiser (MATH.md §2): the signed mixture ``(q - sum lam_i q_i) / (1 - Lam)``,
+    """FU Lagrangian minimiser (eq. 12 of ``docs/math.md``): the signed mixture ``(q - sum lam_i q_i) / (1 - Lam)``,
     exact at every noise level. ``ValueError`` outside the dual domain ``q - sum lam_i q_i >= 0``."""
     forget, lam = check_instance(q, forget, lam)
     Lam = float(lam.sum())
@@ -495,7 +495,7 @@ def forward_kl_target(q: GaussianMixture, forget, lam) -> SignedMixture:
 
 def likelihood_target(q: GaussianMixture, forget, lam, variant: str = DEFAULT_VARIANT,
                       rng: np.random.Generator | None = None) -> TiltedMixture:
-    """LU Lagrangian minimiser (MATH.md §2): the Gibbs tilt ``p_lam ∝ q exp(-sum lam_i g_i)`` with
+    """LU Lagrangian minimiser (eq. 15 of ``docs/math.md``): the Gibbs tilt ``p_lam ∝ q exp(-sum lam_i g_i)`` with
     ``g_i`` of ``variant`` (``VARIANTS``; default ``"likelihood"``, ``g_i = q_i``). All lam >= 0
     are allowed except for ``"log_likelihood"``, whose tilt ``q prod q_i^(-lam_i)`` needs
     ``rate_q > sum lam_i rate_i`` along every direction."""

@@ -1,4 +1,4 @@
-"""``dualunlearn verify`` section for the mixture theory (issue 3): exact noised scores, targets,
+"""``dualunlearn verify`` section for the mixture theory: exact noised scores, targets,
 certified dual solutions, the PF-ODE sampler, the surrogate gap and the retained-mode comparison,
 each checked against an independent computation on the default instance. Default <= 60 s,
 quick <= 10 s. Figures: ``gmm_targets.png`` (always), ``gmm_surrogate_gap.png`` (default mode).
