@@ -145,3 +145,33 @@ def test_private_name_finder_sees_both_spellings(tmp_path, monkeypatch):
 def test_import_theory_does_not_import_torch():
     code = "import theory, theory.discrete, theory.gmm; import sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def unannotated_public_functions(package: str, skip: tuple[str, ...] = ()) -> list[str]:
+    """``module.function`` for every public function or method (``__init__`` aside: its return) of
+    ``package`` with an argument or return value left without a type hint."""
+    found = []
+    for module, path in _modules(package).items():
+        if module in skip:
+            continue
+
+        def visit(node: ast.AST, owner: str, in_public_class: bool) -> None:
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.ClassDef):
+                    visit(child, f"{owner}.{child.name}", not child.name.startswith("_"))
+                elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and in_public_class:
+                    if child.name.startswith("_") and child.name not in ("__init__", "__call__"):
+                        continue
+                    args = child.args.posonlyargs + child.args.args + child.args.kwonlyargs
+                    args = [a for a in args if a.arg not in ("self", "cls")]
+                    args += [a for a in (child.args.vararg, child.args.kwarg) if a is not None]
+                    if any(a.annotation is None for a in args) or (child.returns is None and child.name != "__init__"):
+                        found.append(f"{owner}.{child.name}")
+
+        visit(ast.parse(path.read_text()), module, True)
+    return found
+
+
+def test_every_public_function_in_theory_has_type_hints():
+    # theory.config and theory.report belong to the application shell's redesign and are checked there
+    assert unannotated_public_functions("theory", skip=("theory.config", "theory.report")) == []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
-from scipy.special import rel_entr, xlogy
+from scipy.special import rel_entr
 
 from theory.validation import DEFAULT_VARIANT, VARIANTS, check_budgets, check_problem, check_variant, plain
 

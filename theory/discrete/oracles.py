@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import cvxpy as cp
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.special import xlogy
 
 from theory.discrete.core import DEFAULT_VARIANT, g_values
@@ -66,13 +67,14 @@ def _solve_either(p, obj, alt, what, fast):
     return _solve(cp.Problem(cp.Minimize(alt[0]), [cp.sum(p) == 1]), what + " (rescaled)", fast) + alt[1]
 
 
-def is_point_mass(forget) -> bool:
+def is_point_mass(forget: ArrayLike) -> bool:
     """True when every row of forget is a point mass (FU's data-unlearning case)."""
     forget = np.atleast_2d(forget)
     return bool(np.all(np.sum(forget > 0, axis=1) == 1))
 
 
-def likelihood_primal(q, forget, budgets, variant=DEFAULT_VARIANT, fast=False) -> OracleResult:
+def likelihood_primal(q: ArrayLike, forget: ArrayLike, budgets: ArrayLike, variant: str = DEFAULT_VARIANT,
+                      fast: bool = False) -> OracleResult:
     """LU's primal ``min sum rel_entr(p, q) s.t. G p <= b, sum p = 1`` on supp q; duals are lam*."""
     q = np.asarray(q, float)
     on = q > 0
@@ -83,7 +85,7 @@ def likelihood_primal(q, forget, budgets, variant=DEFAULT_VARIANT, fast=False) -
     return OracleResult(float(val), _full(q, p.value), np.asarray(cons[0].dual_value, float).reshape(-1))
 
 
-def forward_kl_point_mass_primal(q, forget, budgets) -> OracleResult:
+def forward_kl_point_mass_primal(q: ArrayLike, forget: ArrayLike, budgets: ArrayLike) -> OracleResult:
     """FU with point-mass forget distributions: ``min sum rel_entr(q, p) s.t. p(a_i) <= exp(-b_i)``."""
     q = np.asarray(q, float)
     forget = np.atleast_2d(np.asarray(forget, float))
@@ -102,7 +104,8 @@ def forward_kl_point_mass_primal(q, forget, budgets) -> OracleResult:
     return OracleResult(float(val), pv / pv.sum(), lam)
 
 
-def lagrangian_minimum(problem, q, forget, lam, budgets, variant=DEFAULT_VARIANT, fast=False) -> OracleResult:
+def lagrangian_minimum(problem: str, q: ArrayLike, forget: ArrayLike, lam: ArrayLike, budgets: ArrayLike,
+                       variant: str = DEFAULT_VARIANT, fast: bool = False) -> OracleResult:
     """``min_p L(p, lam)`` by cvxpy, i.e. D(lam), with its minimiser (the target at lam):
 
     * RU: ``(1 - Lam) sum p log p + f·p`` (Lam < 1, convex) or ``f·p`` (Lam >= 1, an LP),

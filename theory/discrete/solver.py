@@ -16,7 +16,7 @@ from numpy.typing import ArrayLike
 
 from theory.discrete.core import (DEFAULT_VARIANT, KKT_TOL, constraint_values, kl, lagrangian, likelihood_target,
                                   objective_value, reverse_kl_target, violation)
-from theory.discrete.dual import Instance, feasible_instance, maximise_dual
+from theory.discrete.dual import feasible_instance, maximise_dual
 from theory.solution import Solution
 from theory.validation import check_problem
 

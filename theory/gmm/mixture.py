@@ -10,14 +10,16 @@ every time, and a batch with a different ``alpha_bar`` per sample costs no more 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from theory.diffusion import check_alpha_bar, eps_from_score
 
-__all__ = ["GaussianMixture", "SignedMixture", "min_log_ratio", "default_instance", "check_instance", "tail_rates",
-           "unit_directions"]
+__all__ = ["GaussianMixture", "SignedMixture", "Forget", "min_log_ratio", "default_instance", "check_instance",
+           "tail_rates", "unit_directions"]
 
 _LOG_2PI = np.log(2.0 * np.pi)
 
@@ -161,22 +163,22 @@ class GaussianMixture:
         log_terms, _, _, _, comp, _ = self._terms(x, alpha_bar, keep_components=True)
         return log_terms, comp
 
-    def log_prob(self, x, alpha_bar=1.0) -> np.ndarray:
+    def log_prob(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``log p_t(x)`` (N,) of the mixture noised to ``alpha_bar`` (1 = the data law)."""
         return self._terms(x, alpha_bar, need_score=False)[1]
 
-    def score(self, x, alpha_bar=1.0) -> np.ndarray:
+    def score(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``grad_x log p_t(x)`` (N, d): responsibilities times component scores."""
         return self._terms(x, alpha_bar)[3]
 
-    def score_divergence(self, x, alpha_bar=1.0) -> np.ndarray:
+    def score_divergence(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``tr grad_x score = Laplacian log p_t`` (N,): ``sum_k r_k (|s_k|^2 - tr P_k) - |s|^2`` with
         responsibilities r_k, component scores s_k and noised precisions P_k (for the
         probability-flow ODE's change of log-density)."""
         _, _, r, s, comp, tr_prec = self._terms(x, alpha_bar, keep_components=True)
         return np.sum(r * (np.sum(comp ** 2, axis=2) - tr_prec), axis=1) - np.sum(s * s, axis=1)
 
-    def eps(self, x_t, alpha_bar) -> np.ndarray:
+    def eps(self, x_t: ArrayLike, alpha_bar: ArrayLike) -> np.ndarray:
         """Exact noise prediction ``E[z | x_t] = -sqrt(1 - alpha_bar) grad log p_t(x_t)`` (N, d)."""
         ab = check_alpha_bar(alpha_bar)
         return eps_from_score(self.score(x_t, ab), ab)
@@ -375,7 +377,7 @@ class SignedMixture:
     def min_std(self) -> float:
         return min(self._pos.min_std, self._neg.min_std if self._neg is not None else np.inf)
 
-    def box(self, pad: float = 10.0):
+    def box(self, pad: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self._pos.box(pad)
         return lo, hi
 
@@ -386,14 +388,14 @@ class SignedMixture:
         return (np.log(self._w_neg) - np.log(self._w_pos)
                 + self._neg.log_prob(x, alpha_bar) - self._pos.log_prob(x, alpha_bar))
 
-    def log_prob(self, x, alpha_bar=1.0) -> np.ndarray:
+    def log_prob(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``log(W_+ P_t(x) - W_- N_t(x))`` (N,); ``-inf`` where the density is exactly 0."""
         lp = np.log(self._w_pos) + self._pos.log_prob(x, alpha_bar)
         lr = np.minimum(self._log_rho(x, alpha_bar), 0.0)
         with np.errstate(divide="ignore"):
             return lp + np.log1p(-np.exp(lr))
 
-    def score(self, x, alpha_bar=1.0) -> np.ndarray:
+    def score(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``(s_P - rho s_N) / (1 - rho)``, ``rho = W_- N_t / (W_+ P_t)`` (N, d)."""
         s = self._pos.score(x, alpha_bar)
         if self._neg is None:
@@ -405,7 +407,7 @@ class SignedMixture:
             raise ValueError("score requested where the signed mixture's density is 0")
         return out
 
-    def score_divergence(self, x, alpha_bar=1.0) -> np.ndarray:
+    def score_divergence(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``Laplacian log r_t = (Lap r_t) / r_t - |score|^2`` (N,), with
         ``Lap r / r = ((div s_P + |s_P|^2) - rho (div s_N + |s_N|^2)) / (1 - rho)``."""
         s_p = self._pos.score(x, alpha_bar)
@@ -418,7 +420,7 @@ class SignedMixture:
         s = self.score(x, alpha_bar)
         return (lap_p - rho * lap_n) / (1.0 - rho) - np.sum(s * s, axis=1)
 
-    def eps(self, x_t, alpha_bar) -> np.ndarray:
+    def eps(self, x_t: ArrayLike, alpha_bar: ArrayLike) -> np.ndarray:
         """Exact noise prediction ``-sqrt(1 - ab) grad log p_t(x_t)`` (N, d)."""
         ab = check_alpha_bar(alpha_bar)
         return eps_from_score(self.score(x_t, ab), ab)
@@ -473,13 +475,18 @@ def default_instance() -> tuple[GaussianMixture, list[GaussianMixture], dict[str
     return q, forget, budgets
 
 
+#: One forget distribution or a sequence of m of them, as every public function takes ``forget``.
+Forget = GaussianMixture | Sequence[GaussianMixture]
+
+
 # ---------------------------------------------------------------------------------------------
 # validation of an instance (the budget and variant rules shared with theory.discrete and toy are
 # in theory.validation)
 # ---------------------------------------------------------------------------------------------
 
 
-def check_instance(q, forget, lam=None, name="lam"):
+def check_instance(q: GaussianMixture, forget: Forget, lam: ArrayLike | None = None,
+                   name: str = "lam") -> tuple[tuple[GaussianMixture, ...], np.ndarray | None]:
     """Validate ``q`` (a ``GaussianMixture``), ``forget`` (a non-empty list of them in the same
     dimension) and, if given, ``lam`` (m,) finite and >= 0. Returns ``(tuple(forget), lam)``."""
     if not isinstance(q, GaussianMixture):

@@ -22,16 +22,18 @@ Every tilt is ``exp(a log q - sum_i c_i h_i(x))`` with ``h_i`` one of ``log q_i`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.special import logsumexp
 
 from theory.diffusion import check_alpha_bar, eps_from_score
-from theory.gmm.mixture import GaussianMixture, SignedMixture, check_instance, tail_rates, unit_directions
+from theory.gmm.mixture import Forget, GaussianMixture, SignedMixture, check_instance, tail_rates, unit_directions
 from theory.gmm.quadrature import (Grid, boundary_log_mass, expectation, grid_for, importance_log_normaliser,
                                    kl_on_grid, log_integral, make_grid)
-from theory.validation import DEFAULT_VARIANT, VARIANTS, check_problem, check_variant
+from theory.validation import DEFAULT_VARIANT, check_problem, check_variant
 
 
 #: Boundary cells may hold at most exp(-this) of a tilt's mass before the box is widened.
@@ -61,7 +63,7 @@ def tilt_kind(problem: str, variant: str) -> str:
     return {"likelihood": "lik", "log_likelihood": "log", "likelihood_ratio": "ratio"}[variant]
 
 
-def log_tilt_tail_margin(q: GaussianMixture, forget, a: float, c: np.ndarray) -> float:
+def log_tilt_tail_margin(q: GaussianMixture, forget: Forget, a: float, c: np.ndarray) -> float:
     """``min_v [a rate_q(v) - sum_i c_i rate_i(v)] / rate_q(v)`` over unit directions: the tilt
     ``q^a prod q_i^(-c_i)`` is integrable iff this is > 0 (a tie at 0 is treated as divergent).
     Exact via eigenvalues when every forget mixture is one Gaussian; otherwise by directions
@@ -91,7 +93,7 @@ def log_tilt_tail_margin(q: GaussianMixture, forget, a: float, c: np.ndarray) ->
     return margin
 
 
-def tilt_length_scale(q: GaussianMixture, forget, kind: str, a: float, c: np.ndarray) -> float:
+def tilt_length_scale(q: GaussianMixture, forget: Forget, kind: str, a: float, c: np.ndarray) -> float:
     """A length below which the tilt ``exp(a log q - sum c_i h_i)`` has no structure: the smallest
     standard deviation of its local Gaussian shapes. For ``log`` tilts with single-Gaussian forget
     sets the curvature at component k is ``a P_k - sum c_i P_i`` (floored at ``P_k``); otherwise
@@ -181,7 +183,7 @@ class TiltedMixture:
         """A length scale the tilt does not vary faster than (sets the grid spacing)."""
         return tilt_length_scale(self.q, self.forget, self.kind, self.a, self.c)
 
-    def box(self, pad: float = 10.0):
+    def box(self, pad: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
         if self.grid is not None:
             return self.grid.lo, self.grid.hi
         return self.q.box(pad)
@@ -214,22 +216,22 @@ class TiltedMixture:
         log_qi = np.stack([f.log_prob(x, alpha_bar) for f in self.forget])
         return log_q, log_qi
 
-    def log_unnorm(self, x, alpha_bar=1.0) -> np.ndarray:
+    def log_unnorm(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``a log q - sum c_i h_i`` at x (N,) (of the noised mixtures when ``alpha_bar < 1``)."""
         return tilt_log_unnorm(self.kind, self.a, self.c, *self._log_parts(x, alpha_bar))
 
-    def log_prob(self, x) -> np.ndarray:
+    def log_prob(self, x: ArrayLike) -> np.ndarray:
         """``log p_lam(x)`` at x_0 (N,)."""
         return self.log_unnorm(x) - self.log_normaliser
 
-    def log_weight(self, x) -> np.ndarray:
+    def log_weight(self, x: ArrayLike) -> np.ndarray:
         """``log(p_lam(x) / q(x))`` (N,) at x_0: the importance weight of reweighted denoising score
         matching, ``E_{x_0~q}[w(x_0) ||eps_theta(x_t, t) - z||^2]``, whose minimiser is the exact noised
         tilt's eps at every t (docs/theory-gmm.md §3). LU: ``-lam·g(x) - log Z`` (bounded above by
         ``-log Z`` for the likelihood and ratio variants); RU: ``H log q - sum eta_i log q_i - log Z``."""
         return self.log_prob(x) - self.q.log_prob(x)
 
-    def score(self, x, alpha_bar=1.0) -> np.ndarray:
+    def score(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """The tilt formula's score with the (noised) mixtures' scores, (N, d). Exact at
         ``alpha_bar = 1``; at ``alpha_bar < 1`` it is the composed surrogate of ``eps``.
 
@@ -248,7 +250,7 @@ class TiltedMixture:
                 out = out - ci * rho * (s_i - s_q)
         return out
 
-    def score_divergence(self, x, alpha_bar=1.0) -> np.ndarray:
+    def score_divergence(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``tr grad_x score(x, alpha_bar)`` (N,) of the tilt formula (for the ODE's log-density)."""
         out = self.a * self.q.score_divergence(x, alpha_bar)
         if self.kind == "ratio":
@@ -267,7 +269,7 @@ class TiltedMixture:
                 out = out - ci * rho * (np.sum(diff * diff, axis=1) + div_i - div_q)
         return out
 
-    def surrogate_eps(self, x_t, alpha_bar) -> np.ndarray:
+    def surrogate_eps(self, x_t: ArrayLike, alpha_bar: ArrayLike) -> np.ndarray:
         """The tilt formula on the noised mixtures, ``-sqrt(1 - ab) * score(x_t, ab)``: for RU exactly
         ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` (eq. 26 of ``docs/math.md``, ESD's form); for LU
         ``eps_q + lam_i sqrt(1-ab) grad g_{i,t}``. Exact at t = 0 only. For LU's ``"likelihood"``
@@ -276,7 +278,7 @@ class TiltedMixture:
         ab = check_alpha_bar(alpha_bar)
         return eps_from_score(self.score(x_t, ab), ab)
 
-    def eps(self, x_t, alpha_bar) -> np.ndarray:
+    def eps(self, x_t: ArrayLike, alpha_bar: ArrayLike) -> np.ndarray:
         """The target's noise prediction for training. RU: the composed surrogate
         (``surrogate_eps``, ESD's form, what the paper's RU algorithm trains on; ``eps_is_exact``
         False; ``exact_eps`` gives the exact noised tilt). LU: the exact noised Gibbs tilt via q's
@@ -294,7 +296,7 @@ class TiltedMixture:
             out[idx] = self.posterior_eps(x_t[idx], float(v))
         return out
 
-    def exact_eps(self, x_t, alpha_bar, n_local: int = 96, chunk: int = 64) -> np.ndarray:
+    def exact_eps(self, x_t: ArrayLike, alpha_bar: ArrayLike, n_local: int = 96, chunk: int = 64) -> np.ndarray:
         """Exact noise prediction of the *noised tilt* (d <= 2), by Tweedie's formula
         ``(x_t - sqrt(ab) E[x_0|x_t]) / sqrt(1 - ab)``; the posterior
         ``∝ p_lam(x_0) N(x_0; x_t/sqrt(ab), sigma0^2 I)``, ``sigma0^2 = (1 - ab)/ab``, is
@@ -332,7 +334,7 @@ class TiltedMixture:
             out[j] = (x_t[j] - sq * x0) / np.sqrt(1.0 - ab[j])[:, None]
         return out
 
-    def posterior_eps(self, x_t, alpha_bar, n_gh: int = 24) -> np.ndarray:
+    def posterior_eps(self, x_t: ArrayLike, alpha_bar: ArrayLike, n_gh: int = 24) -> np.ndarray:
         """Exact noise prediction of the noised tilt through q's exact posterior (any d, cost
         ``K n_gh^d`` tilt evaluations per point): ``q(x_0 | x_t)`` is a Gaussian mixture with
         weights ``pi_k ∝ w_k N(x_t; sqrt(ab) mu_k, ab S_k + (1-ab) I)``, means
@@ -413,7 +415,7 @@ class TiltedMixture:
 
     # -- expectations --------------------------------------------------------------------------
 
-    def expect(self, fn, rng: np.random.Generator | None = None, n: int = 200_000) -> np.ndarray:
+    def expect(self, fn: Callable[[np.ndarray], np.ndarray], rng: np.random.Generator | None = None, n: int = 200_000) -> np.ndarray:
         """``E_p[fn(x)]`` by quadrature (d <= 2) or self-normalised importance sampling."""
         if self.grid is not None:
             return expectation(self.log_p_grid, fn(self.grid.nodes), self.grid)
@@ -426,13 +428,19 @@ class TiltedMixture:
         return np.tensordot(w, fn(x), axes=(0, 0))
 
 
+
+#: A density the constraint and objective functionals accept.
+Density = GaussianMixture | SignedMixture | TiltedMixture
+
 # ---------------------------------------------------------------------------------------------
 # the three targets
 # ---------------------------------------------------------------------------------------------
 
 
-def reverse_kl_target(q: GaussianMixture, forget, lam, rng: np.random.Generator | None = None) -> TiltedMixture:
-    """RU Lagrangian minimiser (eq. 7 of ``docs/math.md``): ``p_lam ∝ q prod (q/q_i)^eta_i = q^(1+H) prod q_i^(-eta_i)``,
+def reverse_kl_target(q: GaussianMixture, forget: Forget, lam: ArrayLike,
+                      rng: np.random.Generator | None = None) -> TiltedMixture:
+    """RU Lagrangian minimiser (eq. 7 of ``docs/math.md``):
+    ``p_lam ∝ q prod (q/q_i)^eta_i = q^(1+H) prod q_i^(-eta_i)``,
     ``eta_i = lam_i / (1 - Lam)``, ``H = sum eta``. Needs ``Lam = sum lam < 1`` and a finite
     normaliser: ``(1 + H) rate_q(v) > sum eta_i rate_i(v)`` along every direction (a forget
     Gaussian narrower than q caps eta). ``ValueError`` naming the bound otherwise.
@@ -476,7 +484,7 @@ def reverse_kl_eta_max(q: GaussianMixture, forget_i: GaussianMixture) -> float:
     return float(np.min(rq[pos] / (r1[pos] - rq[pos]))) if np.any(pos) else np.inf
 
 
-def forward_kl_target(q: GaussianMixture, forget, lam) -> SignedMixture:
+def forward_kl_target(q: GaussianMixture, forget: Forget, lam: ArrayLike) -> SignedMixture:
     """FU Lagrangian minimiser (eq. 12 of ``docs/math.md``): the signed mixture ``(q - sum lam_i q_i) / (1 - Lam)``,
     exact at every noise level. ``ValueError`` outside the dual domain ``q - sum lam_i q_i >= 0``."""
     forget, lam = check_instance(q, forget, lam)
@@ -493,7 +501,7 @@ def forward_kl_target(q: GaussianMixture, forget, lam) -> SignedMixture:
                          f"q - sum lam_i q_i >= 0: {e}") from None
 
 
-def likelihood_target(q: GaussianMixture, forget, lam, variant: str = DEFAULT_VARIANT,
+def likelihood_target(q: GaussianMixture, forget: Forget, lam: ArrayLike, variant: str = DEFAULT_VARIANT,
                       rng: np.random.Generator | None = None) -> TiltedMixture:
     """LU Lagrangian minimiser (eq. 15 of ``docs/math.md``): the Gibbs tilt ``p_lam ∝ q exp(-sum lam_i g_i)`` with
     ``g_i`` of ``variant`` (``VARIANTS``; default ``"likelihood"``, ``g_i = q_i``). All lam >= 0
@@ -509,7 +517,8 @@ def likelihood_target(q: GaussianMixture, forget, lam, variant: str = DEFAULT_VA
     return TiltedMixture("likelihood", q, forget, lam, variant, 1.0, lam.copy(), rng=rng)
 
 
-def target(problem: str, q, forget, lam, variant: str = DEFAULT_VARIANT, rng=None):
+def target(problem: str, q: GaussianMixture, forget: Forget, lam: ArrayLike, variant: str = DEFAULT_VARIANT,
+           rng: np.random.Generator | None = None) -> TiltedMixture | SignedMixture:
     """Dispatch to the problem's target."""
     check_problem(problem)
     if problem == "reverse_kl":
@@ -524,7 +533,8 @@ def target(problem: str, q, forget, lam, variant: str = DEFAULT_VARIANT, rng=Non
 # ---------------------------------------------------------------------------------------------
 
 
-def constraint_function(forget_i: GaussianMixture, variant: str = DEFAULT_VARIANT, q: GaussianMixture | None = None):
+def constraint_function(forget_i: GaussianMixture, variant: str = DEFAULT_VARIANT,
+                        q: GaussianMixture | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """The LU constraint function ``g_i(x)`` of ``variant`` as a callable on (N, d) points."""
     variant = check_variant(variant)
     if variant == "likelihood":
@@ -540,7 +550,7 @@ def _log_prob_on(p, x):
     return p.log_prob(x)
 
 
-def constraint_value(problem: str, p, forget_i: GaussianMixture, variant: str = DEFAULT_VARIANT,
+def constraint_value(problem: str, p: Density, forget_i: GaussianMixture, variant: str = DEFAULT_VARIANT,
                      q: GaussianMixture | None = None, rng: np.random.Generator | None = None,
                      n_mc: int = 400_000) -> float:
     """The constraint functional of ``problem`` at the distribution ``p`` (a ``GaussianMixture``,
@@ -577,7 +587,7 @@ def constraint_value(problem: str, p, forget_i: GaussianMixture, variant: str = 
     return float(np.mean(constraint_function(forget_i, variant, q)(x)))
 
 
-def objective_value(problem: str, p, q: GaussianMixture, rng: np.random.Generator | None = None,
+def objective_value(problem: str, p: Density, q: GaussianMixture, rng: np.random.Generator | None = None,
                     n_mc: int = 400_000) -> float:
     """The objective at p: ``KL(p||q)`` (RU, LU) or ``KL(q||p)`` (FU)."""
     if problem == "forward_kl":
