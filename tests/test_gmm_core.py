@@ -245,3 +245,15 @@ def test_gaussian_mixture_noised_score_matches_finite_differences():
         fd = np.stack([(g.log_prob(x + h * e, ab) - g.log_prob(x - h * e, ab)) / (2 * h) for e in np.eye(2)], 1)
         np.testing.assert_allclose(g.score(x, ab), fd, atol=1e-6)
         np.testing.assert_allclose(g.noised(ab).log_prob(x), g.log_prob(x, ab), atol=1e-12)
+
+
+def test_responsibilities_are_component_posteriors_computed_with_scipy():
+    from scipy.stats import multivariate_normal
+
+    g = GaussianMixture([0.2, 0.5, 0.3], [[0.0, 0.0], [2.0, 1.0], [-1.0, 2.0]],
+                        [np.eye(2), [[1.5, 0.4], [0.4, 0.7]], 0.5 * np.eye(2)])
+    x = np.random.default_rng(1).normal(size=(9, 2)) * 2
+    for ab in (1.0, 0.4):
+        dens = np.stack([w * multivariate_normal(np.sqrt(ab) * mu, ab * np.asarray(S) + (1 - ab) * np.eye(2)).pdf(x)
+                         for w, mu, S in zip(g.weights, g.means, g.covs)], axis=1)
+        np.testing.assert_allclose(g.responsibilities(x, ab), dens / dens.sum(1, keepdims=True), rtol=1e-10)

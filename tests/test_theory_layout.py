@@ -175,3 +175,19 @@ def unannotated_public_functions(package: str, skip: tuple[str, ...] = ()) -> li
 def test_every_public_function_in_theory_has_type_hints():
     # theory.config and theory.report belong to the application shell's redesign and are checked there
     assert unannotated_public_functions("theory", skip=("theory.config", "theory.report")) == []
+
+
+def private_attribute_uses(package: str) -> list[str]:
+    """``module:line expr`` for every ``obj._name`` (not dunder) whose ``obj`` is not ``self`` or
+    ``cls``: one object reaching into another's internals, across modules or not."""
+    found = []
+    for module, path in _modules(package).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                found.append(f"{module}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_theory_objects_use_only_each_others_public_methods():
+    assert private_attribute_uses("theory") == []

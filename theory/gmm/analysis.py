@@ -33,7 +33,7 @@ def expect(p: Density, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
 
 def responsibilities(q: GaussianMixture, x: ArrayLike) -> np.ndarray:
     """q's responsibilities (N, K) at x."""
-    return q._terms(x, need_score=False)[2]
+    return q.responsibilities(x)
 
 
 def mode_masses(p: Density, q: GaussianMixture) -> np.ndarray:

@@ -171,6 +171,14 @@ class GaussianMixture:
         """``grad_x log p_t(x)`` (N, d): responsibilities times component scores."""
         return self._terms(x, alpha_bar)[3]
 
+    def responsibilities(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
+        """``r_k(x) = w_k N_k(x) / p_t(x)`` (N, K): the posterior probability of each component."""
+        return self._terms(x, alpha_bar, need_score=False)[2]
+
+    def check_x(self, x: ArrayLike) -> np.ndarray:
+        """``x`` as a float64 (N, d) array of finite points (a vector when d = 1); ``ValueError`` otherwise."""
+        return self._check_x(x)
+
     def score_divergence(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``tr grad_x score = Laplacian log p_t`` (N,): ``sum_k r_k (|s_k|^2 - tr P_k) - |s|^2`` with
         responsibilities r_k, component scores s_k and noised precisions P_k (for the

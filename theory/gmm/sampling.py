@@ -100,7 +100,7 @@ class SurrogateGap:
 def forget_mode_mass_fn(q: GaussianMixture, forget_component: int) -> Callable[[np.ndarray], np.ndarray]:
     """``x -> r_k(x)``, q's responsibility of one component (the "mass on the forget mode")."""
     def fn(x):
-        return q._terms(x, need_score=False)[2][:, forget_component]
+        return q.responsibilities(x)[:, forget_component]
     return fn
 
 

@@ -287,7 +287,7 @@ class TiltedMixture:
         if self.problem == "reverse_kl":
             return self.surrogate_eps(x_t, alpha_bar)
         ab = check_alpha_bar(alpha_bar)
-        x_t = self.q._check_x(x_t)
+        x_t = self.q.check_x(x_t)
         if ab.ndim == 0:
             return self.posterior_eps(x_t, float(ab))
         out = np.empty_like(x_t)
@@ -304,7 +304,7 @@ class TiltedMixture:
         clipped to the tilt's box, ``n_local`` nodes per axis."""
         if self.grid is None:
             raise ValueError("exact_eps needs quadrature (d <= 2)")
-        x_t = self.q._check_x(x_t)
+        x_t = self.q.check_x(x_t)
         ab = np.broadcast_to(check_alpha_bar(alpha_bar), (x_t.shape[0],)).astype(float)
         out = np.empty_like(x_t)
         one = ab >= 1.0
@@ -344,7 +344,7 @@ class TiltedMixture:
         Gaussian expectation by tensor Gauss-Hermite quadrature in C_k's eigenbasis. Accurate when
         w is smooth on the posterior's scale — LU's bounded weights ``exp(-lam g)``; for RU's
         unbounded ``(q/q_1)^eta`` prefer ``exact_eps`` (checked against each other in the tests)."""
-        x_t = self.q._check_x(x_t)
+        x_t = self.q.check_x(x_t)
         ab = float(check_alpha_bar(alpha_bar))
         d, q = self.dim, self.q
         if ab >= 1.0:
