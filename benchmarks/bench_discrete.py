@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from theory import discrete
-from theory import discrete_oracles as oracles
+from theory.discrete import oracles
 
 
 def instance(n: int, m: int, seed: int = 0):

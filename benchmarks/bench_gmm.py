@@ -1,4 +1,4 @@
-"""Throughput of exact mixture scores / noise predictions and time of the dual solves (issue 3 §3).
+"""Throughput of exact mixture scores / noise predictions and time of the dual solves.
 
 Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_gmm.py`` (one CPU core). Targets: >= 1e6 score
 evaluations per second at K = 8, d = 2; each 2-D dual solve under 1 s. Prints a Markdown table.

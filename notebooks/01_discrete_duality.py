@@ -19,7 +19,7 @@
 # budgets up to `b_max = -log q_1(0) = 3.91` are feasible. There the dual optimum has `lam* > 1`,
 # where the Lagrangian is concave in p and its minimisers are point masses, none of which meets
 # complementary slackness: the gap `P* - D*` is strictly positive. `P*` comes from the global
-# solver (`theory.discrete_global`, KKT enumeration over the faces of the simplex, no dual).
+# solver (`theory.discrete.global_primal`, KKT enumeration over the faces of the simplex, no dual).
 #
 # Then each atom is split into K equal cells (towards a non-atomic base measure): the Lam = 1 face
 # of Lagrangian minimisers now reaches `b_M + log K`, and the gap is exactly zero once
@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from theory import discrete
-from theory.verify_discrete import (RU_GAP_FORGET, RU_GAP_Q, plot_refinement, plot_ru_gap,
+from theory.discrete.verify import (RU_GAP_FORGET, RU_GAP_Q, plot_refinement, plot_ru_gap,
                                     ru_refinement_gaps, ru_value_curves)
 
 QUICK = os.environ.get("DUALUNLEARN_QUICK") == "1"

@@ -31,9 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from theory.gmm import constraint_value, default_instance, solve
-from theory.gmm_analysis import lam_for_forget_mass, mode_masses, retained_mode_shift
-from theory.gmm_targets import target
+from theory.gmm import (constraint_value, default_instance, lam_for_forget_mass, mode_masses, retained_mode_shift,
+                        solve, target)
 
 QUICK = os.environ.get("DUALUNLEARN_QUICK") == "1"
 FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR", ".")

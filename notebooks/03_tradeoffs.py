@@ -33,8 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from theory.gmm import default_instance, solve
-from theory.gmm_analysis import esd_lam, sweep
+from theory.gmm import default_instance, esd_lam, solve, sweep
 
 QUICK = os.environ.get("DUALUNLEARN_QUICK") == "1"
 FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR", ".")

@@ -31,8 +31,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from theory.gmm import default_instance, likelihood_target, reverse_kl_target, solve
-from theory.gmm_sampling import probability_flow_sample, surrogate_gap
+from theory.gmm import (default_instance, likelihood_target, probability_flow_sample, reverse_kl_target, solve,
+                        surrogate_gap)
 
 QUICK = os.environ.get("DUALUNLEARN_QUICK") == "1"
 FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR", ".")
@@ -76,7 +76,7 @@ lu_sur = probability_flow_sample(likelihood_target(q, forget, lam_lu), 300 if QU
 # from the same surrogate, validated first with q's exact eps.
 
 # %%
-from theory.gmm_sampling import ddpm_sample, forget_mode_mass_fn
+from theory.gmm import ddpm_sample, forget_mode_mass_fn
 
 r3 = forget_mode_mass_fn(q, 2)
 n_sde = 500 if QUICK else 4000

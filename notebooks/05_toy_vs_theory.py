@@ -42,8 +42,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from theory.gmm import default_instance
-from theory.gmm_analysis import esd_lam, sweep
+from theory.gmm import default_instance, esd_lam, sweep
 from toy.run import ToyConfig, pretrain_on_mixture, run
 
 torch.set_num_threads(1)

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 #: (tier, module, function) of every report section, in report order.
 SECTIONS = (
-    ("theory", "theory.verify_discrete", "verify_section"),
-    ("theory", "theory.verify_gmm", "verify_section"),
+    ("theory", "theory.discrete.verify", "verify_section"),
+    ("theory", "theory.gmm.verify", "verify_section"),
     ("toy", "toy.verify", "verify_section"),
 )
 TIERS = ("theory", "toy")

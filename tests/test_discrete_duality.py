@@ -1,9 +1,9 @@
-"""Duality on finite spaces, measured (MATH.md §3): weak duality always; zero gap with KKT residuals
+"""Duality on finite spaces, measured (``docs/math.md`` §3): weak duality always; zero gap with KKT residuals
 ~0 when the target at lam* is feasible with complementary slackness; RU's positive gaps, the
 condition under which they appear, and their closing under refinement; what holds for FU and LU.
 
 Every primal value here is certified independently of the dual: the global solver
-(``theory.discrete_global``), cvxpy (``theory.discrete_oracles``), or random search as a check on
+(``theory.discrete.global_primal``), cvxpy (``theory.discrete.oracles``), or random search as a check on
 the global solver itself."""
 
 import numpy as np
@@ -12,8 +12,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from theory import discrete as d
-from theory import discrete_global as dg
-from theory import discrete_oracles as oracles
+from theory.discrete import dual as d_dual
+from theory.discrete import global_primal as dg
+from theory.discrete import oracles
 from tests.strategies.discrete import fu_instances, lu_instances, ru_instances, simplices
 
 TOL = 1e-8
@@ -102,7 +103,7 @@ def test_forward_kl_global_solver_beats_random_search(inst, seed):
 
 @st.composite
 def _ru_gap_instances(draw):
-    """m = 1 instances with a non-empty gap interval (b_M, b_max] (MATH.md §3): argmin q_1 is not in
+    """m = 1 instances with a non-empty gap interval (b_M, b_max] (eqs. 20-21 of ``docs/math.md``): argmin q_1 is not in
     M = argmax q/q_1. Atom x gets the smallest q and the smallest q_1; the atom z with the largest q
     gets q_1(z) = q_1(x) sqrt(q(z)/q(x)) > q_1(x), so q(z)/q_1(z) > q(x)/q_1(x)."""
     n = draw(st.integers(3, 5))
@@ -193,8 +194,8 @@ def test_forward_kl_with_several_constraints_has_zero_gap_unless_q_is_a_mixture_
     rest of the boundary), so the target there is feasible with CS: zero gap, certified by KKT."""
     q, forget, b = data.draw(fu_instances(m=m, max_n=7 if m == 3 else 5))
     s = d.solve("forward_kl", q, forget, b)
-    inst = d._instance("forward_kl", q, forget, b)
-    if d._fu_boundary(inst) is None:
+    inst = d_dual.make_instance("forward_kl", q, forget, b)
+    if d_dual._fu_boundary(inst) is None:
         assert s.certificate == "kkt" and float(s.lam.sum()) < 1.0
         _assert_certified(s, q, forget)
     else:  # Lam* may be 1; what is measured must still obey weak duality

@@ -165,21 +165,6 @@ def test_infeasible_budgets_state_the_largest_achievable_value():
         d.solve("reverse_kl", q2, f2, [2.0, 2.0])
 
 
-def test_likelihood_ratio_spelling_of_the_other_tiers_is_the_ratio_variant():
-    import numpy as np
-
-    from theory import discrete
-
-    q = np.array([0.2, 0.3, 0.5])
-    forget = np.array([[0.6, 0.3, 0.1]])
-    lam = np.array([0.7])
-    np.testing.assert_array_equal(discrete.likelihood_target(q, forget, lam, variant="likelihood_ratio"),
-                                  discrete.likelihood_target(q, forget, lam, variant="ratio"))
-    a = discrete.solve("likelihood", q, forget, [1.5], variant="likelihood_ratio")
-    b = discrete.solve("likelihood", q, forget, [1.5], variant="ratio")
-    assert a.dual_value == b.dual_value and np.array_equal(a.lam, b.lam)
-
-
 def test_forward_kl_with_a_forget_distribution_equal_to_q_is_reported_not_crashed():
     # regression (found by hypothesis): q_1 = q on two atoms used to raise "infeasible" although
     # p = (0.62, 0.38) is feasible; the degenerate case is now uncertified, with weak duality intact

@@ -162,7 +162,7 @@ def test_signed_mixture_sampling_matches_its_moments():
 
 
 def test_signed_mixture_integrates_to_one_and_stays_nonnegative_when_noised():
-    from theory.gmm_quadrature import grid_for, log_integral
+    from theory.gmm.quadrature import grid_for, log_integral
 
     s = _wide_minus_narrow(0.2)
     for ab in (1.0, 0.5, 0.05):
@@ -235,3 +235,25 @@ def test_min_log_ratio_is_minus_infinity_when_the_denominator_has_the_heavier_ta
     q = GaussianMixture([0.5, 0.5], [[-1.0, 0.0], [1.0, 0.0]], [np.eye(2), np.diag([1.0, 0.5])])
     f = GaussianMixture([1.0], [[0.0, 0.0]], [np.diag([0.5, 1.2])])  # wider than both along y
     assert min_log_ratio(q, f) == -np.inf
+
+
+def test_gaussian_mixture_noised_score_matches_finite_differences():
+    g = GaussianMixture([0.3, 0.7], [[0.0, 0.0], [3.0, 1.0]], [np.eye(2), [[2.0, 0.5], [0.5, 1.0]]])
+    x = np.random.default_rng(0).normal(size=(7, 2))
+    for ab in (1.0, 0.3, 0.01):
+        h = 1e-6
+        fd = np.stack([(g.log_prob(x + h * e, ab) - g.log_prob(x - h * e, ab)) / (2 * h) for e in np.eye(2)], 1)
+        np.testing.assert_allclose(g.score(x, ab), fd, atol=1e-6)
+        np.testing.assert_allclose(g.noised(ab).log_prob(x), g.log_prob(x, ab), atol=1e-12)
+
+
+def test_responsibilities_are_component_posteriors_computed_with_scipy():
+    from scipy.stats import multivariate_normal
+
+    g = GaussianMixture([0.2, 0.5, 0.3], [[0.0, 0.0], [2.0, 1.0], [-1.0, 2.0]],
+                        [np.eye(2), [[1.5, 0.4], [0.4, 0.7]], 0.5 * np.eye(2)])
+    x = np.random.default_rng(1).normal(size=(9, 2)) * 2
+    for ab in (1.0, 0.4):
+        dens = np.stack([w * multivariate_normal(np.sqrt(ab) * mu, ab * np.asarray(S) + (1 - ab) * np.eye(2)).pdf(x)
+                         for w, mu, S in zip(g.weights, g.means, g.covs)], axis=1)
+        np.testing.assert_allclose(g.responsibilities(x, ab), dens / dens.sum(1, keepdims=True), rtol=1e-10)

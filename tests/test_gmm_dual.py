@@ -1,5 +1,5 @@
 """Dual solutions on mixtures: KKT certificates, closed forms, weak duality, structure, bad input
-(MATH.md §2-3)."""
+(``docs/math.md`` §2-3)."""
 
 import time
 
@@ -9,10 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import brentq
 
-from theory.gmm import (GaussianMixture, constraint_value, default_instance, dual_function, forward_kl_target,
+from theory.gmm import (VARIANTS, GaussianMixture, constraint_value, default_instance, dual_function,
+                        forward_kl_target, gaussian_kl, gaussian_power_tilt, gaussian_reverse_kl_solution,
                         likelihood_target, objective_value, reverse_kl_target, solve)
-from theory.gmm_dual import gaussian_kl, gaussian_power_tilt, gaussian_reverse_kl_solution
-from theory.gmm_targets import VARIANTS
 from tests.strategies import unlearning_instances
 
 PROBLEMS = ("reverse_kl", "forward_kl", "likelihood")
@@ -172,7 +171,7 @@ def test_forward_kl_budget_beyond_the_signed_mixture_path_has_a_feasible_point_c
     """lam* = lam_max = w_3, no attained optimum; the explicit feasible point (checked here by an
     independent quadrature on a finer grid and by Monte Carlo) has value D* + O(1e-10): the gap is
     measured ~0, i.e. strong duality as an infimum."""
-    from theory.gmm_quadrature import grid_for, kl_on_grid, log_integral
+    from theory.gmm.quadrature import grid_for, kl_on_grid, log_integral
 
     q, forget, _ = default_instance()
     f = forget[0]

@@ -1,12 +1,12 @@
 """PF-ODE sampler with exact log-densities, the surrogate gap, the analysis helpers and the
-report section (MATH.md §4, issue 3 §2)."""
+report section (``docs/math.md`` §4)."""
 
 import numpy as np
 import pytest
 
-from theory.gmm import default_instance, forward_kl_target, likelihood_target, reverse_kl_target
-from theory.gmm_analysis import lam_for_forget_mass, mode_masses, retained_mode_shift
-from theory.gmm_sampling import ddpm_sample, forget_mode_mass_fn, probability_flow_sample, surrogate_gap
+from theory.gmm import (ddpm_sample, default_instance, forget_mode_mass_fn, forward_kl_target, lam_for_forget_mass,
+                        likelihood_target, mode_masses, probability_flow_sample, retained_mode_shift, reverse_kl_target,
+                        surrogate_gap)
 
 
 def test_pf_ode_with_exact_mixture_eps_reproduces_log_q():
@@ -62,7 +62,7 @@ def test_lu_barely_moves_retained_modes_ru_pushes_them_away():
 
 
 def test_verify_section_passes_in_quick_mode(tmp_path):
-    from theory.verify_gmm import verify_section
+    from theory.gmm.verify import verify_section
 
     sec = verify_section(tmp_path, True, 0)
     assert sec.passed, [c for c in sec.checks if not c.passed]

@@ -1,15 +1,14 @@
 """Targets on mixtures: closed forms vs quadrature vs Monte Carlo, exact vs surrogate noise
-predictions, domains and bad input (MATH.md §2, §4)."""
+predictions, domains and bad input (``docs/math.md`` §2, §4)."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from theory.gmm import (GaussianMixture, constraint_value, default_instance, forward_kl_target, likelihood_target,
-                        objective_value, reverse_kl_target)
-from theory.gmm_dual import gaussian_kl, gaussian_power_tilt
-from theory.gmm_targets import VARIANTS, reverse_kl_eta_max
+from theory.gmm import (VARIANTS, GaussianMixture, constraint_value, default_instance, forward_kl_target,
+                        gaussian_kl, gaussian_power_tilt, likelihood_target, objective_value, reverse_kl_eta_max,
+                        reverse_kl_target)
 from tests.strategies import covariances, unlearning_instances
 
 MU, S = np.array([0.5, -0.2]), np.array([[0.8, 0.25], [0.25, 0.5]])
@@ -235,7 +234,7 @@ def test_bad_multipliers_and_instances_are_rejected_with_the_value():
 @settings(max_examples=10)
 @given(st.data())
 def test_reverse_kl_tilt_of_equal_covariance_gaussians_is_a_shift(data):
-    """Equal covariances: the tilt is N(mu + eta (mu - mu_1), S) exactly (MATH.md §2, closed form)."""
+    """Equal covariances: the tilt is N(mu + eta (mu - mu_1), S) exactly (eq. 7 of ``docs/math.md``, closed form)."""
     Sx = data.draw(covariances(2))
     mu = np.array(data.draw(st.lists(st.floats(-2, 2), min_size=2, max_size=2)))
     mu1 = np.array(data.draw(st.lists(st.floats(-2, 2), min_size=2, max_size=2)))
@@ -251,7 +250,7 @@ def test_tail_margin_by_directions_equals_the_eigenvalue_formula():
     """The d <= 2 direction sweep (used for mixture forget sets) against the exact generalised-
     eigenvalue margin (single Gaussians): duplicate the forget Gaussian into a two-component
     mixture to force the direction path."""
-    from theory.gmm_targets import log_tilt_tail_margin
+    from theory.gmm.targets import log_tilt_tail_margin
 
     q, _, _ = default_instance()
     f = GaussianMixture([1.0], [[0.3, 1.0]], [[[0.3, 0.1], [0.1, 0.2]]])

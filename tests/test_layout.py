@@ -23,17 +23,3 @@ def test_theory_imports_no_torch_toy_scale_or_diffusers():
 
 def test_toy_never_imports_scale_or_diffusers():
     assert not _imports("toy") & {"scale", "diffusers", "peft", "accelerate"}
-
-
-def test_gaussian_mixture_noised_score_matches_finite_differences():
-    import numpy as np
-
-    from theory.gmm import GaussianMixture
-
-    g = GaussianMixture([0.3, 0.7], [[0.0, 0.0], [3.0, 1.0]], [np.eye(2), [[2.0, 0.5], [0.5, 1.0]]])
-    x = np.random.default_rng(0).normal(size=(7, 2))
-    for ab in (1.0, 0.3, 0.01):
-        h = 1e-6
-        fd = np.stack([(g.log_prob(x + h * e, ab) - g.log_prob(x - h * e, ab)) / (2 * h) for e in np.eye(2)], 1)
-        np.testing.assert_allclose(g.score(x, ab), fd, atol=1e-6)
-        np.testing.assert_allclose(g.noised(ab).log_prob(x), g.log_prob(x, ab), atol=1e-12)

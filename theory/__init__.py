@@ -1,10 +1,11 @@
 """Theory tier of dualunlearn: closed-form unlearning targets, dual functions and certified duality
-gaps on finite distributions and Gaussian mixtures (numpy/scipy/cvxpy, float64, no torch).
+gaps on finite distributions (``theory.discrete``) and Gaussian mixtures (``theory.gmm``), in
+numpy/scipy/cvxpy, float64, without torch.
 
-See ``../shared/MATH.md`` and ``docs`` in the README for what is stated, derived and decided.
+The mathematics, with numbered equations, is in ``docs/math.md``; the decisions and evidence of
+each package in ``docs/theory-discrete.md`` and ``docs/theory-gmm.md``.
 """
 
-__all__ = ["PROBLEMS"]
+from theory.validation import PROBLEMS
 
-#: The three problems of MATH.md §1, by the names every public function takes.
-PROBLEMS = ("reverse_kl", "forward_kl", "likelihood")
+__all__ = ["PROBLEMS"]

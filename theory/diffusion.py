@@ -1,4 +1,4 @@
-"""The DDPM / VP forward process in closed form (MATH.md §4): noise schedules and the map from a
+"""The DDPM / VP forward process in closed form (``docs/math.md`` §4, eqs. 23-24): noise schedules and the map from a
 data law to its noised marginal. ``x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) z``.
 
 Schedules match diffusers' ``DDPMScheduler`` (``linear``, ``scaled_linear``,
@@ -9,6 +9,7 @@ indices are 0-based (``alphas_cumprod[t]``) as in diffusers.
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
@@ -40,7 +41,7 @@ def alphas_cumprod_for_schedule(num_timesteps: int = 1000, beta_start: float = 1
     return np.cumprod(1.0 - betas_for_schedule(num_timesteps, beta_start, beta_end, schedule))
 
 
-def check_alpha_bar(alpha_bar) -> np.ndarray:
+def check_alpha_bar(alpha_bar: ArrayLike) -> np.ndarray:
     """Validate ``alpha_bar`` in (0, 1] (scalar or array), returned as float64."""
     ab = np.asarray(alpha_bar, dtype=np.float64)
     if not np.all(np.isfinite(ab)) or np.any(ab <= 0) or np.any(ab > 1):
@@ -49,7 +50,7 @@ def check_alpha_bar(alpha_bar) -> np.ndarray:
     return ab
 
 
-def eps_from_score(score, alpha_bar) -> np.ndarray:
+def eps_from_score(score: ArrayLike, alpha_bar: ArrayLike) -> np.ndarray:
     """Noise prediction from the score of the noised law (Tweedie):
     ``eps(x_t) = E[z | x_t] = -sqrt(1 - alpha_bar) grad log p_t(x_t)``.
 

@@ -1,4 +1,4 @@
-"""The result of solving one constrained unlearning problem (MATH.md §2-3).
+"""The result of solving one constrained unlearning problem (``docs/math.md`` §2-3).
 
 A ``Solution`` carries both sides of the duality so that a gap is *measured*: ``primal_value`` is
 an independently certified primal optimum P* (or the best certified bound), ``dual_value`` is

@@ -1,4 +1,4 @@
-"""The one place for hypothesis strategies (STYLE.md): constructive, no ``assume`` where avoidable.
+"""The one place for hypothesis strategies: constructive, no ``assume`` where avoidable.
 Finite-distribution strategies live in ``tests.strategies.discrete``, mixture strategies in
 ``tests.strategies.gmm``; import them from here."""
 from tests.strategies.gmm import alpha_bars, covariances, gaussian_mixtures, mixture_weights, unlearning_instances  # noqa: F401

@@ -10,6 +10,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from theory import discrete
+from theory.discrete import core as discrete_core
 
 __all__ = ["simplices", "ru_instances", "fu_instances", "lu_instances", "lu_multipliers"]
 
@@ -42,7 +43,8 @@ def ru_instances(draw, m: int = 1, min_n: int = 2, max_n: int = 6, q_zeros: bool
                  active: bool = True):
     """(q, forget, budgets) for RU with supp q inside every supp q_i and a feasible budget:
     b_i = KL(q||q_i) + frac_i (KL(p0||q_i) - KL(q||q_i)) for a drawn p0 (a point mass when m = 1,
-    the farthest one for q_1), frac_i in [0.05, 0.95] (active) or b_i < KL(q||q_i) (inactive)."""
+    the farthest one for q_1), frac_i in [0.05, 0.95] (active) or b_i = (1 - frac_i) KL(q||q_i) (inactive);
+    every budget is >= 0, as KL budgets must be."""
     n = draw(st.integers(min_n, max_n))
     q = draw(simplices(n=n, zeros=q_zeros))
     forget = np.stack([draw(simplices(n=n)) for _ in range(m)])
@@ -58,18 +60,19 @@ def ru_instances(draw, m: int = 1, min_n: int = 2, max_n: int = 6, q_zeros: bool
     k0 = np.array([discrete.kl(p0, f) for f in forget])
     fracs = np.array(draw(st.lists(st.floats(0.05, 0.95), min_size=m, max_size=m)))
     if active:
-        b = np.where(k0 > kq, kq + fracs * (k0 - kq), k0 - fracs)
+        b = np.where(k0 > kq, kq + fracs * (k0 - kq), (1.0 - fracs) * k0)
     else:
-        b = kq - fracs
+        b = (1.0 - fracs) * kq
     return q, forget, b
 
 
 @st.composite
 def fu_instances(draw, m: int = 1, min_n: int = 2, max_n: int = 6, q_zeros: bool = True,
                  forget_zeros: bool = True, active: bool = True):
-    """(q, forget, budgets) for FU with supp q_i inside supp q: b_i = KL(q_i||q) - t_i (inactive);
+    """(q, forget, budgets) for FU with supp q_i inside supp q: b_i = (1 - t_i/2.05) KL(q_i||q) (inactive);
     active with m = 1: b_1 = KL(q_1||q) + t, t in [0.05, 2]; with m > 1 a fraction of the way from
-    KL(q_i||q) to KL(q_i||p0) for a drawn p0 > 0 on supp q (feasible by construction)."""
+    KL(q_i||q) to KL(q_i||p0) for a drawn p0 > 0 on supp q (feasible by construction). Every budget
+    is >= 0, as KL budgets must be."""
     n = draw(st.integers(min_n, max_n))
     q = draw(simplices(n=n, zeros=q_zeros))
     on = q > 0
@@ -80,16 +83,16 @@ def fu_instances(draw, m: int = 1, min_n: int = 2, max_n: int = 6, q_zeros: bool
     forget = np.stack(rows)
     t = np.array(draw(st.lists(st.floats(0.05, 2.0), min_size=m, max_size=m)))
     base = np.array([discrete.kl(f, q) for f in forget])
+    fracs = t / 2.05
     if not active:
-        return q, forget, base - t
+        return q, forget, (1.0 - fracs) * base
     if m == 1:  # one constraint: every budget is feasible (p may vanish on supp q_1)
         return q, forget, base + t
     # several: below the values at a drawn p0 > 0 on supp q, so p0 is feasible
     x = draw(st.sampled_from(list(np.flatnonzero(on))))
     p0 = 0.7 * draw(simplices(n=n, support=on)) + 0.3 * np.eye(n)[x]
     k0 = np.array([discrete.kl(f, p0) for f in forget])
-    fracs = t / 2.05
-    return q, forget, np.where(k0 > base, base + fracs * (k0 - base), k0 - t)
+    return q, forget, np.where(k0 > base, base + fracs * (k0 - base), (1.0 - fracs) * k0)
 
 
 @st.composite
@@ -101,7 +104,7 @@ def lu_instances(draw, m: int = 1, min_n: int = 2, max_n: int = 8, variant: str 
     q = draw(simplices(n=n, zeros=q_zeros))
     on = q > 0
     forget = np.stack([draw(simplices(n=n)) for _ in range(m)])
-    g = discrete._g_values(q, forget, variant)
+    g = discrete_core.g_values(q, forget, variant)
     x = draw(st.sampled_from(list(np.flatnonzero(on))))
     p0 = 0.5 * draw(simplices(n=n, support=on)) + 0.5 * np.eye(n)[x]
     Eq, E0 = g[:, on] @ q[on], g[:, on] @ p0[on]

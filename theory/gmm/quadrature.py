@@ -1,4 +1,4 @@
-"""Quadrature on a box in d <= 2 and self-normalised importance sampling above (MATH.md §2):
+"""Quadrature on a box in d <= 2 and self-normalised importance sampling above (``docs/math.md`` §2):
 the integrals behind tilt normalisers, KL divergences and expectations of mixture targets.
 
 The midpoint rule on a box that holds the mass converges exponentially fast for the smooth,
@@ -11,8 +11,10 @@ Carlo. Every integral is done in log space.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.special import logsumexp
 
 #: Most grid nodes a quadrature may use (memory/time guard).
@@ -38,7 +40,7 @@ class Grid:
         return np.any((idx == 0) | (idx == np.array(self.shape) - 1), axis=1)
 
 
-def make_grid(lo, hi, h_max: float) -> Grid:
+def make_grid(lo: ArrayLike, hi: ArrayLike, h_max: float) -> Grid:
     """A midpoint grid on ``[lo, hi]`` with spacing at most ``h_max`` (d in {1, 2})."""
     lo, hi = np.asarray(lo, float), np.asarray(hi, float)
     d = lo.shape[0]
@@ -55,7 +57,7 @@ def make_grid(lo, hi, h_max: float) -> Grid:
     return Grid(lo, hi, tuple(int(v) for v in n), h, nodes, float(np.sum(np.log(h))))
 
 
-def grid_for(*densities, pad: float = 10.0, h_max: float | None = None, scale: float = 1.0) -> Grid:
+def grid_for(*densities: Any, pad: float = 10.0, h_max: float | None = None, scale: float = 1.0) -> Grid:
     """A grid whose box holds every density's components (``+-pad`` sd, widened ``scale`` times
     about its centre) with spacing ``min sd / 3`` unless ``h_max`` is given."""
     boxes = [dens.box(pad) for dens in densities]

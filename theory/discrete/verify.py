@@ -1,4 +1,4 @@
-"""The finite-space section of ``dualunlearn verify`` (MATH.md §2-3, docs/theory-discrete.md).
+"""The finite-space section of ``dualunlearn verify`` (``docs/math.md`` §2-3, ``docs/theory-discrete.md``).
 
 Built-in instances; every primal value is certified independently of the dual (KKT where it
 certifies, the global enumeration solver, or cvxpy), so each gap below is measured:
@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from theory import discrete
-from theory import discrete_global
+from theory.discrete import global_primal as discrete_global
 from theory.report import Check, Section
 
 log = logging.getLogger(__name__)
@@ -31,7 +34,8 @@ RU_GAP_Q = np.array([0.05, 0.5, 0.45])
 RU_GAP_FORGET = np.array([[0.02, 0.08, 0.9]])
 
 
-def ru_value_curves(q, forget, budgets):
+def ru_value_curves(q: ArrayLike, forget: ArrayLike,
+                    budgets: Iterable[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """P*(b) (global solver, no dual), D*(b) and lam*(b) for m = 1 RU over a grid of budgets."""
     P, D, lam = [], [], []
     for b in budgets:
@@ -42,7 +46,8 @@ def ru_value_curves(q, forget, budgets):
     return np.array(P), np.array(D), np.array(lam)
 
 
-def ru_refinement_gaps(q, forget, b, cells):
+def ru_refinement_gaps(q: ArrayLike, forget: ArrayLike, b: float,
+                       cells: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
     """(P*(K), D*(K)) with every atom split into K equal cells, for K in ``cells``."""
     P, D = [], []
     for K in cells:
@@ -52,7 +57,8 @@ def ru_refinement_gaps(q, forget, b, cells):
     return np.array(P), np.array(D)
 
 
-def plot_ru_gap(ax, budgets, P, D, b_M, b_max):
+def plot_ru_gap(ax: Any, budgets: ArrayLike, P: ArrayLike, D: ArrayLike, b_M: float, b_max: float) -> None:
+    """P*(b) and D*(b) against the budget on a matplotlib axis, the gap region (b_M, b_max) shaded."""
     ax.plot(budgets, P, "-", color="C0", label="P*(b) (global primal)")
     ax.plot(budgets, D, "--", color="C3", label="D*(b) (dual)")
     ax.axvspan(b_M, b_max, color="0.9", label="lam* > 1: gap region")
@@ -61,7 +67,8 @@ def plot_ru_gap(ax, budgets, P, D, b_M, b_max):
     ax.legend(loc="upper left", fontsize=8)
 
 
-def plot_refinement(ax, cells, P, D, K_star):
+def plot_refinement(ax: Any, cells: ArrayLike, P: ArrayLike, D: ArrayLike, K_star: float) -> None:
+    """The gap P* - D* against the number of cells K on a matplotlib axis, K* = exp(b - b_M) marked."""
     ax.plot(cells, P - D, "o-", label="gap P* - D*")
     ax.axvline(K_star, color="0.5", ls=":", label="K* = ceil(exp(b - b_M))")
     ax.set_xlabel("cells per atom K")
@@ -115,7 +122,7 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     Eq, E0 = forget @ q, forget @ p0
     lu_b = np.where(Eq > E0, E0 + 0.5 * (Eq - E0), E0 + 0.1)
     s = discrete.solve("likelihood", q, forget, lu_b)
-    from theory import discrete_oracles
+    from theory.discrete import oracles as discrete_oracles
 
     orc = discrete_oracles.likelihood_primal(q, forget, lu_b)
     checks.append(_check("LU (m=2): KKT, cvxpy primal", f"{s.certificate}, |P_cvx - D*| = "
@@ -188,7 +195,7 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     fig.savefig(out_dir / "discrete_ru_refinement.png", dpi=110)
     plt.close(fig)
 
-    text = ("Finite distributions (MATH.md §3): RU can have a strictly positive duality gap on atomic "
+    text = ("Finite distributions (docs/math.md §3, eqs. 20-22): RU can have a strictly positive duality gap on atomic "
             "spaces (lam* > 1, Lagrangian minimisers are point masses); refinement into K cells closes it "
             "exactly once K >= exp(b - b_M). FU and LU have zero gap here (KKT certificates, checked "
             "against a global solver and cvxpy). See docs/theory-discrete.md.")

@@ -1,4 +1,4 @@
-"""Dual functions and dual solutions of RU, FU and LU on Gaussian mixtures (MATH.md §2-3).
+"""Dual functions and dual solutions of RU, FU and LU on Gaussian mixtures (eqs. 9, 13 and 16 of ``docs/math.md``).
 
 For each problem, on the right dual domain:
 
@@ -30,15 +30,16 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-from theory import PROBLEMS
-from theory.gmm import GaussianMixture, SignedMixture, min_log_ratio
-from theory.gmm_quadrature import (boundary_log_mass, expectation, grid_for, kl_on_grid, log_integral,
+from theory.gmm.mixture import Forget, GaussianMixture, SignedMixture, check_instance, min_log_ratio
+from theory.gmm.quadrature import (boundary_log_mass, expectation, grid_for, kl_on_grid, log_integral,
                                    make_grid)
-from theory.gmm_targets import (DEFAULT_VARIANT, _tilt_kind, check_instance, check_variant, constraint_value,
-                                forward_kl_target, likelihood_target, log_tilt_tail_margin, objective_value,
-                                reverse_kl_eta_max, reverse_kl_target, tilt_length_scale, tilt_log_unnorm)
+from theory.gmm.targets import (constraint_value, forward_kl_target, likelihood_target, log_tilt_tail_margin,
+                                objective_value, reverse_kl_eta_max, reverse_kl_target, tilt_kind, tilt_length_scale,
+                                tilt_log_unnorm)
 from theory.solution import Solution
+from theory.validation import DEFAULT_VARIANT, check_budgets, check_variant
 
 _BOUNDARY_LOG_TOL = -36.0
 
@@ -48,7 +49,7 @@ _BOUNDARY_LOG_TOL = -36.0
 # ---------------------------------------------------------------------------------------------
 
 
-def gaussian_kl(mu0, S0, mu1, S1) -> float:
+def gaussian_kl(mu0: ArrayLike, S0: ArrayLike, mu1: ArrayLike, S1: ArrayLike) -> float:
     """``KL(N(mu0, S0) || N(mu1, S1))`` in closed form."""
     mu0, mu1 = np.atleast_1d(np.asarray(mu0, float)), np.atleast_1d(np.asarray(mu1, float))
     S0, S1 = np.atleast_2d(np.asarray(S0, float)), np.atleast_2d(np.asarray(S1, float))
@@ -59,7 +60,8 @@ def gaussian_kl(mu0, S0, mu1, S1) -> float:
                         + np.linalg.slogdet(S1)[1] - np.linalg.slogdet(S0)[1]))
 
 
-def gaussian_power_tilt(mu, S, mu1, S1, a: float, c: float):
+def gaussian_power_tilt(mu: ArrayLike, S: ArrayLike, mu1: ArrayLike, S1: ArrayLike, a: float,
+                        c: float) -> tuple[np.ndarray, np.ndarray, float]:
     """``N(mu,S)^a N(mu1,S1)^(-c)`` integrated and normalised in closed form.
 
     The exponent is ``-x^T A x / 2 + x^T beta + const`` with ``A = a P - c P1``,
@@ -83,7 +85,7 @@ def gaussian_power_tilt(mu, S, mu1, S1, a: float, c: float):
     return mean, cov, float(log_Z)
 
 
-def gaussian_reverse_kl_solution(mu, S, mu1, b: float) -> dict:
+def gaussian_reverse_kl_solution(mu: ArrayLike, S: ArrayLike, mu1: ArrayLike, b: float) -> dict:
     """RU with ``q = N(mu, S)``, one forget ``q_1 = N(mu1, S)`` (equal covariances) in closed form.
 
     The tilt is ``N(mu + eta (mu - mu1), S)``; with ``Delta^2 = (mu - mu1)^T S^-1 (mu - mu1)``,
@@ -183,7 +185,7 @@ def _dual_on(quad: _Quadrature, problem: str, lam: np.ndarray, budgets: np.ndarr
         P = kl_on_grid(quad.log_q_norm, log_p, g)
         D = float(P - lam @ (kl - budgets))
         return D, budgets - kl, P, kl
-    kind = _tilt_kind("likelihood", variant)
+    kind = tilt_kind("likelihood", variant)
     log_p, log_Z = quad.tilt(kind, 1.0, lam)
     g = quad.grid
     vals = expectation(log_p, _lu_values(kind, quad.log_q, quad.log_qi).T, g)
@@ -192,11 +194,12 @@ def _dual_on(quad: _Quadrature, problem: str, lam: np.ndarray, budgets: np.ndarr
     return D, vals - budgets, P, vals
 
 
-def dual_function(problem: str, q: GaussianMixture, forget, lam, budgets, variant: str = DEFAULT_VARIANT):
+def dual_function(problem: str, q: GaussianMixture, forget: Forget, lam: ArrayLike, budgets: ArrayLike,
+                  variant: str = DEFAULT_VARIANT) -> tuple[float, np.ndarray]:
     """``(D(lam), grad D(lam))`` of ``problem`` (module docstring) by quadrature (d <= 2)."""
     forget, lam = check_instance(q, forget, lam)
-    budgets = _check_budgets(problem, budgets, len(forget))
-    variant = check_variant(variant)
+    budgets = check_budgets(problem, budgets, len(forget))
+    variant = check_variant(variant, problem)
     if q.dim > 2:
         raise ValueError(f"dual_function uses quadrature (d <= 2), got d = {q.dim}")
     D, grad, _, _ = _dual_on(_Quadrature(q, forget), problem, lam, budgets, variant)
@@ -206,19 +209,6 @@ def dual_function(problem: str, q: GaussianMixture, forget, lam, budgets, varian
 # ---------------------------------------------------------------------------------------------
 # solve
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_budgets(problem, budgets, m):
-    if problem not in PROBLEMS:
-        raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
-    b = np.atleast_1d(np.asarray(budgets, dtype=np.float64))
-    if b.shape != (m,):
-        raise ValueError(f"budgets must have shape ({m},), got {b.shape}")
-    if not np.all(np.isfinite(b)):
-        raise ValueError(f"budgets must be finite, got {b.tolist()}")
-    if problem != "likelihood" and np.any(b < 0):
-        raise ValueError(f"{problem} budgets are KL thresholds and must be >= 0, got {b.tolist()}")
-    return b
 
 
 def _lu_infimum(q, f, variant):
@@ -404,10 +394,10 @@ class SuppressedDensity:
     def min_std(self) -> float:
         return min(self.base.min_std, self.width)
 
-    def box(self, pad: float = 10.0):
+    def box(self, pad: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
         return self.base.box(pad)
 
-    def log_prob(self, x) -> np.ndarray:
+    def log_prob(self, x: ArrayLike) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
         u = np.exp(-0.5 * np.sum((x - self.centre) ** 2, axis=1) / self.width ** 2)
         return self.base.log_prob(x) - self.kappa * u - self.log_normaliser
@@ -460,7 +450,8 @@ def _fu_boundary_feasible(q, f, lam_max: float, b: float, width_factor: float = 
     return p, kl_on_grid(lq, lp, g), kl_on_grid(lq1, lp, g)
 
 
-def solve(problem: str, q: GaussianMixture, forget, budgets, variant: str = DEFAULT_VARIANT) -> Solution:
+def solve(problem: str, q: GaussianMixture, forget: Forget, budgets: ArrayLike,
+          variant: str = DEFAULT_VARIANT) -> Solution:
     """Dual optimum lam*, D* and a certified primal P* of ``problem`` (``theory.PROBLEMS``) with
     q a ``GaussianMixture`` and ``forget`` a list of m of them, ``budgets`` (m,): RU
     ``KL(p||q_i) >= b_i``, FU ``KL(q_i||p) >= b_i``, LU ``E_p[g_i] <= eps_i`` (``variant``).
@@ -473,8 +464,8 @@ def solve(problem: str, q: GaussianMixture, forget, budgets, variant: str = DEFA
     t0 = time.perf_counter()
     forget, _ = check_instance(q, forget)
     m = len(forget)
-    budgets = _check_budgets(problem, budgets, m)
-    variant = check_variant(variant)
+    variant = check_variant(variant, problem)
+    budgets = check_budgets(problem, budgets, m, variant=variant if problem == "likelihood" else None)
     if q.dim > 2:
         raise ValueError(f"solve on mixtures uses quadrature and needs d <= 2, got d = {q.dim}")
     if problem == "likelihood":

@@ -1,4 +1,4 @@
-"""Unlearning targets on Gaussian mixtures (MATH.md §2 and §4): the Lagrangian minimiser p_lam of
+"""Unlearning targets on Gaussian mixtures (``docs/math.md`` §2 and §4): the Lagrangian minimiser p_lam of
 each problem, at x_0 and through the diffusion process.
 
 - FU (``forward_kl_target``): the signed mixture ``(q - sum lam_i q_i) / (1 - Lam)``, a
@@ -22,67 +22,22 @@ Every tilt is ``exp(a log q - sum_i c_i h_i(x))`` with ``h_i`` one of ``log q_i`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.special import logsumexp
 
-from theory import PROBLEMS
 from theory.diffusion import check_alpha_bar, eps_from_score
-from theory.gmm import GaussianMixture, SignedMixture, _directions, _tail_rates
-from theory.gmm_quadrature import (Grid, boundary_log_mass, expectation, grid_for, importance_log_normaliser,
+from theory.gmm.mixture import Forget, GaussianMixture, SignedMixture, check_instance, tail_rates, unit_directions
+from theory.gmm.quadrature import (Grid, boundary_log_mass, expectation, grid_for, importance_log_normaliser,
                                    kl_on_grid, log_integral, make_grid)
+from theory.validation import DEFAULT_VARIANT, check_problem, check_variant
 
-#: LU constraint functions g_i (MATH.md §1 [open]); the first is the default.
-VARIANTS = ("likelihood", "log_likelihood", "likelihood_ratio")
-DEFAULT_VARIANT = "likelihood"
 
 #: Boundary cells may hold at most exp(-this) of a tilt's mass before the box is widened.
 _BOUNDARY_LOG_TOL = -36.0
-
-
-# ---------------------------------------------------------------------------------------------
-# validation
-# ---------------------------------------------------------------------------------------------
-
-
-def check_instance(q, forget, lam=None, name="lam"):
-    """Validate ``q`` (a ``GaussianMixture``), ``forget`` (a non-empty list of them in the same
-    dimension) and, if given, ``lam`` (m,) finite and >= 0. Returns ``(tuple(forget), lam)``."""
-    if not isinstance(q, GaussianMixture):
-        raise ValueError(f"q must be a GaussianMixture, got {type(q).__name__}")
-    if isinstance(forget, GaussianMixture):
-        forget = [forget]
-    forget = tuple(forget)
-    if len(forget) == 0:
-        raise ValueError("forget must hold at least one GaussianMixture, got none")
-    for i, f in enumerate(forget):
-        if not isinstance(f, GaussianMixture):
-            raise ValueError(f"forget[{i}] must be a GaussianMixture, got {type(f).__name__}")
-        if f.dim != q.dim:
-            raise ValueError(f"forget[{i}] has dimension {f.dim}, q has {q.dim}")
-    if lam is None:
-        return forget, None
-    lam = np.atleast_1d(np.asarray(lam, dtype=np.float64))
-    if lam.shape != (len(forget),):
-        raise ValueError(f"{name} must have shape ({len(forget)},), got {lam.shape}")
-    if not np.all(np.isfinite(lam)):
-        raise ValueError(f"{name} must be finite, got {lam.tolist()}")
-    if np.any(lam < 0):
-        raise ValueError(f"{name} must be >= 0, got {lam.tolist()}")
-    return forget, lam
-
-
-#: ``theory.discrete`` names the likelihood-ratio variant ``"ratio"``; both spellings are accepted.
-_VARIANT_ALIASES = {"ratio": "likelihood_ratio"}
-
-
-def check_variant(variant: str) -> str:
-    """The canonical name of an LU variant (``"ratio"`` -> ``"likelihood_ratio"``)."""
-    variant = _VARIANT_ALIASES.get(variant, variant)
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS} (or 'ratio'), got {variant!r}")
-    return variant
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,13 +57,13 @@ def tilt_log_unnorm(kind: str, a: float, c: np.ndarray, log_q: np.ndarray, log_q
     return np.where(np.isnan(out), -np.inf, out)
 
 
-def _tilt_kind(problem: str, variant: str) -> str:
+def tilt_kind(problem: str, variant: str) -> str:
     if problem == "reverse_kl":
         return "log"
     return {"likelihood": "lik", "log_likelihood": "log", "likelihood_ratio": "ratio"}[variant]
 
 
-def log_tilt_tail_margin(q: GaussianMixture, forget, a: float, c: np.ndarray) -> float:
+def log_tilt_tail_margin(q: GaussianMixture, forget: Forget, a: float, c: np.ndarray) -> float:
     """``min_v [a rate_q(v) - sum_i c_i rate_i(v)] / rate_q(v)`` over unit directions: the tilt
     ``q^a prod q_i^(-c_i)`` is integrable iff this is > 0 (a tie at 0 is treated as divergent).
     Exact via eigenvalues when every forget mixture is one Gaussian; otherwise by directions
@@ -123,9 +78,9 @@ def log_tilt_tail_margin(q: GaussianMixture, forget, a: float, c: np.ndarray) ->
             Li = np.linalg.inv(L)
             out = min(out, float(np.linalg.eigvalsh(Li @ Mk @ Li.T).min()))
         return out
-    v = _directions(d)
-    rq = _tail_rates(q, v)
-    margin = float(((a * rq - sum(ci * _tail_rates(f, v) for ci, f in zip(c, forget))) / rq).min())
+    v = unit_directions(d)
+    rq = tail_rates(q, v)
+    margin = float(((a * rq - sum(ci * tail_rates(f, v) for ci, f in zip(c, forget))) / rq).min())
     if d > 2 and margin > 0:
         import itertools
 
@@ -138,7 +93,7 @@ def log_tilt_tail_margin(q: GaussianMixture, forget, a: float, c: np.ndarray) ->
     return margin
 
 
-def tilt_length_scale(q: GaussianMixture, forget, kind: str, a: float, c: np.ndarray) -> float:
+def tilt_length_scale(q: GaussianMixture, forget: Forget, kind: str, a: float, c: np.ndarray) -> float:
     """A length below which the tilt ``exp(a log q - sum c_i h_i)`` has no structure: the smallest
     standard deviation of its local Gaussian shapes. For ``log`` tilts with single-Gaussian forget
     sets the curvature at component k is ``a P_k - sum c_i P_i`` (floored at ``P_k``); otherwise
@@ -196,7 +151,7 @@ class TiltedMixture:
     eps_is_exact: bool = field(init=False, default=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "kind", _tilt_kind(self.problem, self.variant))
+        object.__setattr__(self, "kind", tilt_kind(self.problem, self.variant))
         object.__setattr__(self, "eps_is_exact", self.problem == "likelihood")
         if self.dim <= 2:
             grid, log_f = self._fit_grid()
@@ -228,7 +183,7 @@ class TiltedMixture:
         """A length scale the tilt does not vary faster than (sets the grid spacing)."""
         return tilt_length_scale(self.q, self.forget, self.kind, self.a, self.c)
 
-    def box(self, pad: float = 10.0):
+    def box(self, pad: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
         if self.grid is not None:
             return self.grid.lo, self.grid.hi
         return self.q.box(pad)
@@ -261,22 +216,22 @@ class TiltedMixture:
         log_qi = np.stack([f.log_prob(x, alpha_bar) for f in self.forget])
         return log_q, log_qi
 
-    def log_unnorm(self, x, alpha_bar=1.0) -> np.ndarray:
+    def log_unnorm(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``a log q - sum c_i h_i`` at x (N,) (of the noised mixtures when ``alpha_bar < 1``)."""
         return tilt_log_unnorm(self.kind, self.a, self.c, *self._log_parts(x, alpha_bar))
 
-    def log_prob(self, x) -> np.ndarray:
+    def log_prob(self, x: ArrayLike) -> np.ndarray:
         """``log p_lam(x)`` at x_0 (N,)."""
         return self.log_unnorm(x) - self.log_normaliser
 
-    def log_weight(self, x) -> np.ndarray:
+    def log_weight(self, x: ArrayLike) -> np.ndarray:
         """``log(p_lam(x) / q(x))`` (N,) at x_0: the importance weight of reweighted denoising score
         matching, ``E_{x_0~q}[w(x_0) ||eps_theta(x_t, t) - z||^2]``, whose minimiser is the exact noised
         tilt's eps at every t (docs/theory-gmm.md §3). LU: ``-lam·g(x) - log Z`` (bounded above by
         ``-log Z`` for the likelihood and ratio variants); RU: ``H log q - sum eta_i log q_i - log Z``."""
         return self.log_prob(x) - self.q.log_prob(x)
 
-    def score(self, x, alpha_bar=1.0) -> np.ndarray:
+    def score(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """The tilt formula's score with the (noised) mixtures' scores, (N, d). Exact at
         ``alpha_bar = 1``; at ``alpha_bar < 1`` it is the composed surrogate of ``eps``.
 
@@ -295,7 +250,7 @@ class TiltedMixture:
                 out = out - ci * rho * (s_i - s_q)
         return out
 
-    def score_divergence(self, x, alpha_bar=1.0) -> np.ndarray:
+    def score_divergence(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``tr grad_x score(x, alpha_bar)`` (N,) of the tilt formula (for the ODE's log-density)."""
         out = self.a * self.q.score_divergence(x, alpha_bar)
         if self.kind == "ratio":
@@ -314,16 +269,16 @@ class TiltedMixture:
                 out = out - ci * rho * (np.sum(diff * diff, axis=1) + div_i - div_q)
         return out
 
-    def surrogate_eps(self, x_t, alpha_bar) -> np.ndarray:
+    def surrogate_eps(self, x_t: ArrayLike, alpha_bar: ArrayLike) -> np.ndarray:
         """The tilt formula on the noised mixtures, ``-sqrt(1 - ab) * score(x_t, ab)``: for RU exactly
-        ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` (MATH.md §4, ESD's form); for LU
+        ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` (eq. 26 of ``docs/math.md``, ESD's form); for LU
         ``eps_q + lam_i sqrt(1-ab) grad g_{i,t}``. Exact at t = 0 only. For LU's ``"likelihood"``
         variant it is a poor target: ``lam q_{1,t}`` does not fade at high noise and its
         PF-ODE collapses onto a ring around the forget mode (docs/theory-gmm.md)."""
         ab = check_alpha_bar(alpha_bar)
         return eps_from_score(self.score(x_t, ab), ab)
 
-    def eps(self, x_t, alpha_bar) -> np.ndarray:
+    def eps(self, x_t: ArrayLike, alpha_bar: ArrayLike) -> np.ndarray:
         """The target's noise prediction for training. RU: the composed surrogate
         (``surrogate_eps``, ESD's form, what the paper's RU algorithm trains on; ``eps_is_exact``
         False; ``exact_eps`` gives the exact noised tilt). LU: the exact noised Gibbs tilt via q's
@@ -332,7 +287,7 @@ class TiltedMixture:
         if self.problem == "reverse_kl":
             return self.surrogate_eps(x_t, alpha_bar)
         ab = check_alpha_bar(alpha_bar)
-        x_t = self.q._check_x(x_t)
+        x_t = self.q.check_x(x_t)
         if ab.ndim == 0:
             return self.posterior_eps(x_t, float(ab))
         out = np.empty_like(x_t)
@@ -341,7 +296,7 @@ class TiltedMixture:
             out[idx] = self.posterior_eps(x_t[idx], float(v))
         return out
 
-    def exact_eps(self, x_t, alpha_bar, n_local: int = 96, chunk: int = 64) -> np.ndarray:
+    def exact_eps(self, x_t: ArrayLike, alpha_bar: ArrayLike, n_local: int = 96, chunk: int = 64) -> np.ndarray:
         """Exact noise prediction of the *noised tilt* (d <= 2), by Tweedie's formula
         ``(x_t - sqrt(ab) E[x_0|x_t]) / sqrt(1 - ab)``; the posterior
         ``∝ p_lam(x_0) N(x_0; x_t/sqrt(ab), sigma0^2 I)``, ``sigma0^2 = (1 - ab)/ab``, is
@@ -349,7 +304,7 @@ class TiltedMixture:
         clipped to the tilt's box, ``n_local`` nodes per axis."""
         if self.grid is None:
             raise ValueError("exact_eps needs quadrature (d <= 2)")
-        x_t = self.q._check_x(x_t)
+        x_t = self.q.check_x(x_t)
         ab = np.broadcast_to(check_alpha_bar(alpha_bar), (x_t.shape[0],)).astype(float)
         out = np.empty_like(x_t)
         one = ab >= 1.0
@@ -379,7 +334,7 @@ class TiltedMixture:
             out[j] = (x_t[j] - sq * x0) / np.sqrt(1.0 - ab[j])[:, None]
         return out
 
-    def posterior_eps(self, x_t, alpha_bar, n_gh: int = 24) -> np.ndarray:
+    def posterior_eps(self, x_t: ArrayLike, alpha_bar: ArrayLike, n_gh: int = 24) -> np.ndarray:
         """Exact noise prediction of the noised tilt through q's exact posterior (any d, cost
         ``K n_gh^d`` tilt evaluations per point): ``q(x_0 | x_t)`` is a Gaussian mixture with
         weights ``pi_k ∝ w_k N(x_t; sqrt(ab) mu_k, ab S_k + (1-ab) I)``, means
@@ -389,7 +344,7 @@ class TiltedMixture:
         Gaussian expectation by tensor Gauss-Hermite quadrature in C_k's eigenbasis. Accurate when
         w is smooth on the posterior's scale — LU's bounded weights ``exp(-lam g)``; for RU's
         unbounded ``(q/q_1)^eta`` prefer ``exact_eps`` (checked against each other in the tests)."""
-        x_t = self.q._check_x(x_t)
+        x_t = self.q.check_x(x_t)
         ab = float(check_alpha_bar(alpha_bar))
         d, q = self.dim, self.q
         if ab >= 1.0:
@@ -460,7 +415,7 @@ class TiltedMixture:
 
     # -- expectations --------------------------------------------------------------------------
 
-    def expect(self, fn, rng: np.random.Generator | None = None, n: int = 200_000) -> np.ndarray:
+    def expect(self, fn: Callable[[np.ndarray], np.ndarray], rng: np.random.Generator | None = None, n: int = 200_000) -> np.ndarray:
         """``E_p[fn(x)]`` by quadrature (d <= 2) or self-normalised importance sampling."""
         if self.grid is not None:
             return expectation(self.log_p_grid, fn(self.grid.nodes), self.grid)
@@ -473,13 +428,19 @@ class TiltedMixture:
         return np.tensordot(w, fn(x), axes=(0, 0))
 
 
+
+#: A density the constraint and objective functionals accept.
+Density = GaussianMixture | SignedMixture | TiltedMixture
+
 # ---------------------------------------------------------------------------------------------
 # the three targets
 # ---------------------------------------------------------------------------------------------
 
 
-def reverse_kl_target(q: GaussianMixture, forget, lam, rng: np.random.Generator | None = None) -> TiltedMixture:
-    """RU Lagrangian minimiser (MATH.md §2): ``p_lam ∝ q prod (q/q_i)^eta_i = q^(1+H) prod q_i^(-eta_i)``,
+def reverse_kl_target(q: GaussianMixture, forget: Forget, lam: ArrayLike,
+                      rng: np.random.Generator | None = None) -> TiltedMixture:
+    """RU Lagrangian minimiser (eq. 7 of ``docs/math.md``):
+    ``p_lam ∝ q prod (q/q_i)^eta_i = q^(1+H) prod q_i^(-eta_i)``,
     ``eta_i = lam_i / (1 - Lam)``, ``H = sum eta``. Needs ``Lam = sum lam < 1`` and a finite
     normaliser: ``(1 + H) rate_q(v) > sum eta_i rate_i(v)`` along every direction (a forget
     Gaussian narrower than q caps eta). ``ValueError`` naming the bound otherwise.
@@ -517,14 +478,14 @@ def reverse_kl_eta_max(q: GaussianMixture, forget_i: GaussianMixture) -> float:
         return float(out)
     if q.dim > 2:
         raise ValueError("eta_max for mixture forget sets is computed for d <= 2 only")
-    v = _directions(q.dim)
-    rq, r1 = _tail_rates(q, v), _tail_rates(forget_i, v)
+    v = unit_directions(q.dim)
+    rq, r1 = tail_rates(q, v), tail_rates(forget_i, v)
     pos = r1 > rq
     return float(np.min(rq[pos] / (r1[pos] - rq[pos]))) if np.any(pos) else np.inf
 
 
-def forward_kl_target(q: GaussianMixture, forget, lam) -> SignedMixture:
-    """FU Lagrangian minimiser (MATH.md §2): the signed mixture ``(q - sum lam_i q_i) / (1 - Lam)``,
+def forward_kl_target(q: GaussianMixture, forget: Forget, lam: ArrayLike) -> SignedMixture:
+    """FU Lagrangian minimiser (eq. 12 of ``docs/math.md``): the signed mixture ``(q - sum lam_i q_i) / (1 - Lam)``,
     exact at every noise level. ``ValueError`` outside the dual domain ``q - sum lam_i q_i >= 0``."""
     forget, lam = check_instance(q, forget, lam)
     Lam = float(lam.sum())
@@ -540,9 +501,9 @@ def forward_kl_target(q: GaussianMixture, forget, lam) -> SignedMixture:
                          f"q - sum lam_i q_i >= 0: {e}") from None
 
 
-def likelihood_target(q: GaussianMixture, forget, lam, variant: str = DEFAULT_VARIANT,
+def likelihood_target(q: GaussianMixture, forget: Forget, lam: ArrayLike, variant: str = DEFAULT_VARIANT,
                       rng: np.random.Generator | None = None) -> TiltedMixture:
-    """LU Lagrangian minimiser (MATH.md §2): the Gibbs tilt ``p_lam ∝ q exp(-sum lam_i g_i)`` with
+    """LU Lagrangian minimiser (eq. 15 of ``docs/math.md``): the Gibbs tilt ``p_lam ∝ q exp(-sum lam_i g_i)`` with
     ``g_i`` of ``variant`` (``VARIANTS``; default ``"likelihood"``, ``g_i = q_i``). All lam >= 0
     are allowed except for ``"log_likelihood"``, whose tilt ``q prod q_i^(-lam_i)`` needs
     ``rate_q > sum lam_i rate_i`` along every direction."""
@@ -556,15 +517,15 @@ def likelihood_target(q: GaussianMixture, forget, lam, variant: str = DEFAULT_VA
     return TiltedMixture("likelihood", q, forget, lam, variant, 1.0, lam.copy(), rng=rng)
 
 
-def target(problem: str, q, forget, lam, variant: str = DEFAULT_VARIANT, rng=None):
+def target(problem: str, q: GaussianMixture, forget: Forget, lam: ArrayLike, variant: str = DEFAULT_VARIANT,
+           rng: np.random.Generator | None = None) -> TiltedMixture | SignedMixture:
     """Dispatch to the problem's target."""
+    check_problem(problem)
     if problem == "reverse_kl":
         return reverse_kl_target(q, forget, lam, rng=rng)
     if problem == "forward_kl":
         return forward_kl_target(q, forget, lam)
-    if problem == "likelihood":
-        return likelihood_target(q, forget, lam, variant=variant, rng=rng)
-    raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
+    return likelihood_target(q, forget, lam, variant=variant, rng=rng)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,7 +533,8 @@ def target(problem: str, q, forget, lam, variant: str = DEFAULT_VARIANT, rng=Non
 # ---------------------------------------------------------------------------------------------
 
 
-def constraint_function(forget_i: GaussianMixture, variant: str = DEFAULT_VARIANT, q: GaussianMixture | None = None):
+def constraint_function(forget_i: GaussianMixture, variant: str = DEFAULT_VARIANT,
+                        q: GaussianMixture | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """The LU constraint function ``g_i(x)`` of ``variant`` as a callable on (N, d) points."""
     variant = check_variant(variant)
     if variant == "likelihood":
@@ -588,14 +550,13 @@ def _log_prob_on(p, x):
     return p.log_prob(x)
 
 
-def constraint_value(problem: str, p, forget_i: GaussianMixture, variant: str = DEFAULT_VARIANT,
+def constraint_value(problem: str, p: Density, forget_i: GaussianMixture, variant: str = DEFAULT_VARIANT,
                      q: GaussianMixture | None = None, rng: np.random.Generator | None = None,
                      n_mc: int = 400_000) -> float:
     """The constraint functional of ``problem`` at the distribution ``p`` (a ``GaussianMixture``,
     ``SignedMixture`` or ``TiltedMixture``): RU ``KL(p||q_i)``, FU ``KL(q_i||p)``, LU ``E_p[g_i]``.
     Quadrature for d <= 2 (on a grid holding both), Monte Carlo with ``rng`` above."""
-    if problem not in PROBLEMS:
-        raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
+    check_problem(problem)
     if not isinstance(forget_i, GaussianMixture):
         raise ValueError(f"forget_i must be a GaussianMixture, got {type(forget_i).__name__}")
     if forget_i.dim != p.dim:
@@ -626,7 +587,7 @@ def constraint_value(problem: str, p, forget_i: GaussianMixture, variant: str = 
     return float(np.mean(constraint_function(forget_i, variant, q)(x)))
 
 
-def objective_value(problem: str, p, q: GaussianMixture, rng: np.random.Generator | None = None,
+def objective_value(problem: str, p: Density, q: GaussianMixture, rng: np.random.Generator | None = None,
                     n_mc: int = 400_000) -> float:
     """The objective at p: ``KL(p||q)`` (RU, LU) or ``KL(q||p)`` (FU)."""
     if problem == "forward_kl":

@@ -1,4 +1,4 @@
-"""Certified global primal solvers for the non-convex problems on small finite spaces (MATH.md §3).
+"""Certified global primal solvers for the non-convex problems on small finite spaces (``docs/math.md`` §3).
 
 Neither solver uses the dual. Both enumerate the points that *any* global minimiser must be, by the
 first-order conditions on the face of the simplex that is its support, and return the best feasible
@@ -35,10 +35,11 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import brentq
 from scipy.special import rel_entr
 
-from theory.discrete import logsumexp
+from theory.discrete.core import logsumexp
 
 __all__ = ["GlobalResult", "NotCertified", "reverse_kl_global", "forward_kl_global"]
 
@@ -277,7 +278,7 @@ def _ru_two_active(log_wq, r, b):
     return out
 
 
-def reverse_kl_global(q, forget, budgets, cells: int = 1) -> GlobalResult:
+def reverse_kl_global(q: ArrayLike, forget: ArrayLike, budgets: ArrayLike, cells: int = 1) -> GlobalResult:
     """Global minimum of RU, ``min KL(p||q) s.t. KL(p||q_i) >= b_i``, m <= 2, by enumerating the
     stationary points of every face (module docstring); with ``cells = K`` of the problem refined by
     ``theory.discrete.refine(q, forget, K)``. Raises ValueError when no point is feasible."""
@@ -327,7 +328,7 @@ def reverse_kl_global(q, forget, budgets, cells: int = 1) -> GlobalResult:
                                          "cells": K})
 
 
-def forward_kl_global(q, forget, budgets) -> GlobalResult:
+def forward_kl_global(q: ArrayLike, forget: ArrayLike, budgets: ArrayLike) -> GlobalResult:
     """Global minimum of FU, ``min KL(q||p) s.t. KL(q_i||p) >= b_i``, m <= 2 (module docstring): the
     best feasible point among p = q, the single-active roots (two monotone branches of
     ``p_mu = (q - mu q_i)/(1 - mu)`` per constraint) and, for m = 2, the both-active points

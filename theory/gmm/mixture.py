@@ -1,36 +1,6 @@
-"""Gaussian mixtures under the diffusion process (MATH.md §2-4): exact densities, scores and
-noise predictions at every noise level, and the unlearning theory on them.
-
-Public API (import everything from ``theory.gmm``; decisions in ``docs/theory-gmm.md``):
-
-- ``GaussianMixture(weights, means, covs)``: ``log_prob(x, alpha_bar=1)``, ``score(x, alpha_bar=1)``,
-  ``eps(x_t, alpha_bar)`` (exact at every noise level), ``noised(alpha_bar)``, ``sample(n, rng)``.
-- ``SignedMixture(weights, means, covs)``: weights of either sign, non-negativity checked
-  (``ValueError`` if the density goes negative); same methods, exact at every noise level.
-- ``default_instance() -> (q, forget, budgets)``: the 2-D three-mode mixture, forget = its third
-  mode, ``budgets[problem]`` (m,) for ``problem in theory.PROBLEMS``.
-- Targets (Lagrangian minimisers at fixed lam (m,)), each with ``.log_prob(x)`` (x_0),
-  ``.score(x, alpha_bar=1)``, ``.sample(n, rng)``, ``.eps(x_t, alpha_bar)``:
-    ``forward_kl_target(q, forget, lam)`` -> ``SignedMixture`` (eps exact at every t);
-    ``reverse_kl_target(q, forget, lam)`` -> ``TiltedMixture``; ``.eps`` is the composed-score
-    surrogate ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` (ESD form, exact only at t = 0),
-    ``.exact_eps(x_t, alpha_bar)`` the exact noised tilt's (quadrature, d <= 2);
-    ``likelihood_target(q, forget, lam, variant="likelihood")`` -> ``TiltedMixture`` (variants
-    ``"likelihood"`` g = q_i, ``"log_likelihood"`` g = log q_i, ``"likelihood_ratio"`` g = q_i/q,
-    alias ``"ratio"``); ``.eps`` is the EXACT noised Gibbs tilt's (through q's posterior,
-    Gauss-Hermite, ~1e-5; scalar or per-sample alpha_bar), ``.surrogate_eps`` the tilt formula on
-    the noised mixtures (pathological for "likelihood": do not train on it).
-    Every target has ``eps_is_exact``; ``.score(x, alpha_bar)`` of a tilt is its formula (exact at
-    alpha_bar = 1); ``.log_weight(x)`` = log(p_lam/q) at x_0, the weight of reweighted DSM (exact
-    target at every t; bounded for LU likelihood/ratio).
-- ``constraint_value(problem, p, forget_i, variant="likelihood", q=None)``: RU ``KL(p||q_i)``,
-  FU ``KL(q_i||p)``, LU ``E_p[g_i]`` (q needed for ``likelihood_ratio``);
-  ``objective_value(problem, p, q)``.
-- ``dual_function(problem, q, forget, lam, budgets, variant=...) -> (D, grad)``.
-- ``solve(problem, q, forget, budgets, variant="likelihood") -> theory.solution.Solution`` with
-  lam*, P*, D*, gap and a KKT certificate (d <= 2, quadrature).
-- ``theory.gmm_sampling``: probability-flow ODE sampler with exact log-densities, and the
-  surrogate-vs-exact-tilt gap.
+"""Gaussian mixtures under the diffusion process (``docs/math.md``): exact densities, scores and
+noise predictions at every noise level, signed mixtures (the FU target), the default instance and
+the validation of an instance. The lowest module of ``theory.gmm``: it imports none of the others.
 
 A mixture ``sum_k w_k N(mu_k, Sigma_k)`` noised by the VP process is the mixture
 ``sum_k w_k N(sqrt(ab) mu_k, ab Sigma_k + (1 - ab) I)``. With ``Sigma_k = U_k diag(s_k) U_k^T``
@@ -40,15 +10,16 @@ every time, and a batch with a different ``alpha_bar`` per sample costs no more 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from theory.diffusion import check_alpha_bar, eps_from_score
 
-__all__ = ["GaussianMixture", "SignedMixture", "min_log_ratio", "default_instance", "VARIANTS", "DEFAULT_VARIANT",
-           "TiltedMixture", "reverse_kl_target", "forward_kl_target", "likelihood_target", "constraint_value",
-           "objective_value", "dual_function", "solve"]
+__all__ = ["GaussianMixture", "SignedMixture", "Forget", "min_log_ratio", "default_instance", "check_instance",
+           "tail_rates", "unit_directions"]
 
 _LOG_2PI = np.log(2.0 * np.pi)
 
@@ -192,22 +163,30 @@ class GaussianMixture:
         log_terms, _, _, _, comp, _ = self._terms(x, alpha_bar, keep_components=True)
         return log_terms, comp
 
-    def log_prob(self, x, alpha_bar=1.0) -> np.ndarray:
+    def log_prob(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``log p_t(x)`` (N,) of the mixture noised to ``alpha_bar`` (1 = the data law)."""
         return self._terms(x, alpha_bar, need_score=False)[1]
 
-    def score(self, x, alpha_bar=1.0) -> np.ndarray:
+    def score(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``grad_x log p_t(x)`` (N, d): responsibilities times component scores."""
         return self._terms(x, alpha_bar)[3]
 
-    def score_divergence(self, x, alpha_bar=1.0) -> np.ndarray:
+    def responsibilities(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
+        """``r_k(x) = w_k N_k(x) / p_t(x)`` (N, K): the posterior probability of each component."""
+        return self._terms(x, alpha_bar, need_score=False)[2]
+
+    def check_x(self, x: ArrayLike) -> np.ndarray:
+        """``x`` as a float64 (N, d) array of finite points (a vector when d = 1); ``ValueError`` otherwise."""
+        return self._check_x(x)
+
+    def score_divergence(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``tr grad_x score = Laplacian log p_t`` (N,): ``sum_k r_k (|s_k|^2 - tr P_k) - |s|^2`` with
         responsibilities r_k, component scores s_k and noised precisions P_k (for the
         probability-flow ODE's change of log-density)."""
         _, _, r, s, comp, tr_prec = self._terms(x, alpha_bar, keep_components=True)
         return np.sum(r * (np.sum(comp ** 2, axis=2) - tr_prec), axis=1) - np.sum(s * s, axis=1)
 
-    def eps(self, x_t, alpha_bar) -> np.ndarray:
+    def eps(self, x_t: ArrayLike, alpha_bar: ArrayLike) -> np.ndarray:
         """Exact noise prediction ``E[z | x_t] = -sqrt(1 - alpha_bar) grad log p_t(x_t)`` (N, d)."""
         ab = check_alpha_bar(alpha_bar)
         return eps_from_score(self.score(x_t, ab), ab)
@@ -248,17 +227,17 @@ class GaussianMixture:
 
 
 # ---------------------------------------------------------------------------------------------
-# Signed mixtures (the forward-KL target, MATH.md §2 FU and §4)
+# Signed mixtures (the forward-KL target, eq. 12 of docs/math.md, noised by linearity, §4)
 # ---------------------------------------------------------------------------------------------
 
 
-def _tail_rates(mix: GaussianMixture, v: np.ndarray) -> np.ndarray:
+def tail_rates(mix: GaussianMixture, v: np.ndarray) -> np.ndarray:
     """``min_k v^T Sigma_k^{-1} v`` for unit directions v (n, d): the quadratic decay rate of the
     mixture along each ray (its log-density is ``-r^2/2 * rate + O(r)``)."""
     return np.einsum("nd,kde,ne->nk", v, mix.precisions, v).min(axis=1)
 
 
-def _directions(d: int, n: int = 2048, rng: np.random.Generator | None = None) -> np.ndarray:
+def unit_directions(d: int, n: int = 2048, rng: np.random.Generator | None = None) -> np.ndarray:
     if d == 1:
         return np.ones((1, 1))
     if d == 2:
@@ -284,9 +263,9 @@ def min_log_ratio(num: GaussianMixture, den: GaussianMixture) -> float:
     if num.dim != den.dim:
         raise ValueError(f"dimension mismatch: {num.dim} vs {den.dim}")
     d = num.dim
-    v = _directions(d)
-    gap = _tail_rates(num, v) - _tail_rates(den, v)
-    scale = max(np.abs(_tail_rates(num, v)).max(), 1e-300)
+    v = unit_directions(d)
+    gap = tail_rates(num, v) - tail_rates(den, v)
+    scale = max(np.abs(tail_rates(num, v)).max(), 1e-300)
     if np.any(gap > 1e-9 * scale):
         return -np.inf
     if d > 2:
@@ -337,7 +316,7 @@ class SignedMixture:
     density that is non-negative everywhere (checked at construction, ``ValueError`` otherwise).
 
     Written as ``W_+ P - W_- N`` with ``P``, ``N`` normalised ``GaussianMixture`` objects. Noising
-    is linear in the law, so the noised signed mixture is ``W_+ P_t - W_- N_t`` (MATH.md §4) and
+    is linear in the law, so the noised signed mixture is ``W_+ P_t - W_- N_t`` (``docs/math.md`` §4: noising is linear in the law) and
     stays non-negative; ``log_prob``, ``score`` and ``eps`` are exact at every ``alpha_bar``.
     Components that coincide (same mean and covariance) are merged first, so
     ``q - lam * (a component of q)`` just lowers that component's weight.
@@ -406,7 +385,7 @@ class SignedMixture:
     def min_std(self) -> float:
         return min(self._pos.min_std, self._neg.min_std if self._neg is not None else np.inf)
 
-    def box(self, pad: float = 10.0):
+    def box(self, pad: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self._pos.box(pad)
         return lo, hi
 
@@ -417,14 +396,14 @@ class SignedMixture:
         return (np.log(self._w_neg) - np.log(self._w_pos)
                 + self._neg.log_prob(x, alpha_bar) - self._pos.log_prob(x, alpha_bar))
 
-    def log_prob(self, x, alpha_bar=1.0) -> np.ndarray:
+    def log_prob(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``log(W_+ P_t(x) - W_- N_t(x))`` (N,); ``-inf`` where the density is exactly 0."""
         lp = np.log(self._w_pos) + self._pos.log_prob(x, alpha_bar)
         lr = np.minimum(self._log_rho(x, alpha_bar), 0.0)
         with np.errstate(divide="ignore"):
             return lp + np.log1p(-np.exp(lr))
 
-    def score(self, x, alpha_bar=1.0) -> np.ndarray:
+    def score(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``(s_P - rho s_N) / (1 - rho)``, ``rho = W_- N_t / (W_+ P_t)`` (N, d)."""
         s = self._pos.score(x, alpha_bar)
         if self._neg is None:
@@ -436,7 +415,7 @@ class SignedMixture:
             raise ValueError("score requested where the signed mixture's density is 0")
         return out
 
-    def score_divergence(self, x, alpha_bar=1.0) -> np.ndarray:
+    def score_divergence(self, x: ArrayLike, alpha_bar: ArrayLike = 1.0) -> np.ndarray:
         """``Laplacian log r_t = (Lap r_t) / r_t - |score|^2`` (N,), with
         ``Lap r / r = ((div s_P + |s_P|^2) - rho (div s_N + |s_N|^2)) / (1 - rho)``."""
         s_p = self._pos.score(x, alpha_bar)
@@ -449,7 +428,7 @@ class SignedMixture:
         s = self.score(x, alpha_bar)
         return (lap_p - rho * lap_n) / (1.0 - rho) - np.sum(s * s, axis=1)
 
-    def eps(self, x_t, alpha_bar) -> np.ndarray:
+    def eps(self, x_t: ArrayLike, alpha_bar: ArrayLike) -> np.ndarray:
         """Exact noise prediction ``-sqrt(1 - ab) grad log p_t(x_t)`` (N, d)."""
         ab = check_alpha_bar(alpha_bar)
         return eps_from_score(self.score(x_t, ab), ab)
@@ -504,8 +483,39 @@ def default_instance() -> tuple[GaussianMixture, list[GaussianMixture], dict[str
     return q, forget, budgets
 
 
-# the public API of the mixture theory lives in these modules; re-exported here (import at the end:
-# they build on the classes above)
-from theory.gmm_targets import (VARIANTS, DEFAULT_VARIANT, TiltedMixture, constraint_value,  # noqa: E402
-                                forward_kl_target, likelihood_target, objective_value, reverse_kl_target)
-from theory.gmm_dual import dual_function, solve  # noqa: E402
+#: One forget distribution or a sequence of m of them, as every public function takes ``forget``.
+Forget = GaussianMixture | Sequence[GaussianMixture]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation of an instance (the budget and variant rules shared with theory.discrete and toy are
+# in theory.validation)
+# ---------------------------------------------------------------------------------------------
+
+
+def check_instance(q: GaussianMixture, forget: Forget, lam: ArrayLike | None = None,
+                   name: str = "lam") -> tuple[tuple[GaussianMixture, ...], np.ndarray | None]:
+    """Validate ``q`` (a ``GaussianMixture``), ``forget`` (a non-empty list of them in the same
+    dimension) and, if given, ``lam`` (m,) finite and >= 0. Returns ``(tuple(forget), lam)``."""
+    if not isinstance(q, GaussianMixture):
+        raise ValueError(f"q must be a GaussianMixture, got {type(q).__name__}")
+    if isinstance(forget, GaussianMixture):
+        forget = [forget]
+    forget = tuple(forget)
+    if len(forget) == 0:
+        raise ValueError("forget must hold at least one GaussianMixture, got none")
+    for i, f in enumerate(forget):
+        if not isinstance(f, GaussianMixture):
+            raise ValueError(f"forget[{i}] must be a GaussianMixture, got {type(f).__name__}")
+        if f.dim != q.dim:
+            raise ValueError(f"forget[{i}] has dimension {f.dim}, q has {q.dim}")
+    if lam is None:
+        return forget, None
+    lam = np.atleast_1d(np.asarray(lam, dtype=np.float64))
+    if lam.shape != (len(forget),):
+        raise ValueError(f"{name} must have shape ({len(forget)},), got {lam.shape}")
+    if not np.all(np.isfinite(lam)):
+        raise ValueError(f"{name} must be finite, got {lam.tolist()}")
+    if np.any(lam < 0):
+        raise ValueError(f"{name} must be >= 0, got {lam.tolist()}")
+    return forget, lam

@@ -1,4 +1,4 @@
-"""``dualunlearn verify`` section for the mixture theory (issue 3): exact noised scores, targets,
+"""``dualunlearn verify`` section for the mixture theory: exact noised scores, targets,
 certified dual solutions, the PF-ODE sampler, the surrogate gap and the retained-mode comparison,
 each checked against an independent computation on the default instance. Default <= 60 s,
 quick <= 10 s. Figures: ``gmm_targets.png`` (always), ``gmm_surrogate_gap.png`` (default mode).
@@ -14,13 +14,18 @@ import numpy as np
 from theory.report import Check, Section
 
 
+def _check(name: str, measured: str, expected: str, ok: bool) -> Check:
+    """A ``Check`` whose verdict is a plain ``bool`` (numpy comparisons give ``np.bool_``)."""
+    return Check(name, measured, expected, bool(ok))
+
+
 def _fmt(x, spec=".3g"):
     return format(float(x), spec)
 
 
 def _targets_at_equal_mass(q, forget, mass, xtol):
-    from theory.gmm_analysis import lam_for_forget_mass
-    from theory.gmm_targets import target
+    from theory.gmm.analysis import lam_for_forget_mass
+    from theory.gmm.targets import target
 
     his = {"reverse_kl": 0.9, "forward_kl": 0.3, "likelihood": 500.0}
     out = {}
@@ -81,11 +86,9 @@ def _plot_gap(path: Path, gaps):
 
 
 def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
-    from theory.gmm import default_instance, forward_kl_target, likelihood_target, reverse_kl_target, solve
-    from theory.gmm_analysis import retained_mode_shift
-    from theory.gmm_dual import gaussian_reverse_kl_solution
-    from theory.gmm import GaussianMixture
-    from theory.gmm_sampling import probability_flow_sample, surrogate_gap
+    from theory.gmm import (GaussianMixture, default_instance, forward_kl_target, gaussian_reverse_kl_solution,
+                            likelihood_target, probability_flow_sample, retained_mode_shift, reverse_kl_target,
+                            solve, surrogate_gap)
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -101,7 +104,7 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     for ab in (1.0, 0.5, 0.01):
         fd = np.stack([(q.log_prob(x + h * e, ab) - q.log_prob(x - h * e, ab)) / (2 * h) for e in np.eye(2)], 1)
         err = max(err, float(np.abs(q.score(x, ab) - fd).max()))
-    checks.append(Check("noised score = finite differences of noised log q", f"max err {_fmt(err)}", "< 1e-6",
+    checks.append(_check("noised score = finite differences of noised log q", f"max err {_fmt(err)}", "< 1e-6",
                         err < 1e-6))
 
     # 2. FU target = signed linear combination of the noised laws, at every noise level
@@ -111,7 +114,7 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     for ab in (1.0, 0.3, 0.02):
         ref = (np.exp(q.log_prob(x, ab)) - lam * np.exp(forget[0].log_prob(x, ab))) / (1 - lam)
         err = max(err, float(np.abs(np.exp(p.log_prob(x, ab)) / ref - 1).max()))
-    checks.append(Check("FU signed mixture = (q_t - lam q1_t)/(1 - lam) at every t", f"max rel err {_fmt(err)}",
+    checks.append(_check("FU signed mixture = (q_t - lam q1_t)/(1 - lam) at every t", f"max rel err {_fmt(err)}",
                         "< 1e-10", err < 1e-10))
 
     # 3. certified dual solutions on the default instance
@@ -119,13 +122,13 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
         t1 = time.perf_counter()
         sol = solve(problem, q, forget, budgets[problem])
         dt = time.perf_counter() - t1
-        checks.append(Check(f"solve {problem} (b={budgets[problem][0]:g}): strong duality by KKT",
+        checks.append(_check(f"solve {problem} (b={budgets[problem][0]:g}): strong duality by KKT",
                             f"lam*={sol.lam[0]:.5g} P*={sol.primal_value:.5g} gap={sol.gap:.1e} ({dt:.2f} s)",
                             "certificate kkt, |gap| < 1e-8", sol.certificate == "kkt" and abs(sol.gap) < 1e-8))
 
     # 3b. FU beyond the signed-mixture path: no attained optimum, an explicit feasible point
     sol = solve("forward_kl", q, forget, [budgets["forward_kl"][0] + 10.0])
-    checks.append(Check("FU budget beyond the signed-mixture path: measured gap via explicit feasible p",
+    checks.append(_check("FU budget beyond the signed-mixture path: measured gap via explicit feasible p",
                         f"lam*={sol.lam[0]:.4g} (edge) P<={sol.primal_value:.6g} gap={sol.gap:.1e}",
                         "0 <= gap < 1e-8, constraint met",
                         -1e-9 <= sol.gap < 1e-8 and sol.constraint_values[0] >= sol.budgets[0] - 1e-8))
@@ -135,7 +138,7 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     sol = solve("reverse_kl", GaussianMixture([1.0], [mu], [S]), [GaussianMixture([1.0], [mu1], [S])], [3.0])
     cf = gaussian_reverse_kl_solution(mu, S, mu1, 3.0)
     err = max(abs(sol.lam[0] - cf["lam"]), abs(sol.primal_value - cf["primal_value"]))
-    checks.append(Check("RU equal-cov Gaussians: solve = closed form (sqrt(2b)-Delta)^2/2", f"err {_fmt(err)}",
+    checks.append(_check("RU equal-cov Gaussians: solve = closed form (sqrt(2b)-Delta)^2/2", f"err {_fmt(err)}",
                         "< 1e-8", err < 1e-8))
 
     # 5. quadrature normaliser vs Monte Carlo (LU Gibbs tilt at its default lam*)
@@ -145,14 +148,14 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     w = np.exp(-lam_lu[0] * np.exp(forget[0].log_prob(q.sample(n, rng))))
     z_se = w.std() / np.sqrt(n)
     dz = abs(w.mean() - np.exp(p.log_normaliser))
-    checks.append(Check("LU normaliser: quadrature vs Monte Carlo", f"|diff| {_fmt(dz)} ({_fmt(dz / z_se)} se)",
+    checks.append(_check("LU normaliser: quadrature vs Monte Carlo", f"|diff| {_fmt(dz)} ({_fmt(dz / z_se)} se)",
                         "< 5 se", dz < 5 * z_se))
 
     # 6. exact noised eps (Tweedie quadrature) reduces to the mixture's at lam = 0
     p0 = reverse_kl_target(q, forget, [0.0])
     xt = q.noised(0.3).sample(16 if quick else 64, rng)
     err = float(np.abs(p0.exact_eps(xt, 0.3) - q.eps(xt, 0.3)).max())
-    checks.append(Check("exact tilt eps (quadrature) at lam=0 = mixture eps", f"max err {_fmt(err)}", "< 1e-7",
+    checks.append(_check("exact tilt eps (quadrature) at lam=0 = mixture eps", f"max err {_fmt(err)}", "< 1e-7",
                         err < 1e-7))
 
     # 7. the PF-ODE sampler with exact eps reproduces log q
@@ -160,7 +163,7 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     n_ode = 150 if quick else 800
     o = probability_flow_sample(q, n_ode, rng, **ode_kw)
     d_lp = o.log_prob - q.log_prob(o.x)
-    checks.append(Check("PF-ODE with exact eps: tracked log-density = log q", f"mean |diff| {_fmt(np.abs(d_lp).mean())}",
+    checks.append(_check("PF-ODE with exact eps: tracked log-density = log q", f"mean |diff| {_fmt(np.abs(d_lp).mean())}",
                         "< 1e-2" if quick else "< 1e-3", np.abs(d_lp).mean() < (1e-2 if quick else 1e-3)))
 
     # 8. surrogate vs exact tilt
@@ -169,14 +172,14 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     txt = "; ".join(f"lam={g.lam[0]:.2f}: KL={g.kl:.3f}±{g.kl_se:.3f}, forget mass {g.forget_mass_surrogate:.3g} "
                     f"(exact {g.forget_mass_exact:.3g})" for g in gaps)
     ok = all(g.kl > -5 * g.kl_se for g in gaps)
-    checks.append(Check("RU composed-score surrogate vs exact tilt (PF-ODE, exact log-densities)", txt,
+    checks.append(_check("RU composed-score surrogate vs exact tilt (PF-ODE, exact log-densities)", txt,
                         "KL >= 0 within 5 se (measured, not a target)", ok))
 
     # 9. LU vs RU: retained modes at equal forget-mode mass
     targets = _targets_at_equal_mass(q, forget, 0.03, xtol=3e-3 if quick else 1e-12)
     shifts = {k: retained_mode_shift(p, q, 2) for k, (_, p) in targets.items()}
     txt = ", ".join(f"{k}: {s.shift.mean():.3f}" for k, s in shifts.items())
-    checks.append(Check("retained-mode centroid shift at forget mass 0.03 (LU < RU?)", txt,
+    checks.append(_check("retained-mode centroid shift at forget mass 0.03 (LU < RU?)", txt,
                         "LU shift < RU shift / 5", shifts["likelihood"].shift.mean() < shifts["reverse_kl"].shift.mean() / 5))
 
     _plot_targets(out_dir / "gmm_targets.png", q, targets, shifts, rng, *((80, 150) if quick else (160, 400)))

@@ -1,4 +1,4 @@
-"""Probability-flow ODE sampling with exact log-densities (MATH.md §4), and the gap between the
+"""Probability-flow ODE sampling with exact log-densities (``docs/math.md`` §4, eq. 24), and the gap between the
 composed-score surrogate and the exact tilted target.
 
 The VP probability-flow ODE in DDIM variables ``y = x / sqrt(ab)``, ``sigma = sqrt((1 - ab)/ab)``
@@ -16,9 +16,14 @@ end, which the tests check.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+from theory.gmm.mixture import GaussianMixture
 
 _LOG_2PI = np.log(2.0 * np.pi)
 
@@ -33,7 +38,7 @@ class ODESamples:
     nfev: int
 
 
-def probability_flow_sample(model, n: int, rng: np.random.Generator, sigma_max: float = 1000.0,
+def probability_flow_sample(model: Any, n: int, rng: np.random.Generator, sigma_max: float = 1000.0,
                             sigma_min: float = 1e-3, rtol: float = 1e-9, atol: float = 1e-9) -> ODESamples:
     """Sample the PF-ODE of ``model`` (any object with ``score(x, alpha_bar)`` and
     ``score_divergence(x, alpha_bar)``: a ``GaussianMixture``, ``SignedMixture`` or the composed
@@ -92,15 +97,15 @@ class SurrogateGap:
     nfev: int
 
 
-def forget_mode_mass_fn(q, forget_component: int):
+def forget_mode_mass_fn(q: GaussianMixture, forget_component: int) -> Callable[[np.ndarray], np.ndarray]:
     """``x -> r_k(x)``, q's responsibility of one component (the "mass on the forget mode")."""
     def fn(x):
-        return q._terms(x, need_score=False)[2][:, forget_component]
+        return q.responsibilities(x)[:, forget_component]
     return fn
 
 
-def surrogate_gap(target, n: int, rng: np.random.Generator, forget_component: int | None = None,
-                  **ode_kwargs) -> SurrogateGap:
+def surrogate_gap(target: Any, n: int, rng: np.random.Generator, forget_component: int | None = None,
+                  **ode_kwargs: float) -> SurrogateGap:
     """Measure how far the surrogate's generated law (PF-ODE of ``target.score`` at every noise
     level: the composed score) is from the exact tilt ``target`` at x_0."""
     out = probability_flow_sample(target, n, rng, **ode_kwargs)
@@ -117,7 +122,8 @@ def surrogate_gap(target, n: int, rng: np.random.Generator, forget_component: in
                         nfev=out.nfev)
 
 
-def ddpm_sample(eps_fn, n: int, d: int, rng: np.random.Generator, alphas_cumprod=None) -> np.ndarray:
+def ddpm_sample(eps_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], n: int, d: int, rng: np.random.Generator,
+                alphas_cumprod: ArrayLike | None = None) -> np.ndarray:
     """Ancestral DDPM sampling (the reverse SDE's standard discretisation, diffusers'
     ``DDPMScheduler`` with ``variance_type="fixed_small"``):
     ``x_{t-1} = (x_t - beta_t / sqrt(1 - ab_t) eps(x_t, ab_t)) / sqrt(alpha_t) + sigma_t z``,

@@ -1,4 +1,4 @@
-"""cvxpy oracles for the finite problems (STYLE.md: ``cp.rel_entr``, Clarabel, status asserted).
+"""cvxpy oracles for the finite problems (``cp.rel_entr``, Clarabel, status asserted).
 
 They are the independent computations the closed forms are tested against, and the certified primal
 where the problem is convex: LU (every variant), and FU when every forget distribution is a point
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import cvxpy as cp
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.special import xlogy
 
-from theory.discrete import DEFAULT_VARIANT, _g_values
+from theory.discrete.core import DEFAULT_VARIANT, g_values
 
 __all__ = ["OracleResult", "is_point_mass", "likelihood_primal", "forward_kl_point_mass_primal",
            "lagrangian_minimum"]
@@ -66,24 +67,25 @@ def _solve_either(p, obj, alt, what, fast):
     return _solve(cp.Problem(cp.Minimize(alt[0]), [cp.sum(p) == 1]), what + " (rescaled)", fast) + alt[1]
 
 
-def is_point_mass(forget) -> bool:
+def is_point_mass(forget: ArrayLike) -> bool:
     """True when every row of forget is a point mass (FU's data-unlearning case)."""
     forget = np.atleast_2d(forget)
     return bool(np.all(np.sum(forget > 0, axis=1) == 1))
 
 
-def likelihood_primal(q, forget, budgets, variant=DEFAULT_VARIANT, fast=False) -> OracleResult:
+def likelihood_primal(q: ArrayLike, forget: ArrayLike, budgets: ArrayLike, variant: str = DEFAULT_VARIANT,
+                      fast: bool = False) -> OracleResult:
     """LU's primal ``min sum rel_entr(p, q) s.t. G p <= b, sum p = 1`` on supp q; duals are lam*."""
     q = np.asarray(q, float)
     on = q > 0
-    G = _g_values(q, np.atleast_2d(forget), variant)[:, on]
+    G = g_values(q, np.atleast_2d(forget), variant)[:, on]
     p = cp.Variable(int(on.sum()), nonneg=True)
     cons = [G @ p <= np.asarray(budgets, float), cp.sum(p) == 1]
     val = _solve(cp.Problem(cp.Minimize(cp.sum(cp.rel_entr(p, q[on]))), cons), "likelihood primal", fast)
     return OracleResult(float(val), _full(q, p.value), np.asarray(cons[0].dual_value, float).reshape(-1))
 
 
-def forward_kl_point_mass_primal(q, forget, budgets) -> OracleResult:
+def forward_kl_point_mass_primal(q: ArrayLike, forget: ArrayLike, budgets: ArrayLike) -> OracleResult:
     """FU with point-mass forget distributions: ``min sum rel_entr(q, p) s.t. p(a_i) <= exp(-b_i)``."""
     q = np.asarray(q, float)
     forget = np.atleast_2d(np.asarray(forget, float))
@@ -102,7 +104,8 @@ def forward_kl_point_mass_primal(q, forget, budgets) -> OracleResult:
     return OracleResult(float(val), pv / pv.sum(), lam)
 
 
-def lagrangian_minimum(problem, q, forget, lam, budgets, variant=DEFAULT_VARIANT, fast=False) -> OracleResult:
+def lagrangian_minimum(problem: str, q: ArrayLike, forget: ArrayLike, lam: ArrayLike, budgets: ArrayLike,
+                       variant: str = DEFAULT_VARIANT, fast: bool = False) -> OracleResult:
     """``min_p L(p, lam)`` by cvxpy, i.e. D(lam), with its minimiser (the target at lam):
 
     * RU: ``(1 - Lam) sum p log p + f·p`` (Lam < 1, convex) or ``f·p`` (Lam >= 1, an LP),
@@ -137,7 +140,7 @@ def lagrangian_minimum(problem, q, forget, lam, budgets, variant=DEFAULT_VARIANT
                  - float(np.sum(xlogy(w, w))) + float(lam @ b))
         val = _solve_either(p, cp.sum(cp.rel_entr(w, p)), None, "forward_kl Lagrangian", fast) + const
     else:
-        G = _g_values(q, forget, variant)[:, on]
+        G = g_values(q, forget, variant)[:, on]
         obj = cp.sum(cp.rel_entr(p, q[on])) + (lam @ G) @ p
         z = np.log(q[on]) - lam @ G
         alt = cp.sum(cp.rel_entr(p, np.exp(z - z.max()))), -z.max()

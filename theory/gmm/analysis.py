@@ -1,4 +1,4 @@
-"""Quantities the figures and the report read off mixture targets (issue 3 §2): mass left on the
+"""Quantities the figures and the report read off mixture targets: mass left on the
 forget mode, how far the retained modes move, budgets that leave equal forget mass, and sweeps of
 P*(b), lam*(b) with the fixed-multiplier baselines (ESD, SISS) placed on them.
 
@@ -9,18 +9,20 @@ assignment of every point to q's modes); the centroid of mode j under p is
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.optimize import brentq
 from scipy.special import logsumexp
 
-from theory.gmm import GaussianMixture
-from theory.gmm_quadrature import expectation, grid_for
-from theory.gmm_targets import TiltedMixture, constraint_value, target
+from theory.gmm.mixture import Forget, GaussianMixture
+from theory.gmm.quadrature import expectation, grid_for
+from theory.gmm.targets import Density, TiltedMixture, constraint_value, objective_value, target
 
 
-def expect(p, fn) -> np.ndarray:
+def expect(p: Density, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
     """``E_p[fn(x)]`` by quadrature (d <= 2) for any mixture target."""
     if isinstance(p, TiltedMixture):
         return p.expect(fn)
@@ -29,12 +31,12 @@ def expect(p, fn) -> np.ndarray:
     return expectation(lp - logsumexp(lp + g.log_vol), fn(g.nodes), g)
 
 
-def responsibilities(q: GaussianMixture, x) -> np.ndarray:
+def responsibilities(q: GaussianMixture, x: ArrayLike) -> np.ndarray:
     """q's responsibilities (N, K) at x."""
-    return q._terms(x, need_score=False)[2]
+    return q.responsibilities(x)
 
 
-def mode_masses(p, q: GaussianMixture) -> np.ndarray:
+def mode_masses(p: Density, q: GaussianMixture) -> np.ndarray:
     """``E_p[r_k]`` for every component k of q (sums to 1)."""
     return expect(p, lambda x: responsibilities(q, x))
 
@@ -51,7 +53,7 @@ class ModeShift:
     shift_mahalanobis: np.ndarray
 
 
-def retained_mode_shift(p, q: GaussianMixture, forget_component: int) -> ModeShift:
+def retained_mode_shift(p: Density, q: GaussianMixture, forget_component: int) -> ModeShift:
     keep = tuple(k for k in range(q.n_components) if k != forget_component)
 
     def moments(x):  # (N, K + K d): r_k and r_k x
@@ -70,8 +72,8 @@ def retained_mode_shift(p, q: GaussianMixture, forget_component: int) -> ModeShi
     return ModeShift(keep, mass[idx], r_q[:K][idx], np.linalg.norm(diff, axis=1)[idx], maha[idx])
 
 
-def lam_for_forget_mass(problem: str, q, forget, mass: float, forget_component: int, lam_hi: float,
-                        variant: str = "likelihood", xtol: float = 1e-12) -> float:
+def lam_for_forget_mass(problem: str, q: GaussianMixture, forget: Forget, mass: float, forget_component: int,
+                        lam_hi: float, variant: str = "likelihood", xtol: float = 1e-12) -> float:
     """The multiplier (m = 1) whose target leaves ``mass`` on the forget mode (bracketed root on
     ``[0, lam_hi]``; the forget mass decreases along every problem's path)."""
     def f(lam):
@@ -80,15 +82,15 @@ def lam_for_forget_mass(problem: str, q, forget, mass: float, forget_component: 
 
 
 def esd_lam(eta: float) -> float:
-    """ESD's guidance scale eta as an RU multiplier (MATH.md §4): ``lam = eta / (1 + eta)``."""
+    """ESD's guidance scale eta as an RU multiplier (eq. 8 of ``docs/math.md``): ``lam = eta / (1 + eta)``."""
     return eta / (1.0 + eta)
 
 
-def sweep(problem: str, q, forget, lams, variant: str = "likelihood"):
+def sweep(problem: str, q: GaussianMixture, forget: Forget, lams: Iterable[float],
+          variant: str = "likelihood") -> tuple[np.ndarray, np.ndarray]:
     """Along the dual path: for each lam the budget b(lam) it certifies (the constraint value of
     its target; then lam* (b) = lam) and the optimal value P*(b) = objective at the target (zero
     gap, checked by ``solve`` in the tests). Returns ``(b, P)`` arrays."""
-    from theory.gmm_targets import objective_value
 
     b, P = [], []
     for lam in lams:
