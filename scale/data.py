@@ -231,6 +231,9 @@ class DataTask:
         self.params = list(params) if params is not None else [p for p in unet.parameters() if p.requires_grad]
         self._neg_scale: tuple[int, float] | None = None  # (step, scaling_norm / ||grad L_a||)
         self.published = cfg.method in ("siss", "siss_is") and cfg.siss_form == "published"
+        if self.published and cfg.train.batch_size < self.m:
+            raise ValueError(f"train.batch_size = {cfg.train.batch_size} is smaller than the {self.m} forget images: "
+                             f"published SISS draws each forget image at least once per step")
         if self.published and self.keep_idx.numel() == 0:
             raise ValueError(f"every one of the {self.n} training images is in the forget set: the keep set "
                              f"X \\ A is empty")
@@ -295,11 +298,13 @@ class DataTask:
     def _published_draws(self, step: int) -> dict[str, torch.Tensor]:
         """The global batch of a published-SISS step: keep image ``x ~ unif(X \\ A)``, forget image
         ``a ~ unif(A)``, one timestep and one noise shared by the pair, and (with importance
-        sampling) the mixture component."""
+        sampling) the mixture component. The forget images are cycled from a random offset
+        (``a_b = (u + b) mod m``): each is still uniform on A, and every forget image appears in
+        every batch of at least m (the logged per-image loss needs one)."""
         B = self.cfg.train.batch_size
         gen = step_generator(self.cfg.train.seed, step)
         d = {"x": self.keep_idx[torch.randint(0, self.keep_idx.numel(), (B,), generator=gen)],
-             "a": torch.randint(0, self.m, (B,), generator=gen),
+             "a": (torch.randint(0, self.m, (1,), generator=gen) + torch.arange(B)) % self.m,
              "t": torch.randint(0, self.T, (B,), generator=gen),
              "noise": torch.randn((B, *self.shape), generator=gen)}
         if self.cfg.method == "siss_is":

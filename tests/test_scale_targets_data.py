@@ -251,7 +251,7 @@ def test_published_siss_gradient_is_keep_term_minus_rescaled_neggrad(setup, tmp_
     keep = torch.tensor([i for i in range(N_IMG) if i not in FORGET])
     g = step_generator(SEED, 0)
     xi = keep[torch.randint(0, keep.numel(), (B,), generator=g)]
-    a_pick = torch.randint(0, m, (B,), generator=g)
+    a_pick = (torch.randint(0, m, (1,), generator=g) + torch.arange(B)) % m  # cycled from a random offset
     t = torch.randint(0, T, (B,), generator=g)
     eps = torch.randn((B, 1, 8, 8), generator=g)
     x0, a0 = x[xi], x[list(FORGET)][a_pick]
