@@ -275,3 +275,63 @@ def test_published_siss_gradient_is_keep_term_minus_rescaled_neggrad(setup, tmp_
     _assert_grads_close(got, want, w1)
     assert summ["neg_scale"] == pytest.approx(c, rel=1e-5)
     assert summ["siss_form"] == "published"
+
+
+# ------------------------------------------------------------------ evaluation samples: the model's own sampler
+
+
+def _pipeline_samples(unet, scheduler, n, steps, seed):
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(batch_size=n, generator=torch.Generator().manual_seed(seed), num_inference_steps=steps,
+               output_type="np").images
+    return torch.from_numpy(np.asarray(img)).permute(0, 3, 1, 2).float()
+
+
+def _ours(unet, scheduler, n, steps, seed):
+    from scale.sample import scheduler_sample_images
+
+    x = scheduler_sample_images(lambda x, t: unet(x, t).sample, (1, 8, 8), scheduler, steps, n,
+                                torch.Generator().manual_seed(seed))
+    return (x / 2 + 0.5).clamp(0, 1)  # the pipeline's output map
+
+
+@pytest.mark.parametrize("variance_type,clip", [("fixed_small", True), ("fixed_large", False), ("fixed_small", False)])
+def test_scheduler_sampler_gives_diffusers_ddpm_pipeline_samples(variance_type, clip):
+    """``scheduler_sample_images`` follows the scheduler config (google/ddpm-celebahq-256's is
+    fixed_small + clip_sample): with the same CPU generator it returns ``DDPMPipeline``'s samples.
+    Tolerance: both are float32 computations of the same steps in a different operation order;
+    1e-5 on [0, 1] images is ~100 float32 roundings."""
+    from diffusers import DDPMScheduler
+
+    unet = builders.build_uncond_unet(seed=4).eval()
+    sched = DDPMScheduler(num_train_timesteps=T, beta_start=2e-3, beta_end=0.4, variance_type=variance_type,
+                          clip_sample=clip)
+    with torch.no_grad():
+        torch.testing.assert_close(_ours(unet, sched, 3, 10, 0), _pipeline_samples(unet, sched, 3, 10, 0),
+                                   rtol=0, atol=1e-5)
+
+
+def test_scheduler_sampler_differs_when_the_config_differs():
+    """The celebahq config (fixed_small, clip_sample) vs the same model sampled as if the config said
+    fixed_large or no clipping, and vs the strided ancestral sampler (variance beta, no clipping):
+    each differs from the pipeline's samples by far more than rounding (> 0.05 somewhere)."""
+    from diffusers import DDPMScheduler
+
+    from scale.sample import sample_images
+
+    unet = builders.build_uncond_unet(seed=4).eval()
+    kw = dict(num_train_timesteps=T, beta_start=2e-3, beta_end=0.4)
+    ref_sched = DDPMScheduler(**kw, variance_type="fixed_small", clip_sample=True)
+    with torch.no_grad():
+        ref = _pipeline_samples(unet, ref_sched, 3, 10, 0)
+        for other in (dict(variance_type="fixed_large", clip_sample=True),
+                      dict(variance_type="fixed_small", clip_sample=False)):
+            assert (_ours(unet, DDPMScheduler(**kw, **other), 3, 10, 0) - ref).abs().max() > 0.05, other
+        anc = sample_images(lambda x, t: unet(x, t).sample, (1, 8, 8), ref_sched.alphas_cumprod, 10, 3,
+                            torch.Generator().manual_seed(0))
+        assert ((anc / 2 + 0.5).clamp(0, 1) - ref).abs().max() > 0.05
+    with pytest.raises(ValueError, match="learned"):
+        _ours(unet, DDPMScheduler(**kw, variance_type="learned"), 1, 2, 0)
