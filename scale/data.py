@@ -87,8 +87,9 @@ class DataConfig:
         if self.data_workers < 0:
             raise ValueError(f"data_workers must be >= 0, got {self.data_workers}")
         if self.trainable != "full":
-            raise ValueError(f"data unlearning fine-tunes every DDPM weight: trainable must be \"full\", got "
-                             f"{self.trainable!r} (UNet2DModel has no cross-attention for LoRA/attn2 to target)")
+            raise ValueError(f"data unlearning fine-tunes every DDPM weight: set trainable=\"full\" (got "
+                             f"{self.trainable!r}; an unconditional UNet2DModel has no cross-attention for "
+                             f"LoRA or attn2 to target)")
         if self.forget_draws < 1:
             raise ValueError(f"forget_draws must be >= 1, got {self.forget_draws}")
 
@@ -252,7 +253,7 @@ class DataTask:
         meas_sum = torch.zeros(m, dtype=torch.float64)
         meas_cnt = torch.zeros(m, dtype=torch.float64)
         if cfg.method == "siss_is":
-            a_pick = torch.randint(0, m, (B,), generator=gen)
+            a_pick = (torch.randint(0, m, (1,), generator=gen) + torch.arange(B)) % m  # cycled: see _published_draws
             from_a = torch.rand((B,), generator=gen) < cfg.siss_mix
             idx, t, noise, a_pick, from_a = (sl.take(v) for v in (idx, t, noise, a_pick, from_a))
             x0 = self.images.load(idx).to(dev)

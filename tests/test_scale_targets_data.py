@@ -218,7 +218,7 @@ def test_siss_is_project_form_weights_are_the_gaussian_density_ratios(setup, tmp
     idx = torch.randint(0, N_IMG, (B,), generator=g)
     t = torch.randint(0, T, (B,), generator=g)
     eps = torch.randn((B, 1, 8, 8), generator=g)
-    a_pick = torch.randint(0, m, (B,), generator=g)
+    a_pick = (torch.randint(0, m, (1,), generator=g) + torch.arange(B)) % m  # cycled from a random offset
     from_a = torch.rand((B,), generator=g) < mix
     x0, a0 = x[idx], x[list(FORGET)][a_pick]
     x_t = _noised(torch.where(from_a.reshape(-1, 1, 1, 1), a0, x0), eps, ab[t])
