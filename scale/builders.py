@@ -163,13 +163,15 @@ def build_sd_v1_scheduler():
                          beta_end=0.012, clip_sample=False, steps_offset=1, prediction_type="epsilon")
 
 
-def build_celebahq_ddpm_unet(sample_size: int = 256, seed: int = 0):
+def build_celebahq_ddpm_unet(sample_size: int = 256, seed: int = 0,
+                             block_out_channels=(128, 128, 256, 256, 512, 512)):
     """``google/ddpm-celebahq-256``'s UNet2DModel (113.7 M parameters) with random weights: widths
     128/128/256/256/512/512, two layers per block, self-attention in the fifth down block (16x16 at
     256 px) and the matching up block, positional time embedding with ``freq_shift=1`` and
     ``flip_sin_to_cos=False``, ``norm_eps=1e-6``, ``downsample_padding=0``,
     ``attention_head_dim=None`` (one head per attention layer). ``sample_size`` 32 or 64 keeps
-    CPU tests cheap without changing any weight shape."""
+    CPU tests cheap without changing any weight shape; narrower ``block_out_channels`` (multiples of
+    32) keep everything else of the config for CPU benchmarks."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
@@ -178,7 +180,7 @@ def build_celebahq_ddpm_unet(sample_size: int = 256, seed: int = 0):
         time_embedding_type="positional", freq_shift=1, flip_sin_to_cos=False,
         down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
-        block_out_channels=(128, 128, 256, 256, 512, 512), layers_per_block=2, mid_block_scale_factor=1,
+        block_out_channels=tuple(block_out_channels), layers_per_block=2, mid_block_scale_factor=1,
         downsample_padding=0, act_fn="silu", attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6)
 
 
