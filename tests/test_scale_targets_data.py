@@ -20,6 +20,8 @@ scale, the third the rounding of ``w - g`` to float32 in the SGD update.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -335,3 +337,31 @@ def test_scheduler_sampler_differs_when_the_config_differs():
         assert ((anc / 2 + 0.5).clamp(0, 1) - ref).abs().max() > 0.05
     with pytest.raises(ValueError, match="learned"):
         _ours(unet, DDPMScheduler(**kw, variance_type="learned"), 1, 2, 0)
+
+
+def test_published_siss_rescaling_uses_the_global_batch_across_processes_and_micro_batches(tmp_path):
+    """Two processes x two micro-batches vs one process x four: the NegGrad norm is that of the whole
+    global batch's gradient (summed across slices and ranks), so the updates and the logged scale
+    agree up to float32 summation order (the bound of ``_compare``)."""
+    from diffusers import UNet2DModel
+    from PIL import Image
+
+    from tests.test_scale_distributed import _compare, _run
+
+    builders.save_ddpm(tmp_path / "ddpm", builders.build_uncond_unet(seed=3),
+                       builders.build_scheduler(T, beta_start=2e-3, beta_end=0.4))
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(N_IMG):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "imgs" / f"{i:03d}.png")
+    common = ["--set", f'model="{tmp_path / "ddpm"}"', "--set", f'train_dir="{tmp_path / "imgs"}"',
+              "--set", 'forget=["003.png","007.png"]', "--set", 'method="siss_is"', "--set", "siss_scaling_norm=0.5",
+              "--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "train.micro_batch=1",
+              "--set", "train.cpu=true", "--set", 'train.optimizer="sgd"', "--set", "train.lr=0.05"]
+    _run(["scale", "data", "--out", str(tmp_path / "one"), *common], 1)
+    _run(["scale", "data", "--out", str(tmp_path / "two"), *common], 2)
+    w0 = {k: v.detach() for k, v in UNet2DModel.from_pretrained(tmp_path / "ddpm").named_parameters()}
+    _compare(tmp_path / "one", tmp_path / "two", w0)
+    scale = [[json.loads(x)["neg_scale"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+             for r in ("one", "two")]
+    np.testing.assert_allclose(scale[1], scale[0], rtol=1e-5)
