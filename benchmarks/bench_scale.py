@@ -8,7 +8,9 @@ Rows, all in one run and on the same device:
   accumulated over ``--micro-batch`` chunks like the engine's steps);
 - SD ``esd``: ESD-x (RU at a fixed multiplier) through ``scale.concept.run``;
 - SD ``ru``: RU primal-dual through ``scale.concept.run`` (same step + KL estimate + dual step);
-- DDPM ``plain``: full fine-tuning step; ``siss``: FU at a fixed weight; ``fu``: FU primal-dual.
+- DDPM ``plain``: full fine-tuning step; ``siss``: FU at a fixed weight (SISS, project form);
+  ``fu``: FU primal-dual; ``siss_published``: SISS as published (keep set, NegGrad rescaled: one
+  extra forward/backward of the forget half per step for the gradient norm).
 Each row runs in its own subprocess so that its peak memory (CUDA max allocated, or the process's
 max RSS on CPU) is its own. Step times are medians over the timed steps (``step_seconds`` in
 ``metrics.jsonl`` for the engine's rows). The dual machinery's overhead is ``ru`` vs ``esd`` and
@@ -48,29 +50,35 @@ DDPM = {
 
 
 def build_sd(path: Path, size: str) -> None:
+    """``full``: SD v1.x's published UNet, CLIP-L-shaped text encoder and noise schedule
+    (``scale.builders.build_sd_v1_*``); ``tiny``: the same block structure at narrow widths."""
     from scale import builders
 
+    tok = builders.build_word_tokenizer("a photo of a cat dog".split(), model_max_length=77)
+    if size == "full":
+        te = builders.build_sd_v1_text_encoder(len(tok.get_vocab()))
+        unet = builders.build_sd_v1_unet(SD["full"]["sample_size"])
+        builders.save_concept_pipeline(path, unet, te, tok, builders.build_sd_v1_scheduler())
+        return
     c = dict(SD[size])
     hidden = c.pop("text_hidden")
-    tok = builders.build_word_tokenizer("a photo of a cat dog".split(), model_max_length=77)
     te = builders.build_text_encoder(len(tok.get_vocab()), hidden=hidden, layers=2, heads=8, max_positions=77)
     unet = builders.build_cond_unet(**c)
     builders.save_concept_pipeline(path, unet, te, tok, builders.build_scheduler(1000, "scaled_linear", 0.00085, 0.012))
 
 
 def build_ddpm(path: Path, size: str, n_images: int = 16) -> None:
+    """``google/ddpm-celebahq-256``'s UNet config (``freq_shift=1``, ``flip_sin_to_cos=False``,
+    ``norm_eps=1e-6``, ``downsample_padding=0``, ``attention_head_dim=None``) and scheduler
+    (fixed_small, clip_sample); ``tiny`` narrows the widths and the image size only."""
     import numpy as np
-    from diffusers import UNet2DModel
     from PIL import Image
 
     from scale import builders
 
     c = DDPM[size]
-    unet = UNet2DModel(sample_size=c["sample_size"], in_channels=3, out_channels=3, layers_per_block=2,
-                       block_out_channels=c["block_out_channels"],
-                       down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4)
-    builders.save_ddpm(path / "model", unet, builders.build_scheduler(1000))
+    unet = builders.build_celebahq_ddpm_unet(c["sample_size"], block_out_channels=c["block_out_channels"])
+    builders.save_ddpm(path / "model", unet, builders.build_celebahq_scheduler())
     (path / "imgs").mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     s = c["sample_size"]
@@ -152,8 +160,10 @@ def engine_step_times(kind: str, method: str, path: Path, out: Path, args) -> li
     else:
         from scale.data import DataConfig, run
 
-        run(DataConfig(model=str(path / "model"), out=str(out), method=method, train_dir=str(path / "imgs"),
-                       forget=("000.png", "001.png"), budget_factor=1.5, forget_draws=1, train=train))
+        form = "published" if method == "siss_published" else "project"
+        run(DataConfig(model=str(path / "model"), out=str(out), method=method.replace("_published", ""),
+                       siss_form=form, train_dir=str(path / "imgs"), forget=("000.png", "001.png"),
+                       budget_factor=1.5, forget_draws=1, train=train))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][args.warmup:]
     return [r["step_seconds"] for r in rows], [r["dual_seconds"] for r in rows]
 
@@ -205,7 +215,7 @@ def main(argv=None) -> int:
         if args.only in ("ddpm", "both"):
             (wd / "ddpm").mkdir()
             build_ddpm(wd / "ddpm", args.size)
-            plan += [("ddpm", "plain"), ("ddpm", "siss"), ("ddpm", "fu")]
+            plan += [("ddpm", "plain"), ("ddpm", "siss"), ("ddpm", "fu"), ("ddpm", "siss_published")]
         passthrough = [f"--size={args.size}", f"--steps={args.steps}", f"--warmup={args.warmup}",
                        f"--batch={args.batch}", f"--micro-batch={args.micro_batch}",
                        f"--sample-steps={args.sample_steps}", f"--mixed-precision={args.mixed_precision}"]

@@ -118,3 +118,76 @@ def save_ddpm(path, unet, scheduler) -> Path:
     unet.save_pretrained(path)
     scheduler.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------- the published architectures
+
+
+def build_sd_v1_unet(sample_size: int = 64, seed: int = 0):
+    """Stable Diffusion v1.x's UNet (859.5 M parameters) with random weights: the published config
+    (4 latent channels, widths 320/640/1280/1280, two layers per block, cross-attention width 768,
+    8 heads, groups of 32, eps 1e-5, sin/cos flipped, no frequency shift); ``sample_size`` 64 is
+    512-pixel images, smaller sizes keep CPU tests cheap without changing any weight shape."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, center_input_sample=False,
+        flip_sin_to_cos=True, freq_shift=0,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1,
+        mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+        cross_attention_dim=768, attention_head_dim=8)
+
+
+def build_sd_v1_text_encoder(vocab_size: int, layers: int = 12, seed: int = 0):
+    """A CLIP ViT-L/14 text tower's shape (width 768, 12 heads, MLP 3072, 77 positions, quick-GELU)
+    with random weights; ``layers`` 12 is the published depth (fewer keep CPU tests cheap; the
+    UNet only sees the 768-wide output)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=768, intermediate_size=3072,
+                         num_hidden_layers=layers, num_attention_heads=12, max_position_embeddings=77,
+                         hidden_act="quick_gelu", bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPTextModel(cfg).eval()
+
+
+def build_sd_v1_scheduler():
+    """SD v1's noise schedule as a DDPM scheduler: scaled-linear betas 0.00085..0.012 over 1000
+    steps, no clipping, steps offset 1 (the published PNDM config read by ``DDPMScheduler``)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, clip_sample=False, steps_offset=1, prediction_type="epsilon")
+
+
+def build_celebahq_ddpm_unet(sample_size: int = 256, seed: int = 0,
+                             block_out_channels=(128, 128, 256, 256, 512, 512)):
+    """``google/ddpm-celebahq-256``'s UNet2DModel (113.7 M parameters) with random weights: widths
+    128/128/256/256/512/512, two layers per block, self-attention in the fifth down block (16x16 at
+    256 px) and the matching up block, positional time embedding with ``freq_shift=1`` and
+    ``flip_sin_to_cos=False``, ``norm_eps=1e-6``, ``downsample_padding=0``,
+    ``attention_head_dim=None`` (one head per attention layer). ``sample_size`` 32 or 64 keeps
+    CPU tests cheap without changing any weight shape; narrower ``block_out_channels`` (multiples of
+    32) keep everything else of the config for CPU benchmarks."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=sample_size, in_channels=3, out_channels=3, center_input_sample=False,
+        time_embedding_type="positional", freq_shift=1, flip_sin_to_cos=False,
+        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4,
+        block_out_channels=tuple(block_out_channels), layers_per_block=2, mid_block_scale_factor=1,
+        downsample_padding=0, act_fn="silu", attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6)
+
+
+def build_celebahq_scheduler():
+    """``google/ddpm-celebahq-256``'s scheduler: linear betas 1e-4..0.02 over 1000 steps,
+    ``variance_type="fixed_small"``, ``clip_sample=True``."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         variance_type="fixed_small", clip_sample=True, prediction_type="epsilon")

@@ -497,7 +497,7 @@ def run(cfg: RehearseConfig) -> dict:
             dcfg = data.DataConfig(
                 model=str(pdir / "ddpm"), out=str(out / "runs" / mth), method=mth, train_dir=str(out / "digits_train"),
                 forget=tuple(forget_names), budgets=tuple(budgets.tolist()), lr_dual=cfg.fu_lr_dual,
-                siss_weight=1.0, forget_draws=cfg.fu_forget_draws,
+                siss_form="project", siss_weight=1.0, forget_draws=cfg.fu_forget_draws,
                 train=TrainConfig(steps=pre["fu_unlearn_steps"], batch_size=32, micro_batch=32,
                                   lr=cfg.fu_lr, cpu=True, checkpoint_every=max(1, pre["fu_unlearn_steps"]), seed=cfg.seed))
             res = data.run(dcfg)

@@ -350,7 +350,7 @@ def test_siss_baselines_keep_their_fixed_weight(ddpm_setup, tmp_path, method):
     from scale.data import run
 
     model, imgs, _ = ddpm_setup
-    s = run(_data_cfg(model, imgs, tmp_path / method, method=method, siss_weight=3.0))
+    s = run(_data_cfg(model, imgs, tmp_path / method, method=method, siss_form="project", siss_weight=3.0))
     np.testing.assert_allclose(np.asarray(s["lam_times_n"], dtype=float), 3.0)
     assert np.all(np.isfinite(np.asarray(s["forget_loss_after"], dtype=float)))
 
