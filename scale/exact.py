@@ -61,7 +61,7 @@ class DiagonalMixture:
             var = var.reshape(K, 1).expand(K, d)
         if tuple(var.shape) != (K, d):
             raise ValueError(f"variances must have shape ({K}, {d}), ({K},) or be a scalar, got {tuple(var.shape)}")
-        if torch.any(w <= 0) or abs(float(w.sum()) - 1.0) > 1e-8:
+        if torch.any(w <= 0) or abs(float(w.sum()) - 1.0) > 1e-6:
             raise ValueError(f"weights must be positive and sum to 1, got {w.tolist()}")
         if torch.any(var <= 0) or not torch.all(torch.isfinite(var)) or not torch.all(torch.isfinite(mu)):
             raise ValueError(f"variances must be positive and finite and means finite; smallest variance "
