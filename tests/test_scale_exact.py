@@ -101,7 +101,7 @@ def _instance(seed=0):
     mu_b = 0.5 * torch.randn(D, generator=g, dtype=torch.float64)
     var_b = 0.5 + torch.rand(D, generator=g, dtype=torch.float64)
     delta = 0.05 * torch.randn(D, generator=g, dtype=torch.float64)
-    mu_c, var_c = mu_b + delta, var_b * (1 + 0.05 * torch.randn(D, generator=g, dtype=torch.float64))
+    mu_c, var_c = mu_b + delta, var_b * torch.exp(0.2 * torch.randn(D, generator=g, dtype=torch.float64))
     mu_p, var_p = mu_b + 0.5 * delta, var_b * 1.02
     return (mu_b, var_b), (mu_c, var_c), (mu_p, var_p)
 
