@@ -8,13 +8,17 @@ from the frozen reference (the same UNet with its adapters disabled):
   (``toy.objectives.composed_eps_target``), with ``eps_base`` the reference under the baseline
   prompt (``""``: the null prompt, as ESD; or an anchor prompt). ESD fixes ``eta``.
 - LU: ``eps* = eps_base - sum_i lam_i c_i(x) (eps_{c_i} - eps_base)`` with the state-dependent
-  weight ``c_i = r_i(x_0)`` (likelihood-ratio constraint) or ``1`` (log-ratio), ``r_i`` the
-  diffusion-classifier estimate of ``q(x_0|c_i) / q(x_0|base)`` from reference denoising losses.
+  weight ``c_i = r_i(x_0)`` (likelihood-ratio constraint) or ``1`` (log-ratio, the default), ``r_i``
+  the diffusion-classifier estimate of ``q(x_0|c_i) / q(x_0|base)`` from reference denoising losses
+  at the end point ``x_0`` of the state's own chain.
 
 The states ``x_t`` come on-policy from the model being trained (ancestral sampler on a strided
-schedule, stopped at a random step), as ESD does. Constraint estimates per step:
+schedule, stopped at a random step); ESD by default uses the published states instead (DDIM with
+classifier-free guidance ``esd_guidance`` on ``esd_ddim_steps`` steps, stopped at a random step;
+``esd_sampler="ancestral"`` gives RU's). Constraint estimates per step:
 RU ``KL(p||q_i)`` as the one-term path-KL estimate ``S w_s ||eps_theta - eps_{c_i}||^2``;
-LU ``E_p[g_i]`` from the Tweedie estimate of x_0.
+LU ``E_p[g_i]`` at the end points of the same chains (run on past the stop step), with the
+stratified, antithetic ELBO-difference estimate of ``log r_i`` (``ConceptTask.lu_log_ratio``).
 
 Retain term. The objective ``KL(p||q)`` is over the whole model, i.e. ``E_{c~pi} KL(p(.|c)||q(.|c))``
 over a prompt distribution ``pi``, while the constraints concern only the concept prompts. For a
