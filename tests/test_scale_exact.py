@@ -106,9 +106,10 @@ def _instance(seed=0):
     return (mu_b, var_b), (mu_c, var_c), (mu_p, var_p)
 
 
-def _concept_task(method, sample_steps, batch, **kw):
+def _concept_task(method, sample_steps, batch, mixtures=None, **kw):
     """A ConceptTask whose reference is the harness (base prompt -> q_b, concept -> q_c) and whose
-    model being trained is the harness (base -> q_b, concept -> p)."""
+    model being trained is the harness (base -> q_b, concept -> p); ``mixtures = (q_b, q_c, p)``
+    replaces the single Gaussians of ``_instance``."""
     from scale.concept import ConceptConfig, ConceptTask
     from scale.engine import TrainConfig, make_accelerator
     from scale.exact import ExactTrainable
@@ -120,8 +121,9 @@ def _concept_task(method, sample_steps, batch, **kw):
     keys = encode_prompts(tok, te, ["", PROMPT], check_nonempty=False)
     (mu_b, var_b), (mu_c, var_c), (mu_p, var_p) = _instance()
     mix = lambda mu, var: DiagonalMixture(torch.ones(1), mu.unsqueeze(0), var.unsqueeze(0))  # noqa: E731
-    ref = MixtureUNet([mix(mu_b, var_b), mix(mu_c, var_c)], SHAPE, sch.alphas_cumprod, keys=keys)
-    model = MixtureUNet([mix(mu_b, var_b), mix(mu_p, var_p)], SHAPE, sch.alphas_cumprod, keys=keys)
+    q_b, q_c, p = mixtures or (mix(mu_b, var_b), mix(mu_c, var_c), mix(mu_p, var_p))
+    ref = MixtureUNet([q_b, q_c], SHAPE, sch.alphas_cumprod, keys=keys)
+    model = MixtureUNet([q_b, p], SHAPE, sch.alphas_cumprod, keys=keys)
     cfg = ConceptConfig(method=method, concepts=(PROMPT,), budgets=(0.0,), sample_steps=sample_steps,
                         train=TrainConfig(batch_size=batch, micro_batch=batch, cpu=True), **kw)
     acc = make_accelerator(cfg.train)
@@ -213,6 +215,48 @@ def test_fu_forget_loss_at_real_size_matches_the_exact_denoising_loss():
     est, se, exact = fu_agreement()
     assert abs(est - exact) <= 3 * se, (est, exact, se)
     assert se < 0.2 * exact
+
+
+def test_ru_path_kl_estimate_with_two_component_mixtures_matches_full_trajectory_monte_carlo():
+    """Nonlinear (mixture) noise predictions at real size: the engine's one-term estimates against
+    the full path-KL sum along independent float64 trajectories of the model, simulated here."""
+    from scale.diffusion import strided_timesteps
+    from toy.dual import DualState
+
+    g = torch.Generator().manual_seed(21)
+
+    def two(shift, spread):  # two components 2.6 noise-free standard units apart in total
+        base = 0.5 * torch.randn(D, generator=g, dtype=torch.float64) + shift
+        sep = spread * torch.randn(D, generator=g, dtype=torch.float64)
+        return DiagonalMixture(torch.tensor([0.3, 0.7], dtype=torch.float64), torch.stack([base - sep, base + sep]),
+                               0.5 + torch.rand(2, D, generator=g, dtype=torch.float64))
+
+    q_b, q_c = two(0.0, 0.01), two(0.0, 0.01)
+    p = DiagonalMixture(q_c.weights, 0.5 * (q_b.means + q_c.means), q_c.variances)
+    B, S = 32, 10
+    task = _concept_task("ru", S, B, mixtures=(q_b, q_c, p))
+    vals = _per_sample(task, DualState("reverse_kl", [1.0], 0.0), B)
+    est, se = float(vals.mean()), float(vals.std() / math.sqrt(B))
+    # independent: N ancestral trajectories of p in float64, the whole sum over steps on each
+    ab = sd_scheduler().alphas_cumprod.double()
+    ts = strided_timesteps(1000, S).tolist()
+    N = 32
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    zg = torch.Generator().manual_seed(6)
+    tot = torch.zeros(N, dtype=torch.float64)
+    for s, t in enumerate(ts):
+        ab_t = ab[t]
+        ab_prev = ab[ts[s + 1]] if s + 1 < S else torch.tensor(1.0, dtype=torch.float64)
+        alpha, abv = ab_t / ab_prev, ab_t.expand(N)
+        beta = 1 - alpha
+        e_p, e_c = p.eps(x, abv), q_c.eps(x, abv)
+        tot += beta / (2 * alpha * (1 - ab_t)) * (e_p - e_c).pow(2).sum(1)
+        x = (x - beta / (1 - ab_t).sqrt() * e_p) / alpha.sqrt()
+        if s + 1 < S:
+            x = x + beta.sqrt() * torch.randn(N, D, generator=zg, dtype=torch.float64)
+    mc, se_mc = float(tot.mean()), float(tot.std() / math.sqrt(N))
+    assert abs(est - mc) <= 3 * math.hypot(se, se_mc), (est, se, mc, se_mc)
+    assert se < 0.5 * mc
 
 
 if __name__ == "__main__":
