@@ -8,13 +8,17 @@ from the frozen reference (the same UNet with its adapters disabled):
   (``toy.objectives.composed_eps_target``), with ``eps_base`` the reference under the baseline
   prompt (``""``: the null prompt, as ESD; or an anchor prompt). ESD fixes ``eta``.
 - LU: ``eps* = eps_base - sum_i lam_i c_i(x) (eps_{c_i} - eps_base)`` with the state-dependent
-  weight ``c_i = r_i(x_0)`` (likelihood-ratio constraint) or ``1`` (log-ratio), ``r_i`` the
-  diffusion-classifier estimate of ``q(x_0|c_i) / q(x_0|base)`` from reference denoising losses.
+  weight ``c_i = r_i(x_0)`` (likelihood-ratio constraint) or ``1`` (log-ratio, the default), ``r_i``
+  the diffusion-classifier estimate of ``q(x_0|c_i) / q(x_0|base)`` from reference denoising losses
+  at the end point ``x_0`` of the state's own chain.
 
 The states ``x_t`` come on-policy from the model being trained (ancestral sampler on a strided
-schedule, stopped at a random step), as ESD does. Constraint estimates per step:
+schedule, stopped at a random step); ESD by default uses the published states instead (DDIM with
+classifier-free guidance ``esd_guidance`` on ``esd_ddim_steps`` steps, stopped at a random step;
+``esd_sampler="ancestral"`` gives RU's). Constraint estimates per step:
 RU ``KL(p||q_i)`` as the one-term path-KL estimate ``S w_s ||eps_theta - eps_{c_i}||^2``;
-LU ``E_p[g_i]`` from the Tweedie estimate of x_0.
+LU ``E_p[g_i]`` at the end points of the same chains (run on past the stop step), with the
+stratified, antithetic ELBO-difference estimate of ``log r_i`` (``ConceptTask.lu_log_ratio``).
 
 Retain term. The objective ``KL(p||q)`` is over the whole model, i.e. ``E_{c~pi} KL(p(.|c)||q(.|c))``
 over a prompt distribution ``pi``, while the constraints concern only the concept prompts. For a
@@ -34,19 +38,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scale.diffusion import (add_noise, ancestral_step, lu_weight, predict_x0, strided_kl_weights,
+from scale.diffusion import (add_noise, ancestral_step, ddim_step, lu_weight, strided_kl_weights,
                              strided_timesteps)
 from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, make_optimizer, run_loop, step_generator
 from scale.models import ESD_X_TARGETS, Trainable, encode_prompts, load_concept_models
 from theory.config import config_to_dict
 from toy.dual import DualState
 from toy.objectives import (composed_eps_target, denoising_loss, eta_from_lam, lam_from_eta,
-                            log_ratio_from_denoising_losses, reverse_step_kl_weights)
+                            reverse_step_kl_weights)
 from toy.runs import RunDir
 
 log = logging.getLogger(__name__)
 
 METHODS = ("ru", "ru_dual_only", "esd", "lu")
+ESD_SAMPLERS = ("ddim_cfg", "ancestral")
 
 
 @dataclass(frozen=True)
@@ -63,10 +68,14 @@ class ConceptConfig:
     lam_init: tuple[float, ...] = ()
     lam_sum_max: float = 0.95
     esd_eta: float = 1.0
-    lu_constraint: str = "likelihood_ratio"
+    esd_sampler: str = "ddim_cfg"
+    esd_guidance: float = 3.0
+    esd_ddim_steps: int = 50
+    lu_constraint: str = "log_likelihood_ratio"
     lu_log_ratio_max: float = 5.0
     classifier_draws: int = 4
     classifier_t_min: int = 0
+    lu_antithetic: bool = True
     sample_steps: int = 20
     dual_only_steps: int = 50
     trainable: str = "lora"
@@ -92,6 +101,11 @@ class ConceptConfig:
             raise ValueError(f"esd_eta must be >= 0, got {self.esd_eta}")
         if self.sample_steps < 1 or self.classifier_draws < 1:
             raise ValueError("sample_steps and classifier_draws must be >= 1")
+        if self.esd_sampler not in ESD_SAMPLERS:
+            raise ValueError(f"esd_sampler must be one of {ESD_SAMPLERS}, got {self.esd_sampler!r}")
+        if self.esd_ddim_steps < 1 or self.esd_guidance < 0:
+            raise ValueError(f"esd_ddim_steps must be >= 1 and esd_guidance >= 0, got {self.esd_ddim_steps}, "
+                             f"{self.esd_guidance}")
         if self.retain_weight < 0:
             raise ValueError(f"retain_weight must be >= 0, got {self.retain_weight}")
         both = sorted(set(self.retain_prompts) & set(self.concepts))
@@ -150,13 +164,18 @@ class ConceptTask:
         out = out.reshape(1 + self.m, b, *x_t.shape[1:])
         return out[0], out[1:]
 
-    def _draw_states(self, gen, B, sl: Slice, guided_lam=None, retain: bool = False):
+    def _draw_states(self, gen, B, sl: Slice, guided_lam=None, retain: bool = False, finish: bool = False):
         """On-policy states: run the ancestral sampler from noise and stop at a random step.
 
         ``guided_lam=None`` samples the model being trained under each sample's concept prompt
         (``retain=True``: under the retain prompts, cycled from a random offset);
         otherwise the reference composed at ``eta(lam)`` (RU dual-only) and the full path KL
-        ``sum_s w_s ||eps_p - eps_{c_i}||^2`` is returned alongside.
+        ``sum_s w_s ||eps_p - eps_{c_i}||^2`` is returned alongside. ``finish=True`` (LU) runs every
+        chain to its end and returns the end points ``x_end`` as well: the same random draws, so the
+        states at the stop steps are those of ``finish=False``.
+
+        Returns ``(x, stop, k, emb, path_kl, x_end)``: states (b, ...), their step indices into
+        ``self.ts``, concept (or retain) indices, embeddings, path KL (m, b) and end points (or None).
         """
         if retain:
             offset = int(torch.randint(0, self.R, (1,), generator=gen))
@@ -172,10 +191,12 @@ class ConceptTask:
         emb = (self.emb_retain if retain else self.emb_concepts)[k.to(dev)]
         b = x.shape[0]
         path_kl = torch.zeros(self.m, b, dtype=torch.float64)
+        full = guided_lam is not None or finish
         if guided_lam is not None:
             eta = eta_from_lam(guided_lam).float()
             stop = torch.full_like(stop, self.S - 1)  # dual-only: full trajectories
-        for s in range(int(stop.max()) + (1 if guided_lam is not None else 0)):
+        x_stop, x_end = x, None
+        for s in range(self.S if full else int(stop.max())):
             t = torch.full((b,), int(self.ts[s]), device=dev)
             if guided_lam is not None:
                 eps_base, eps_i = self._ref_eps(x, t)
@@ -185,34 +206,78 @@ class ConceptTask:
             else:
                 with torch.no_grad(), self.acc.autocast():
                     eps_p = _unet_eps(self.unet, x, t, emb)
-            if s == self.S - 1:
-                break
-            noise = sl.take(noises[s]).to(dev)
+            at_stop = (stop == s).to(dev).reshape(-1, *[1] * (x.dim() - 1))
+            x_stop = torch.where(at_stop, x, x_stop)
             ab_t = torch.full((b,), float(self.ab_path[s]), device=dev)
             ab_prev = torch.full((b,), float(self.ab_prev[s]), device=dev)
-            x_next = ancestral_step(x, eps_p, ab_t, ab_prev, noise)
-            active = (s < stop).to(dev).reshape(-1, *[1] * (x.dim() - 1))
-            x = torch.where(active, x_next, x)
-        return x, stop, k, emb, path_kl
+            if s == self.S - 1:  # the last step is the mean (Tweedie's x_0 at the last timestep)
+                x_end = ancestral_step(x, eps_p, ab_t, ab_prev, None) if finish else None
+                break
+            x = ancestral_step(x, eps_p, ab_t, ab_prev, sl.take(noises[s]).to(dev))
+        if not full:  # chains that stopped before the loop's last step: x_stop holds them already
+            x_stop = torch.where((stop == int(stop.max())).to(dev).reshape(-1, *[1] * (x.dim() - 1)), x, x_stop)
+        return x_stop, stop, k, emb, path_kl, x_end
 
-    def _log_ratio(self, x0: torch.Tensor, gen, B: int, sl: Slice) -> torch.Tensor:
-        """Diffusion-classifier ``log q(x0|c_i) / q(x0|base)`` for every concept: (m, b), float64."""
+    def _draw_states_ddim_cfg(self, gen, B, sl: Slice):
+        """ESD as published: states from deterministic DDIM with classifier-free guidance
+        ``esd_guidance`` (null branch: the baseline prompt) on ``esd_ddim_steps`` steps, from the model
+        being trained, stopped at a uniformly drawn step. Returns ``(x, t, k, emb)``."""
+        cfg = self.cfg
+        ts = strided_timesteps(self.T, cfg.esd_ddim_steps)
+        concept_idx = torch.arange(B) % self.m
+        z = torch.randn((B, *self.shape), generator=gen)
+        stop = torch.randint(0, ts.numel(), (B,), generator=gen)
+        dev = self.acc.device
+        x, stop, k = sl.take(z).to(dev), sl.take(stop), sl.take(concept_idx)
+        emb = self.emb_concepts[k.to(dev)]
+        b = x.shape[0]
+        emb_null = self._emb(self.emb_base, b)
+        for s in range(int(stop.max()) if b else 0):
+            t = torch.full((b,), int(ts[s]), device=dev)
+            with torch.no_grad(), self.acc.autocast():
+                e = _unet_eps(self.unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([emb_null, emb]))
+            eps = e[:b] + cfg.esd_guidance * (e[b:] - e[:b])
+            ab_prev = self.ab[ts[s + 1]] if s + 1 < ts.numel() else self.ab.new_tensor(1.0)
+            x_next = ddim_step(x, eps, torch.full((b,), float(self.ab[ts[s]]), device=dev),
+                               torch.full((b,), float(ab_prev), device=dev))
+            x = torch.where((s < stop).to(dev).reshape(-1, *[1] * (x.dim() - 1)), x_next, x)
+        return x, ts[stop].to(dev), k, emb
+
+    def lu_log_ratio(self, x0: torch.Tensor, gen, B: int, sl: Slice) -> torch.Tensor:
+        """Diffusion-classifier ``log q(x0|c_i) / q(x0|base)`` for every concept: (m, b), float64.
+
+        The ELBO difference ``sum_{t >= t_min} w_t d E_n[l_base,t - l_c_i,t]`` (``w_t`` the
+        ``reverse_step_kl_weights``, ``l`` per-dimension denoising losses, docs/math.md "diffusion
+        classifier"), estimated without bias by stratified timesteps (``classifier_draws`` = K equal
+        strata of ``[t_min, T)``, one uniform t per stratum and sample, each term times its stratum's
+        size), common noise for the base and concept terms, and with ``lu_antithetic`` each noise
+        draw paired with its negation (the leading, odd-in-n part of the loss difference cancels).
+        """
         K, t_min = self.cfg.classifier_draws, self.cfg.classifier_t_min
-        ts = torch.randint(t_min, self.T, (K, B), generator=gen)
+        n_t = self.T - t_min
+        if not 1 <= K <= n_t:
+            raise ValueError(f"classifier_draws must lie in [1, T - classifier_t_min] = [1, {n_t}], got {K}")
+        edges = t_min + torch.div(torch.arange(K + 1) * n_t, K, rounding_mode="floor")
+        size = (edges[1:] - edges[:-1]).double()  # (K,)
+        u = torch.rand((K, B), generator=gen, dtype=torch.float64)
+        ts = (edges[:-1].unsqueeze(1) + (u * size.unsqueeze(1)).floor().long()).clamp(max=self.T - 1)
         noise = torch.randn((K, B, *self.shape), generator=gen)
         dev = self.acc.device
         b = x0.shape[0]
+        signs = (1.0, -1.0) if self.cfg.lu_antithetic else (1.0,)
         out = torch.zeros(self.m, b, dtype=torch.float64)
         for j in range(K):
             t = sl.take(ts[j])
             n = sl.take(noise[j]).to(dev)
-            x_t = add_noise(x0, n, self.ab[t].to(dev))
-            eps_base, eps_i = self._ref_eps(x_t, t.to(dev))
-            l_base = denoising_loss(eps_base, n)
+            ab = self.ab[t].to(dev)
+            x_t = torch.cat([add_noise(x0, sg * n, ab) for sg in signs])
+            target = torch.cat([sg * n for sg in signs])
+            eps_base, eps_i = self._ref_eps(x_t, t.to(dev).repeat(len(signs)))
+            l_base = denoising_loss(eps_base, target).double()
+            w = (self.w_full[t] * self.d * size[j]).to(l_base.device)
             for i in range(self.m):
-                l_i = denoising_loss(eps_i[i], n)
-                w = (self.w_full[t] * self.d).to(l_i.device)
-                out[i] += log_ratio_from_denoising_losses(l_i, l_base, w, self.T - t_min).double().cpu() / K
+                diff = (l_base - denoising_loss(eps_i[i], target).double()).reshape(len(signs), b).mean(0)
+                out[i] += (w * diff).cpu()
         return out
 
     # ---- the engine's step function
@@ -222,16 +287,22 @@ class ConceptTask:
         gen = step_generator(cfg.train.seed, step)
         lam = dual.lam.float()
         if dual_only:
-            _, _, _, _, path_kl = self._draw_states(gen, B, sl, guided_lam=dual.lam)
+            path_kl = self._draw_states(gen, B, sl, guided_lam=dual.lam)[4]
             return StepOut(None, path_kl.sum(1), torch.full((self.m,), float(path_kl.shape[1])))
-        x_t, stop, k, emb, _ = self._draw_states(gen, B, sl)
         dev = self.acc.device
-        t = self.ts[stop].to(dev)
+        x_end = None
+        if cfg.method == "esd" and cfg.esd_sampler == "ddim_cfg":
+            x_t, t, k, emb = self._draw_states_ddim_cfg(gen, B, sl)
+            stop = None
+        else:
+            x_t, stop, k, emb, _, x_end = self._draw_states(gen, B, sl, finish=cfg.method == "lu")
+            t = self.ts[stop].to(dev)
         eps_base, eps_i = self._ref_eps(x_t, t)
         b = x_t.shape[0]
         extras = {}
         if self.R:  # the retain term: on-policy states under the retain prompts, reference target
-            x_r, stop_r, _, emb_r, _ = self._draw_states(step_generator(cfg.train.seed, step, 1), B, sl, retain=True)
+            x_r, stop_r, _, emb_r, _, _ = self._draw_states(step_generator(cfg.train.seed, step, 1), B, sl,
+                                                            retain=True)
             t_r = self.ts[stop_r].to(dev)
             with torch.no_grad(), self.trainable.reference() as ref, self.acc.autocast():
                 eps_ref_r = _unet_eps(ref, x_r, t_r, emb_r)
@@ -247,24 +318,37 @@ class ConceptTask:
         else:
             with self.acc.autocast():
                 eps_theta = self.model(x_t, t, encoder_hidden_states=emb).sample.float()
-        if cfg.method == "lu":
-            x0 = predict_x0(x_t, eps_theta.detach(), self.ab[t.cpu()].to(dev))
-            log_r = self._log_ratio(x0, gen, B, sl)
-            g, c = lu_weight(log_r, cfg.lu_constraint, cfg.lu_log_ratio_max)
-            eta = (lam.reshape(-1, 1) * c.float()).to(dev)  # (m, b) state-dependent weights
-            measured_sum = g.sum(1)
-            extras["log_ratio"] = float(log_r.sum()) / (B * self.m)
-        else:
-            eta = eta_from_lam(lam).to(dev)
-            w = self.w_path[stop].to(dev) * self.S
-            kl = (eps_theta.detach().unsqueeze(0) - eps_i).pow(2).flatten(2).sum(2).double() * w.unsqueeze(0)
-            measured_sum = kl.sum(1).cpu()
+        eta, measured_sum = self.target_weights(lam, eps_theta.detach(), eps_i, stop, t, x_end, gen, B, sl, extras)
         target = composed_eps_target(eps_base, eps_i, eta)
         loss = denoising_loss(eps_theta, target).sum() / B
         if self.R:
             loss = loss + cfg.retain_weight * retain_loss
         extras["target_gap"] = float((eps_base - eps_i).pow(2).flatten(2).mean(2).sum()) / (B * self.m)
         return StepOut(loss, measured_sum, torch.full((self.m,), float(b)), extras)
+
+    def target_weights(self, lam, eps_theta, eps_i, stop, t, x_end, gen, B: int, sl: Slice, extras: dict):
+        """The weights ``eta`` of the composed target ``eps_base - sum_i eta_i (eps_{c_i} - eps_base)``
+        and the sums (m,) of this slice's constraint estimates.
+
+        RU / ESD: ``eta = lam / (1 - sum lam)`` (m,) and the one-term path-KL estimates
+        ``S w_s ||eps_theta - eps_{c_i}||^2`` at the drawn stop steps (ESD's published DDIM states
+        are not the ancestral chain's: there the logged diagnostic is ``T w_t ||.||^2`` at the
+        state's timestep). LU: ``eta = lam_i c_i(x)`` (m, b) and ``g_i`` at the chains' end points
+        (``lu_log_ratio``; ``lu_weight`` maps the log ratio to ``(g, c)``).
+        """
+        cfg, dev = self.cfg, self.acc.device
+        if cfg.method == "lu":
+            log_r = self.lu_log_ratio(x_end, gen, B, sl)
+            g, c = lu_weight(log_r, cfg.lu_constraint, cfg.lu_log_ratio_max)
+            extras["log_ratio"] = float(log_r.sum()) / (B * self.m)
+            return (lam.reshape(-1, 1) * c.float()).to(dev), g.sum(1)
+        eta = eta_from_lam(lam).to(dev)
+        if stop is None:
+            w = (self.w_full[t.cpu()] * self.T).to(dev)
+        else:
+            w = self.w_path[stop].to(dev) * self.S
+        kl = (eps_theta.unsqueeze(0) - eps_i).pow(2).flatten(2).sum(2).double() * w.unsqueeze(0)
+        return eta, kl.sum(1).cpu()
 
 
 def initial_dual(cfg: ConceptConfig) -> DualState:

@@ -63,6 +63,15 @@ def ancestral_step(x_t: torch.Tensor, eps_pred: torch.Tensor, alpha_bar_t: torch
     return mean + beta.sqrt() * noise.float()
 
 
+def ddim_step(x_t: torch.Tensor, eps_pred: torch.Tensor, alpha_bar_t: torch.Tensor,
+              alpha_bar_prev: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step (eta = 0) from alpha_bar_t to alpha_bar_prev:
+    ``x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev) eps`` with Tweedie's ``x0_hat``. alpha_bar_* (B,)."""
+    ab_prev = append_dims(alpha_bar_prev.to(torch.float32), x_t.dim())
+    x0 = predict_x0(x_t, eps_pred, alpha_bar_t)
+    return ab_prev.sqrt() * x0 + (1.0 - ab_prev).sqrt() * eps_pred.float()
+
+
 def siss_log_weights(x_t: torch.Tensor, x0: torch.Tensor, a0: torch.Tensor, alpha_bar_t: torch.Tensor,
                      mix: float) -> tuple[torch.Tensor, torch.Tensor]:
     """SISS importance weights ``q(x_t|x)/q_mix(x_t)`` and ``q(x_t|a)/q_mix(x_t)`` in log space, with
@@ -88,13 +97,14 @@ def lu_weight(log_ratio: torch.Tensor, constraint: str, clamp: float = 30.0) -> 
     ``p ∝ q exp(-lam g)`` has score ``score_q - lam grad g``; for ``g = r = q_i/q``,
     ``grad g = r (score_i - score_q)`` and for ``g = log r``, ``grad g = score_i - score_q``. In noise
     units both are ESD-form targets ``eps_q - lam c(x) (eps_i - eps_q)`` with ``c = r`` or ``c = 1``.
-    log_ratio (B,) is clamped to ``[-clamp, clamp]`` before exponentiation (a noisy estimate must
-    not overflow; the true log ratio of a conditional is at most ``-log q(c)``).
-    Returns ``(g, c)``, float64.
+    For ``g = log r`` the estimate is used as it is (linear in the ELBO difference, so an unbiased
+    estimate of it stays unbiased; no clamp). For ``g = r`` the log ratio (B,) is clamped to
+    ``[-clamp, clamp]`` before exponentiation (a noisy estimate must not overflow; the true log ratio
+    of a conditional is at most ``-log q(c)``). Returns ``(g, c)``, float64.
     """
-    lr = log_ratio.double().clamp(-clamp, clamp)
+    lr = log_ratio.double()
     if constraint == "likelihood_ratio":
-        r = lr.exp()
+        r = lr.clamp(-clamp, clamp).exp()
         return r, r
     if constraint == "log_likelihood_ratio":
         return lr, torch.ones_like(lr)

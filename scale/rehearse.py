@@ -459,7 +459,7 @@ def run(cfg: RehearseConfig) -> dict:
                 retain_prompts=_retain_prompts(cfg),
                 retain_weight=cfg.retain_weight,
                 lr_dual=cfg.lr_dual_lu if mth == "lu" else (cfg.lr_dual_ru or pre["lr_dual_ru"]),
-                lu_constraint=cfg.lu_constraint,
+                lu_constraint=cfg.lu_constraint, esd_sampler="ancestral",
                 sample_steps=pre["unlearn_sample_steps"], dual_only_steps=max(10, pre["unlearn_steps"] // 3),
                 lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, classifier_t_min=cfg.timesteps // 10,
                 train=TrainConfig(steps=pre["unlearn_steps"], batch_size=16, micro_batch=16, lr=cfg.unlearn_lr,

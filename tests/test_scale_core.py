@@ -198,7 +198,7 @@ def test_lu_weight_is_ratio_or_one_and_never_overflows():
     torch.testing.assert_close(g, torch.tensor([math.exp(-1), 1.0, math.exp(2), math.exp(5)], dtype=torch.float64))
     torch.testing.assert_close(c, g)
     g2, c2 = lu_weight(lr, "log_likelihood_ratio", clamp=5.0)
-    torch.testing.assert_close(g2, torch.tensor([-1.0, 0.0, 2.0, 5.0], dtype=torch.float64))
+    torch.testing.assert_close(g2, torch.tensor([-1.0, 0.0, 2.0, 1e4], dtype=torch.float64))  # g = log r: never clamped
     assert torch.all(c2 == 1)
     with pytest.raises(ValueError, match="LU constraint"):
         lu_weight(lr, "likelihood")
@@ -220,7 +220,7 @@ def test_esd_is_ru_at_the_fixed_multiplier_lam_eta_over_one_plus_eta(concept_pat
 
     from scale.concept import run
 
-    s_esd = run(_concept_cfg(concept_path, tmp_path / "esd", method="esd", esd_eta=1.5))
+    s_esd = run(_concept_cfg(concept_path, tmp_path / "esd", method="esd", esd_eta=1.5, esd_sampler="ancestral"))
     s_ru = run(_concept_cfg(concept_path, tmp_path / "ru", method="ru", lr_dual=0.0, lam_init=(0.6,)))
     assert float(s_esd["lam"][0]) == pytest.approx(1.5 / 2.5)
     torch.testing.assert_close(torch.as_tensor(s_esd["lam"]), torch.as_tensor(s_ru["lam"]))
@@ -241,9 +241,9 @@ def test_esd_with_retain_term_is_ru_at_the_fixed_multiplier_with_retain_term(con
     from scale.concept import run
 
     kw = dict(retain_prompts=RETAIN, retain_weight=2.0)
-    run(_concept_cfg(concept_path, tmp_path / "esd", method="esd", esd_eta=1.5, **kw))
+    run(_concept_cfg(concept_path, tmp_path / "esd", method="esd", esd_eta=1.5, esd_sampler="ancestral", **kw))
     run(_concept_cfg(concept_path, tmp_path / "ru", method="ru", lr_dual=0.0, lam_init=(0.6,), **kw))
-    run(_concept_cfg(concept_path, tmp_path / "plain", method="esd", esd_eta=1.5))
+    run(_concept_cfg(concept_path, tmp_path / "plain", method="esd", esd_eta=1.5, esd_sampler="ancestral"))
     a = load_file(str(tmp_path / "esd" / "checkpoint" / "trainable.safetensors"))
     b = load_file(str(tmp_path / "ru" / "checkpoint" / "trainable.safetensors"))
     c = load_file(str(tmp_path / "plain" / "checkpoint" / "trainable.safetensors"))
@@ -324,7 +324,7 @@ def test_lu_runs_and_reports_the_likelihood_ratio_constraint(concept_path, tmp_p
     from scale.concept import run
 
     s = run(_concept_cfg(concept_path, tmp_path / "lu", method="lu", budgets=(0.5,), lr_dual=0.1,
-                         classifier_draws=2))
+                         classifier_draws=2, lu_constraint="likelihood_ratio"))
     assert s["problem"] == "likelihood"
     rows = [json.loads(x) for x in (tmp_path / "lu" / "metrics.jsonl").read_text().splitlines()]
     for r in rows:  # E_p[r] with r = exp(clamped log ratio) is positive

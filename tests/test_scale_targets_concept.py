@@ -1,0 +1,204 @@
+"""What the concept methods actually train towards, pinned by targets written out here from the frozen
+reference's outputs (docs/scale.md "Which noise-prediction target each method uses").
+
+The models are exact harnesses (``scale.exact.MixtureUNet``, small shape): the reference is one set of
+mixtures (base prompt -> q, concept -> q_c, retain prompt -> q_r), the model being trained another.
+A forward hook makes the trained forward's output a leaf tensor; after ``loss.backward()`` its
+gradient gives the regression target the engine used, ``target = eps_theta - grad * N / (2 w)`` for a
+loss ``sum w ||eps_theta - target||^2 / N`` (N = global batch x dimensions; w = 1 for concept states,
+``retain_weight`` for retain states). That target is compared with the formula:
+
+- RU / RU dual-only (fit phase) / ESD: ``eps_q - eta (eps_c - eps_q)``, ``eta = lam / (1 - lam)``;
+- LU, g = log r: ``eps_q - lam (eps_c - eps_q)``; g = r: ``eps_q - lam r (eps_c - eps_q)`` with r the
+  sample's own constraint value;
+- retain states: ``eps_ref(x, r)``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scale import builders
+from scale.exact import DiagonalMixture, ExactTrainable, MixtureUNet, sd_scheduler
+
+SHAPE = (1, 4, 4)
+D = 16
+CONCEPT, RETAIN = "a photo of the digit 3", "a photo of the digit 5"
+
+
+def _mix(seed, shift):
+    g = torch.Generator().manual_seed(seed)
+    return DiagonalMixture(torch.tensor([0.4, 0.6], dtype=torch.float64),
+                           torch.randn(2, D, generator=g, dtype=torch.float64) + shift,
+                           0.2 + torch.rand(2, D, generator=g, dtype=torch.float64))
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from scale.models import encode_prompts
+
+    tok = builders.build_word_tokenizer((CONCEPT + " 5").split())
+    te = builders.build_text_encoder(len(tok.get_vocab()), seed=1)
+    keys = encode_prompts(tok, te, ["", CONCEPT, RETAIN], check_nonempty=False)
+    sch = sd_scheduler()
+    ref_mix = [_mix(0, 0.0), _mix(1, 1.0), _mix(2, -1.0)]
+    model_mix = [_mix(0, 0.0), _mix(3, 0.5), _mix(4, -0.5)]
+    ref = MixtureUNet(ref_mix, SHAPE, sch.alphas_cumprod, keys=keys)
+    model = MixtureUNet(model_mix, SHAPE, sch.alphas_cumprod, keys=keys)
+    return dict(tok=tok, te=te, keys=keys, sch=sch, ref=ref, model=model, ref_mix=ref_mix)
+
+
+def _task(parts, method, batch=4, **kw):
+    from scale.concept import ConceptConfig, ConceptTask
+    from scale.engine import TrainConfig, make_accelerator
+    from scale.models import ConceptModels
+
+    cfg = ConceptConfig(method=method, concepts=(CONCEPT,), budgets=(1.0,), sample_steps=5,
+                        train=TrainConfig(batch_size=batch, micro_batch=batch, cpu=True), **kw)
+    acc = make_accelerator(cfg.train)
+    models = ConceptModels(parts["model"], parts["te"], parts["tok"], None, parts["sch"], "exact")
+    return ConceptTask(cfg, models, ExactTrainable(parts["model"], parts["ref"]), acc, parts["model"])
+
+
+def _trained_forward(task, run):
+    """Run ``run()`` (one engine step) with the trained forward's output made a leaf; return
+    (x, t, emb, eps_theta, its gradient, the step's output)."""
+    seen = {}
+
+    def hook(module, args, kwargs, out):
+        if torch.is_grad_enabled():
+            out.sample.requires_grad_(True)
+            seen.update(x=args[0], t=args[1], emb=kwargs["encoder_hidden_states"], eps=out.sample)
+
+    h = task.model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        out = run()
+    finally:
+        h.remove()
+    out.loss.backward()
+    return seen["x"], seen["t"], seen["emb"], seen["eps"].detach(), seen["eps"].grad, out
+
+
+def _ref_eps(parts, x, t, which):
+    ab = parts["sch"].alphas_cumprod.double()[t.cpu()]
+    return parts["ref_mix"][which].eps(x.reshape(x.shape[0], -1), ab).reshape(x.shape)
+
+
+def _implied_target(eps, grad, batch, weight=1.0):
+    return eps.double() - grad.double() * batch * D / (2.0 * weight)
+
+
+def _dual(problem, lam, lr=0.0):
+    from toy.dual import DualState
+
+    return DualState(problem, [1.0], lr, lam_init=[lam])
+
+
+@pytest.mark.parametrize("method,lam", [("ru", 0.3), ("ru_dual_only", 0.45)])
+def test_ru_trains_towards_the_composed_target_at_eta_lam_over_one_minus_lam(parts, method, lam):
+    from scale.engine import Slice
+
+    task = _task(parts, method)
+    dual = _dual("reverse_kl", lam)
+    x, t, _, eps, grad, _ = _trained_forward(task, lambda: task.step(0, Slice(0, 1), dual, False))
+    e_q, e_c = _ref_eps(parts, x, t, 0), _ref_eps(parts, x, t, 1)
+    eta = lam / (1.0 - lam)
+    want = e_q - eta * (e_c - e_q)
+    torch.testing.assert_close(_implied_target(eps, grad, 4), want, rtol=1e-4, atol=1e-4)
+
+
+def test_ru_with_retain_prompts_trains_retain_states_towards_the_reference_under_them(parts):
+    from scale.engine import Slice
+
+    task = _task(parts, "ru", retain_prompts=(RETAIN,), retain_weight=2.5)
+    dual = _dual("reverse_kl", 0.2)
+    x, t, _, eps, grad, _ = _trained_forward(task, lambda: task.step(0, Slice(0, 1), dual, False))
+    b = 4
+    e_q, e_c = _ref_eps(parts, x[:b], t[:b], 0), _ref_eps(parts, x[:b], t[:b], 1)
+    torch.testing.assert_close(_implied_target(eps[:b], grad[:b], b), e_q - 0.25 * (e_c - e_q), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_implied_target(eps[b:], grad[b:], b, 2.5), _ref_eps(parts, x[b:], t[b:], 2),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_ru_dual_only_estimate_is_the_path_kl_of_the_composed_reference(parts):
+    """The dual-only phase samples the composed reference eps* = eps_q - eta (eps_c - eps_q) and sums
+    w_s ||eps* - eps_c||^2 = w_s (1 + eta)^2 ||eps_q - eps_c||^2 along its own states."""
+    from scale.diffusion import strided_timesteps
+    from scale.engine import Slice
+
+    task = _task(parts, "ru_dual_only")
+    lam = 0.4
+    states = []
+    h = parts["ref"].register_forward_hook(lambda m, a, o: states.append((a[0][:4].clone(), a[1][:4].clone())))
+    try:
+        out = task.step(0, Slice(0, 1), _dual("reverse_kl", lam), True)
+    finally:
+        h.remove()
+    assert out.loss is None
+    ab = parts["sch"].alphas_cumprod.double()
+    ts = strided_timesteps(1000, 5)
+    eta = lam / (1 - lam)
+    want = torch.zeros((), dtype=torch.float64)
+    for s, (x, t) in enumerate(states):
+        assert int(t[0]) == int(ts[s])
+        ab_t = ab[ts[s]]
+        ab_prev = ab[ts[s + 1]] if s + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
+        alpha = ab_t / ab_prev
+        w = (1 - alpha) / (2 * alpha * (1 - ab_t))
+        d2 = (_ref_eps(parts, x, t, 0) - _ref_eps(parts, x, t, 1)).pow(2).flatten(1).sum(1)
+        want = want + w * (1 + eta) ** 2 * d2.sum()
+    assert len(states) == 5
+    torch.testing.assert_close(out.measured_sum[0], want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["ddim_cfg", "ancestral"])
+def test_esd_trains_towards_the_negatively_guided_reference_at_its_eta(parts, sampler):
+    from scale.concept import initial_dual
+    from scale.engine import Slice
+
+    task = _task(parts, "esd", esd_eta=1.5, esd_sampler=sampler)
+    x, t, emb, eps, grad, _ = _trained_forward(task, lambda: task.step(0, Slice(0, 1), initial_dual(task.cfg), False))
+    e_q, e_c = _ref_eps(parts, x, t, 0), _ref_eps(parts, x, t, 1)
+    torch.testing.assert_close(_implied_target(eps, grad, 4), e_q - 1.5 * (e_c - e_q), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(emb, parts["keys"][1:2].expand_as(emb))  # trained under the concept prompt
+
+
+def test_esd_published_states_are_guided_ddim_states_of_the_model_being_trained(parts):
+    """The published sampler's state at its stop step, rebuilt here: DDIM (eta = 0) on 50 steps with
+    guidance 3 between the trained model under "" and under the concept."""
+    from scale.engine import Slice, step_generator
+
+    task = _task(parts, "esd", esd_guidance=3.0, esd_ddim_steps=50)
+    x, t, _ = task._draw_states_ddim_cfg(step_generator(0, 0), 4, Slice(0, 1))[:3]
+    gen = step_generator(0, 0)
+    z = torch.randn((4, *SHAPE), generator=gen).double()
+    stop = torch.randint(0, 50, (4,), generator=gen)
+    ab = parts["sch"].alphas_cumprod.double()
+    ts = torch.linspace(999, 0, 50, dtype=torch.float64).round().long()
+    model_mix = parts["model"].mixtures
+    for j in range(4):
+        xj = z[j].reshape(1, -1)
+        for s in range(int(stop[j])):
+            a, a_prev = ab[ts[s]], ab[ts[s + 1]]
+            e_u = model_mix[0].eps(xj, a.reshape(1))
+            e_c = model_mix[1].eps(xj, a.reshape(1))
+            e = e_u + 3.0 * (e_c - e_u)
+            x0 = (xj - (1 - a).sqrt() * e) / a.sqrt()
+            xj = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+        assert int(t[j]) == int(ts[stop[j]])
+        torch.testing.assert_close(x[j].double().reshape(1, -1), xj, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("constraint", ["log_likelihood_ratio", "likelihood_ratio"])
+def test_lu_trains_towards_the_tilt_target_with_its_state_dependent_weight(parts, constraint):
+    from scale.engine import Slice
+
+    lam = 0.7
+    for j in range(4):  # one sample per slice: the step's constraint value is that sample's g
+        task = _task(parts, "lu", lu_constraint=constraint, classifier_draws=2)
+        x, t, _, eps, grad, out = _trained_forward(task, lambda: task.step(0, Slice(j, 4), _dual("likelihood", lam), False))
+        g = float(out.measured_sum[0])
+        c = g if constraint == "likelihood_ratio" else 1.0
+        e_q, e_c = _ref_eps(parts, x, t, 0), _ref_eps(parts, x, t, 1)
+        torch.testing.assert_close(_implied_target(eps, grad, 4), e_q - lam * c * (e_c - e_q), rtol=1e-4, atol=1e-4)
