@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from toy.dual import DualState
-from toy.runs import RunDir
+from toy.runs import CheckpointStore, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -128,41 +125,20 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def save_checkpoint(path: Path, trainable_state: dict[str, torch.Tensor], state: dict) -> None:
-    """Write ``trainable.safetensors`` + ``state.pt`` into a fresh folder, then swap it in by renames:
-    a crash at any point leaves either the old or the new checkpoint complete."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
-    try:
-        save_file(trainable_state, str(tmp / "trainable.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = path.parent / f".{path.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Write ``trainable.safetensors`` + ``state.pt`` + ``manifest.json`` (checksums) into a fresh
+    folder and swap it in by renames, keeping the previous checkpoint in ``<path>.prev``
+    (``toy.runs.CheckpointStore``: the toy tier's checkpoints are the same)."""
+    CheckpointStore(path).save(state, trainable_state)
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.exists():
-        old = path.parent / f".{path.name}.old"
-        if not old.exists():
-            return None
-        path = old  # a crash between the two renames of save_checkpoint
-    return load_file(str(path / "trainable.safetensors")), torch.load(path / "state.pt", weights_only=False)
+    """``(trainable weights, state)`` of the newest checkpoint under ``path`` that passes its checksums
+    (the previous one, with a warning, when the newest is damaged); ``None`` when there is none."""
+    loaded = CheckpointStore(path).load()
+    if loaded is None:
+        return None
+    state, tensors = loaded
+    return tensors or {}, state
 
 
 def _rng_state() -> dict:
@@ -190,21 +166,19 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
     accum = max(1, math.ceil(cfg.batch_size / (cfg.micro_batch * world)))
     ckpt_path = run_dir.path / "checkpoint"
     start = 0
+    last: dict = {}
     if resume:
         ck = load_checkpoint(ckpt_path)
-        if ck is None:
-            log.warning("--resume given but %s has no checkpoint; starting from step 0", ckpt_path)
-        else:
+        if ck is not None:
             weights, state = ck
             trainable.load_state_dict(weights)
             optimizer.load_state_dict(state["optimizer"])
             dual.load_state_dict(state["dual"])
             _set_rng_state(state["rng"])
             start = int(state["step"])
-            log.info("resumed from step %d", start)
+            last = state.get("last", {})
     if accelerator.is_main_process:
-        run_dir.truncate_metrics(start - 1)
-    last: dict = {}
+        run_dir.begin(start, total_steps, desc)
     params = trainable.parameters()
     done = 0
     bar = tqdm(range(start, total_steps), desc=desc, unit="step", disable=not accelerator.is_main_process,
@@ -274,7 +248,7 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
             if accelerator.is_main_process:
                 save_checkpoint(ckpt_path, trainable.state_dict(), {
                     "optimizer": optimizer.state_dict(), "dual": dual.state_dict(), "rng": _rng_state(),
-                    "step": step + 1})
+                    "step": step + 1, "last": last})
             accelerator.wait_for_everyone()
         done += 1
         if stop_after is not None and done >= stop_after:

@@ -32,7 +32,11 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (TOML literal), e.g. --set steps=2000")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
+    p.add_argument("--out", required=True,
+                   help="run directory (an earlier run of the same config there is resumed; docs/runs.md)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (only with an identical config; also the default)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start afresh there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
@@ -63,7 +67,10 @@ def main(args) -> int:
 
     cfg = config_from_args(args)
     try:
-        summary = run(cfg, progress=not args.no_progress)
+        if args.resume and args.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        summary = run(cfg, progress=not args.no_progress, resume=True if args.resume else None,
+                      overwrite=args.overwrite)
     except FloatingPointError as exc:  # divergence: a clear message, the last good checkpoint kept
         import sys
         print(f"dualunlearn toy: diverged: {exc}", file=sys.stderr)
