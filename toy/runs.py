@@ -465,7 +465,7 @@ class CheckpointStore:
 
     def remove(self) -> None:
         """Delete every checkpoint of this store (once what they lead to is saved)."""
-        for folder in (self.path, self.prev):
+        for folder in (self.path, self.prev, self.path.with_name(self.path.name + ".corrupt")):
             shutil.rmtree(folder, ignore_errors=True)
 
     def save(self, state: dict, tensors: dict[str, torch.Tensor] | None = None) -> None:
@@ -538,10 +538,16 @@ class CheckpointStore:
                     why = f"unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
                 else:
                     if problems:
-                        log.warning("checkpoint %s is unusable (%s); resuming from the previous one, %s",
-                                    problems[-1][0], problems[-1][1], folder)
+                        log.warning("checkpoint %s is unusable (%s; set aside as %s.corrupt); resuming from "
+                                    "the previous one, %s", problems[-1][0], problems[-1][1], self.path.name, folder)
                     return state, tensors
             problems.append((folder, why))
+            if folder == self.path and self.prev.exists():
+                # set the damaged newest aside, so that the next save does not rotate it over the
+                # previous, good one
+                bad = self.path.with_name(self.path.name + ".corrupt")
+                shutil.rmtree(bad, ignore_errors=True)
+                os.replace(self.path, bad)
         legacy = self.path.with_suffix(".pt")
         if not problems and legacy.is_file():  # a single-file toy checkpoint of an older version
             return torch.load(legacy, map_location="cpu", weights_only=False), None
@@ -582,6 +588,8 @@ class RunDir:
             return
         self._lock.acquire()
         try:
+            for stale in self.path.glob(".*.tmp"):  # temporary files of writes killed before their rename
+                stale.unlink(missing_ok=True)
             self.continued = check_run_dir(self.path, config, resume) == "resume"
             if not self.continued:
                 identity = run_identity(config)
