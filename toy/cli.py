@@ -66,15 +66,11 @@ def main(args) -> int:
     from toy.run import run
 
     cfg = config_from_args(args)
-    try:
-        if args.resume and args.overwrite:
-            raise ValueError("--resume and --overwrite exclude each other")
-        summary = run(cfg, progress=not args.no_progress, resume=True if args.resume else None,
-                      overwrite=args.overwrite)
-    except FloatingPointError as exc:  # divergence: a clear message, the last good checkpoint kept
-        import sys
-        print(f"dualunlearn toy: diverged: {exc}", file=sys.stderr)
-        return 3
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    # errors (divergence: exit 3, with the last good checkpoint kept) are reported by scale.cli
+    summary = run(cfg, progress=not args.no_progress, resume=True if args.resume else None,
+                  overwrite=args.overwrite)
     keys = ("problem", "algorithm", "budgets", "lam", "lam_star", "lam_reference", "constraint_values",
             "constraint_stderr", "distance_to_target", "distance_noise_floor", "figure")
     from toy.runs import _jsonable
