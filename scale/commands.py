@@ -68,7 +68,8 @@ def main_scale(args) -> int:
         if args.resume and args.overwrite:
             raise RunDirError("--resume and --overwrite exclude each other")
         if args.overwrite:
-            clear_run_dir(out, keep=(args.config or "", getattr(cfg, "model", ""), getattr(cfg, "train_dir", "")))
+            clear_run_dir(out, keep=(args.config or "", *(getattr(cfg, k, "") for k in ("model", "train_dir",
+                                                                                          "forget_list"))))
         else:  # before any model is loaded: an existing run needs --resume and the same config
             check_run_dir(out, config_to_dict(cfg), resume=bool(args.resume))
     run = _runner(args.scale_command)

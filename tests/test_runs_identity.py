@@ -307,3 +307,19 @@ def test_run_files_get_the_mode_the_umask_gives(tmp_path, umask, file_mode, dir_
         assert oct(f.stat().st_mode & 0o777) == oct(file_mode), f
     for d in (r / "checkpoint", r / "checkpoint.prev"):
         assert oct(d.stat().st_mode & 0o777) == oct(dir_mode), d
+
+
+def test_overwrite_empties_a_run_directory_but_keeps_the_config_file_and_lock(tmp_path):
+    from toy.runs import clear_run_dir
+
+    out = tmp_path / "run"
+    with RunDir(out, {"a": 1}, 0) as rd:
+        rd.log_metrics(0, loss=1.0)
+        rd.save_checkpoint({"step": 1})
+    (out / "cfg.toml").write_text("a = 2\n")
+    clear_run_dir(out, keep=(out / "cfg.toml",))
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "cfg.toml"]
+    with RunDir(out, {"a": 2}, 0) as rd:  # a fresh run of another config is welcome now
+        assert not rd.continued
+    clear_run_dir(tmp_path / "not-a-run")  # nothing there: nothing to do
+    assert not (tmp_path / "not-a-run").exists()

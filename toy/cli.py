@@ -69,8 +69,10 @@ def main(args) -> int:
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
     # errors (divergence: exit 3, with the last good checkpoint kept) are reported by scale.cli
-    summary = run(cfg, progress=not args.no_progress, resume=True if args.resume else None,
-                  overwrite=args.overwrite)
+    if args.overwrite:  # the run's files go; a config file or model kept inside it stays
+        from toy.runs import clear_run_dir
+        clear_run_dir(cfg.out, keep=(args.config or "", cfg.pretrained))
+    summary = run(cfg, progress=not args.no_progress, resume=True if args.resume else None)
     keys = ("problem", "algorithm", "budgets", "lam", "lam_star", "lam_reference", "constraint_values",
             "constraint_stderr", "distance_to_target", "distance_noise_floor", "figure")
     from toy.runs import _jsonable
