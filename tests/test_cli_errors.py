@@ -36,6 +36,8 @@ def _run_cli(argv: list[str]) -> tuple[int, str, str]:
             code = main(argv)
         except SystemExit as exc:  # argparse's own usage errors
             code = exc.code
+        except KeyboardInterrupt:  # must never escape the CLI (it would stop pytest itself)
+            code = "KeyboardInterrupt escaped"
     return code, out.getvalue(), err.getvalue()
 
 
