@@ -131,10 +131,11 @@ def save_checkpoint(path: Path, trainable_state: dict[str, torch.Tensor], state:
     CheckpointStore(path).save(state, trainable_state)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+def load_checkpoint(path: Path, repair: bool = True) -> tuple[dict[str, torch.Tensor], dict] | None:
     """``(trainable weights, state)`` of the newest checkpoint under ``path`` that passes its checksums
-    (the previous one, with a warning, when the newest is damaged); ``None`` when there is none."""
-    loaded = CheckpointStore(path).load()
+    (the previous one, with a warning, when the newest is damaged); ``None`` when there is none.
+    ``repair`` only in the process that writes checkpoints (``CheckpointStore.load``)."""
+    loaded = CheckpointStore(path).load(repair)
     if loaded is None:
         return None
     state, tensors = loaded
@@ -164,11 +165,11 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
     """
     world = accelerator.num_processes
     accum = max(1, math.ceil(cfg.batch_size / (cfg.micro_batch * world)))
-    ckpt_path = run_dir.path / "checkpoint"
+    ckpt_path = run_dir.checkpoint_path
     start = 0
     last: dict = {}
     if resume:
-        ck = load_checkpoint(ckpt_path)
+        ck = load_checkpoint(ckpt_path, repair=accelerator.is_main_process)
         if ck is not None:
             weights, state = ck
             trainable.load_state_dict(weights)
@@ -178,7 +179,7 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
             start = int(state["step"])
             last = state.get("last", {})
     if accelerator.is_main_process:
-        run_dir.begin(start, total_steps, desc)
+        run_dir.begin(start, total_steps, desc, restart=not resume)
     params = trainable.parameters()
     done = 0
     bar = tqdm(range(start, total_steps), desc=desc, unit="step", disable=not accelerator.is_main_process,
@@ -246,7 +247,7 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
             bar.set_postfix(loss=f"{loss_val:.4g}", lam=f"{float(dual.lam.sum()):.3g}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps:
             if accelerator.is_main_process:
-                save_checkpoint(ckpt_path, trainable.state_dict(), {
+                run_dir.save_checkpoint(tensors=trainable.state_dict(), state={
                     "optimizer": optimizer.state_dict(), "dual": dual.state_dict(), "rng": _rng_state(),
                     "step": step + 1, "last": last})
             accelerator.wait_for_everyone()

@@ -518,11 +518,12 @@ class CheckpointStore:
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
         return state, tensors
 
-    def load(self) -> tuple[dict, dict | None] | None:
+    def load(self, repair: bool = True) -> tuple[dict, dict | None] | None:
         """``(state, tensors)`` of the newest checkpoint that passes its checksums (``tensors`` is
         ``None`` when none were saved); ``None`` when there is none; ``CheckpointError`` when there
-        are checkpoints but none is readable."""
-        for stale in self.path.parent.glob(f".{self.path.name}.tmp.*"):
+        are checkpoints but none is readable. ``repair`` (the one process that writes): remove
+        folders of killed writes and set a damaged newest checkpoint aside."""
+        for stale in self.path.parent.glob(f".{self.path.name}.tmp.*") if repair else ():
             shutil.rmtree(stale, ignore_errors=True)  # a write killed before its swap
         problems = []
         for folder in (self.path, self.prev):
@@ -542,7 +543,7 @@ class CheckpointStore:
                                     "the previous one, %s", problems[-1][0], problems[-1][1], self.path.name, folder)
                     return state, tensors
             problems.append((folder, why))
-            if folder == self.path and self.prev.exists():
+            if repair and folder == self.path and self.prev.exists():
                 # set the damaged newest aside, so that the next save does not rotate it over the
                 # previous, good one
                 bad = self.path.with_name(self.path.name + ".corrupt")
@@ -617,12 +618,14 @@ class RunDir:
     def __exit__(self, *exc):
         self.close()
 
-    def begin(self, start: int, total: int, what: str = "run") -> None:
+    def begin(self, start: int, total: int, what: str = "run", restart: bool = False) -> None:
         """Start (or continue) the step loop at ``start`` of ``total``: metric rows of steps
         ``>= start`` (a killed attempt's, also before any checkpoint) are dropped, and a continued
-        run says where it resumes."""
+        run says where it resumes (``restart``: that it starts again from step 0 on purpose)."""
         self.truncate_metrics(start - 1)
-        if self.continued or start > 0:
+        if restart and self.continued:
+            announce("restarting %s in %s from step 0 of %d (not resuming)", what, self.path, total)
+        elif self.continued or start > 0:
             if start >= total:
                 announce("%s in %s: all %d steps done already; recomputing the results", what, self.path, total)
             else:
