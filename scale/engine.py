@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from toy.dual import DualState
-from toy.runs import CheckpointStore, RunDir
+from toy.runs import CheckpointStore, RunDir, announce
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,8 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
             last = state.get("last", {})
     if accelerator.is_main_process:
         run_dir.begin(start, total_steps, desc, restart=not resume)
+        if resume and not run_dir.continued:
+            announce("nothing to resume in %s: starting %s at step 0 of %d", run_dir.path, desc, total_steps)
     params = trainable.parameters()
     done = 0
     bar = tqdm(range(start, total_steps), desc=desc, unit="step", disable=not accelerator.is_main_process,

@@ -109,7 +109,10 @@ def test_scale_rerun_needs_resume_and_the_same_config_overwrite_starts_afresh(ti
 
     model, imgs = tiny_ddpm
     out = tmp_path / "fu"
-    assert main(_data_args(model, imgs, out)) == 0
+    with caplog.at_level(logging.INFO, logger="toy.runs"):
+        assert main(_data_args(model, imgs, out, "--resume")) == 0  # --resume into a new directory: starts
+    assert f"nothing to resume in {out}: starting data/fu at step 0 of 2" in caplog.text
+    caplog.clear()
     record = (out / "run.json").read_bytes()
     capsys.readouterr()
 
