@@ -1,8 +1,8 @@
-"""Kill anywhere: a real toy run and a real tiny scale run, each SIGKILLed at 21 points (between
-steps, before the first checkpoint, inside every stage of a checkpoint write, inside the writes of
-``run.json``, ``metrics.jsonl``, ``pretrained.pt`` and ``summary.json``, and once with its newest
-checkpoint truncated on disk) and resumed after each, end with the same ``summary.json``,
-``metrics.jsonl`` (less wall-clock fields) and weights as an uninterrupted run, bit for bit.
+"""Kill anywhere: a real toy run (21 kills) and a real tiny scale run (20 kills), SIGKILLed between
+steps, before the first checkpoint, inside every stage of a checkpoint write and inside the writes
+of ``run.json``, ``metrics.jsonl``, ``pretrained.pt`` and ``summary.json`` (plus a newest checkpoint
+truncated on disk), and resumed after each, end with the same ``summary.json``, ``metrics.jsonl``
+(less wall-clock fields) and weights as an uninterrupted run, bit for bit.
 
 Each attempt is the ``dualunlearn`` CLI in a forked child process (the parent has torch imported
 already, so an attempt costs the run's own set-up, not the interpreter's). The kill lands where the
@@ -163,7 +163,7 @@ def _summary(path: Path, run: Path) -> dict:
     return s
 
 
-def test_toy_run_killed_at_21_or_more_points_resumes_to_the_uninterrupted_result(tmp_path):
+def test_toy_run_killed_at_20_or_more_points_resumes_to_the_uninterrupted_result(tmp_path):
     over = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TOY_SET.items()), [])
     full, cut = tmp_path / "full" / "run", tmp_path / "cut" / "run"
     full.parent.mkdir()
@@ -206,7 +206,7 @@ def tiny_ddpm(tmp_path_factory):
     return root / "model", imgs
 
 
-def test_scale_run_killed_at_21_or_more_points_resumes_to_the_uninterrupted_result(tiny_ddpm, tmp_path):
+def test_scale_run_killed_at_20_or_more_points_resumes_to_the_uninterrupted_result(tiny_ddpm, tmp_path):
     from safetensors.torch import load_file
 
     model, imgs = tiny_ddpm
