@@ -96,7 +96,8 @@ def register(subparsers) -> None:
         q = sub.add_parser(name, help=text, description=text)
         q.add_argument("--config", help="TOML config file")
         q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key (TOML literal; nested keys with dots, e.g. train.steps=10)")
+                       help="override a config key with a TOML literal (nested keys with dots: train.steps=10; "
+                            "strings quoted: 'concepts=[\"a cat\"]')")
         q.add_argument("--out", help="output directory (same as --set out=...)")
         q.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
         if name in RUN_COMMANDS:

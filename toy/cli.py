@@ -30,7 +30,7 @@ def register(subparsers) -> None:
                    help="constraint budget (repeat for several forget distributions); default: the instance's")
     p.add_argument("--config", default=None, help="TOML file with ToyConfig keys")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (TOML literal), e.g. --set steps=2000")
+                   help="override a config key with a TOML literal, e.g. --set steps=2000, --set 'variant=\"likelihood_ratio\"'")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", required=True,
                    help="run directory (an earlier run of the same config there is resumed; docs/runs.md)")
