@@ -229,3 +229,46 @@ def test_scale_run_killed_at_20_or_more_points_resumes_to_the_uninterrupted_resu
     wb = load_file(str(cut / "checkpoint" / "trainable.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not list(cut.glob(".*.tmp*"))
+
+
+def test_ctrl_c_in_a_scale_run_checkpoints_the_step_it_is_in_and_resume_finishes_it(tiny_ddpm, tmp_path,
+                                                                                    monkeypatch, caplog):
+    """SIGINT during step 2 of 6 (regular checkpoints only at the end): the step finishes, a
+    checkpoint of step 3 is written, the CLI exits 130; ``--resume`` continues at step 3 and ends
+    where an uninterrupted run ends."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    import scale.data
+    from scale.cli import main
+
+    model, imgs = tiny_ddpm
+    sets = {"model": str(model), "train_dir": str(imgs), "forget": ["003.png"], "budget_factor": 1.5,
+            "forget_draws": 1, "train.steps": 6, "train.batch_size": 4, "train.micro_batch": 4, "train.cpu": True,
+            "train.checkpoint_every": 100}
+    over = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in sets.items()), [])
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["scale", "data", *over, "--out", str(full)]) == 0
+
+    real_step = scale.data.DataTask.step
+
+    def step(self, s, sl, dual):
+        if s == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 2
+        return real_step(self, s, sl, dual)
+
+    monkeypatch.setattr(scale.data.DataTask, "step", step)
+    with caplog.at_level(logging.INFO, logger="scale.engine"):
+        assert main(["scale", "data", *over, "--out", str(cut)]) == 130
+    assert "finishing this step and writing a checkpoint" in caplog.text
+    assert CheckpointStore(cut / "checkpoint").load()[0]["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    monkeypatch.setattr(scale.data.DataTask, "step", real_step)
+    with caplog.at_level(logging.INFO, logger="toy.runs"):
+        assert main(["scale", "data", *over, "--out", str(cut), "--resume"]) == 0
+    assert f"resuming data/fu in {cut} at step 3 of 6" in caplog.text
+    assert _rows(cut / "metrics.jsonl") == _rows(full / "metrics.jsonl")
+    wa = load_file(str(full / "checkpoint" / "trainable.safetensors"))
+    wb = load_file(str(cut / "checkpoint" / "trainable.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
