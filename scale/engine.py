@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -186,76 +188,80 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
     done = 0
     bar = tqdm(range(start, total_steps), desc=desc, unit="step", disable=not accelerator.is_main_process,
                initial=start, total=total_steps)
-    for step in bar:
-        t_start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        meas_sum = torch.zeros(dual.budgets.numel(), dtype=torch.float64)
-        meas_cnt = torch.zeros_like(meas_sum)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        extras: dict[str, float] = {}
-        primal = False
-        for k in range(accum):
-            sl = Slice(k * world + accelerator.process_index, accum * world)
-            sync = accelerator.no_sync(model) if k < accum - 1 else nullcontext()
-            with sync:
-                out = step_fn(step, sl)
-                if out.loss is not None:
-                    primal = True
-                    accelerator.backward(out.loss * world)
-                    loss_sum += float(out.loss.detach())
-            meas_sum += out.measured_sum.detach().double().cpu()
-            meas_cnt += out.measured_count.detach().double().cpu()
-            for name, v in out.extras.items():
-                extras[name] = extras.get(name, 0.0) + float(v)
-        t_dual = time.perf_counter()  # the dual machinery: all-reduce of estimates, projected ascent
-        names = sorted(extras)
-        packed = torch.cat([meas_sum, meas_cnt, loss_sum.reshape(1),
-                            torch.tensor([extras[n] for n in names], dtype=torch.float64)])
-        packed = accelerator.reduce(packed.to(accelerator.device), reduction="sum").cpu().double()
-        m = meas_sum.numel()
-        meas_sum, meas_cnt, loss_val = packed[:m], packed[m:2 * m], float(packed[2 * m])
-        extras = {n: float(v) for n, v in zip(names, packed[2 * m + 1:])}
-        if not math.isfinite(loss_val):
-            raise FloatingPointError(f"non-finite loss {loss_val} at step {step}")
-        dual_seconds = time.perf_counter() - t_dual
-        if primal:
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-        t_dual = time.perf_counter()
-        if torch.any(meas_cnt <= 0):
-            raise ValueError(f"step {step}: no constraint estimate for constraint(s) "
-                             f"{torch.nonzero(meas_cnt <= 0).flatten().tolist()}; increase the batch size")
-        measured = meas_sum / meas_cnt
-        lam_used = dual.lam.clone()
-        if dual_active(step):
-            violation = dual.step(measured)
-        else:
-            if not torch.all(torch.isfinite(measured)):
-                raise FloatingPointError(f"non-finite constraint estimate {measured.tolist()} at step {step}")
-            violation = dual.violation(measured)
-        if world > 1:
-            _check_ranks_agree(accelerator, dual.lam, step)
-        dual_seconds += time.perf_counter() - t_dual
-        if accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
-        step_seconds = time.perf_counter() - t_start
-        last = {"loss": loss_val if primal else None, "lam_used": lam_used, "lam": dual.lam.clone(),
-                "measured": measured, "violation": violation, **extras}
-        if accelerator.is_main_process:
-            run_dir.log_metrics(step, loss=loss_val if primal else None, check_finite=False,
-                                lam=dual.lam, measured=measured, violation=violation, primal=primal,
-                                step_seconds=step_seconds, dual_seconds=dual_seconds, **extras)
-            bar.set_postfix(loss=f"{loss_val:.4g}", lam=f"{float(dual.lam.sum()):.3g}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps:
+    with DeferredInterrupt(enabled=world == 1) as interrupt:  # Ctrl-C: checkpoint this step, then stop
+        for step in bar:
+            t_start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            meas_sum = torch.zeros(dual.budgets.numel(), dtype=torch.float64)
+            meas_cnt = torch.zeros_like(meas_sum)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            extras: dict[str, float] = {}
+            primal = False
+            for k in range(accum):
+                sl = Slice(k * world + accelerator.process_index, accum * world)
+                sync = accelerator.no_sync(model) if k < accum - 1 else nullcontext()
+                with sync:
+                    out = step_fn(step, sl)
+                    if out.loss is not None:
+                        primal = True
+                        accelerator.backward(out.loss * world)
+                        loss_sum += float(out.loss.detach())
+                meas_sum += out.measured_sum.detach().double().cpu()
+                meas_cnt += out.measured_count.detach().double().cpu()
+                for name, v in out.extras.items():
+                    extras[name] = extras.get(name, 0.0) + float(v)
+            t_dual = time.perf_counter()  # the dual machinery: all-reduce of estimates, projected ascent
+            names = sorted(extras)
+            packed = torch.cat([meas_sum, meas_cnt, loss_sum.reshape(1),
+                                torch.tensor([extras[n] for n in names], dtype=torch.float64)])
+            packed = accelerator.reduce(packed.to(accelerator.device), reduction="sum").cpu().double()
+            m = meas_sum.numel()
+            meas_sum, meas_cnt, loss_val = packed[:m], packed[m:2 * m], float(packed[2 * m])
+            extras = {n: float(v) for n, v in zip(names, packed[2 * m + 1:])}
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"non-finite loss {loss_val} at step {step}")
+            dual_seconds = time.perf_counter() - t_dual
+            if primal:
+                if cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+            t_dual = time.perf_counter()
+            if torch.any(meas_cnt <= 0):
+                raise ValueError(f"step {step}: no constraint estimate for constraint(s) "
+                                 f"{torch.nonzero(meas_cnt <= 0).flatten().tolist()}; increase the batch size")
+            measured = meas_sum / meas_cnt
+            lam_used = dual.lam.clone()
+            if dual_active(step):
+                violation = dual.step(measured)
+            else:
+                if not torch.all(torch.isfinite(measured)):
+                    raise FloatingPointError(f"non-finite constraint estimate {measured.tolist()} at step {step}")
+                violation = dual.violation(measured)
+            if world > 1:
+                _check_ranks_agree(accelerator, dual.lam, step)
+            dual_seconds += time.perf_counter() - t_dual
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_seconds = time.perf_counter() - t_start
+            last = {"loss": loss_val if primal else None, "lam_used": lam_used, "lam": dual.lam.clone(),
+                    "measured": measured, "violation": violation, **extras}
             if accelerator.is_main_process:
-                run_dir.save_checkpoint(tensors=trainable.state_dict(), state={
-                    "optimizer": optimizer.state_dict(), "dual": dual.state_dict(), "rng": _rng_state(),
-                    "step": step + 1, "last": last})
-            accelerator.wait_for_everyone()
-        done += 1
-        if stop_after is not None and done >= stop_after:
-            break
+                run_dir.log_metrics(step, loss=loss_val if primal else None, check_finite=False,
+                                    lam=dual.lam, measured=measured, violation=violation, primal=primal,
+                                    step_seconds=step_seconds, dual_seconds=dual_seconds, **extras)
+                bar.set_postfix(loss=f"{loss_val:.4g}", lam=f"{float(dual.lam.sum()):.3g}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps or interrupt.pending:
+                if accelerator.is_main_process:
+                    run_dir.save_checkpoint(tensors=trainable.state_dict(), state={
+                        "optimizer": optimizer.state_dict(), "dual": dual.state_dict(), "rng": _rng_state(),
+                        "step": step + 1, "last": last})
+                accelerator.wait_for_everyone()
+            if interrupt.pending:
+                announce("interrupted: %s stopped after step %d of %d, checkpointed", desc, step + 1, total_steps)
+                raise KeyboardInterrupt
+            done += 1
+            if stop_after is not None and done >= stop_after:
+                break
     if world > 1:  # every rank's final multipliers, for auditing the agreement across processes
         from toy.runs import atomic_write_json
 
@@ -263,6 +269,35 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
                           {"rank": accelerator.process_index, "world_size": world, "lam": dual.lam,
                            "dual_steps": dual.steps})
     return last
+
+
+class DeferredInterrupt:
+    """While active (the main thread of a one-process run): the first SIGINT (Ctrl-C) only sets
+    ``pending``, so that the loop finishes the step it is in, checkpoints it and then raises
+    ``KeyboardInterrupt``; a second SIGINT interrupts at once (the last checkpoint is kept). With
+    several processes a signal may reach only some of them, so there it is not deferred."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.pending = False
+        self._old = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+        log.warning("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)")
+
+    def __enter__(self) -> "DeferredInterrupt":
+        self.enabled = self.enabled and threading.current_thread() is threading.main_thread()
+        if self.enabled:
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._old if self._old is not None else signal.default_int_handler)
 
 
 def _check_ranks_agree(accelerator, lam: torch.Tensor, step: int) -> None:
