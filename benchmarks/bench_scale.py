@@ -152,6 +152,9 @@ def engine_step_times(kind: str, method: str, path: Path, out: Path, args) -> li
     train = TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch, micro_batch=args.micro_batch or args.batch,
                         lr=1e-5, mixed_precision=args.mixed_precision, cpu=args.device == "cpu",
                         checkpoint_every=10 ** 9)
+    from toy.runs import clear_run_dir
+
+    clear_run_dir(out)  # each measurement is a fresh run (the settings differ between calls)
     if kind == "sd":
         from scale.concept import ConceptConfig, run
 

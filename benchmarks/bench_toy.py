@@ -38,7 +38,9 @@ from toy.run import ToyConfig, pretrain_on_mixture, run
 
 
 def _per_step_ms(out: Path) -> dict:
-    hist = torch.load(out / "checkpoint.pt", weights_only=False)["hist"]
+    from toy.runs import CheckpointStore
+
+    hist = CheckpointStore(out / "checkpoint").load()[0]["hist"]
     return {k: 1e3 * float(np.mean(hist[f"{k}_seconds"])) for k in ("step", "pool", "estimate", "dual")}
 
 

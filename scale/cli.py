@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dualunlearn", description=__doc__.split("\n")[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level (and show the traceback of an internal error)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("verify", help="pre-flight checks of every tier; writes report.md and figures")
@@ -31,16 +33,74 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues an interrupted run: the same, with ``--resume`` instead of
+    ``--overwrite``."""
+    import shlex
+
+    args = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["dualunlearn", *args])
+
+
+def run_command(func, args, argv: list[str]) -> int:
+    """Call a command's function; every failure is one line on stderr and an exit code:
+    2 bad input (config, arguments, a run directory that cannot be used as asked), 1 a failed
+    check or an unusable checkpoint or file error, 3 divergence (NaN/Inf or multipliers past their
+    cap; the last good checkpoint is kept), 130 Ctrl-C (the last good checkpoint is kept)."""
+    from toy.runs import CheckpointError
+
+    verbose = bool(getattr(args, "verbose", False))
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        out = getattr(args, "out", None)
+        where = f"{out} keeps its last checkpoint; " if out else ""
+        print(f"dualunlearn: interrupted; {where}to continue: {_resume_command(argv)}", file=sys.stderr)
+        return 130
+    except FloatingPointError as exc:
+        print(f"dualunlearn: diverged: {_one_line(exc)}", file=sys.stderr)
+        return 3
+    except CheckpointError as exc:
+        print(f"dualunlearn: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # bad input: a clear message, not a traceback
+        print(f"dualunlearn: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"dualunlearn: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback with --verbose
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"dualunlearn: internal error: {type(exc).__name__}: {_one_line(exc)}"
+              f"{'' if verbose else ' (rerun with --verbose for the traceback)'}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:  # pragma: no cover - Ctrl-C while parsing
+        return 130
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except ValueError as exc:  # bad input: a clear message, not a traceback
-        print(f"dualunlearn: error: {exc}", file=sys.stderr)
+    logging.getLogger("toy.runs").setLevel(logging.INFO)  # resumed / refused / recovered: always shown
+    out = getattr(args, "out", None)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        print(f"dualunlearn: error: --out {out!r} is a file, not a directory", file=sys.stderr)
         return 2
+    return run_command(args.func, args, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -48,11 +48,30 @@ def build_config(command: str, config_file: str | None, overrides: list[str] | N
     return load_config(cls, config_file, ov)
 
 
+#: commands whose output directory is a run directory (docs/runs.md): fingerprinted, locked, resumable
+RUN_COMMANDS = ("concept", "data")
+
+
 def main_scale(args) -> int:
+    from pathlib import Path
+
+    from toy.runs import RunDirError, check_run_dir, clear_run_dir
+
     cfg = build_config(args.scale_command, args.config, args.set, args.out)
     if args.dry_run:
         print(json.dumps(config_to_dict(cfg), indent=2, sort_keys=True))
         return 0
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {str(out)!r} is a file, not a directory")
+    if args.scale_command in RUN_COMMANDS:
+        if args.resume and args.overwrite:
+            raise RunDirError("--resume and --overwrite exclude each other")
+        if args.overwrite:
+            clear_run_dir(out, keep=(args.config or "", *(getattr(cfg, k, "") for k in ("model", "train_dir",
+                                                                                          "forget_list"))))
+        else:  # before any model is loaded: an existing run needs --resume and the same config
+            check_run_dir(out, config_to_dict(cfg), resume=bool(args.resume))
     run = _runner(args.scale_command)
     kwargs = {"resume": True} if getattr(args, "resume", False) else {}
     result = run(cfg, **kwargs)
@@ -77,11 +96,15 @@ def register(subparsers) -> None:
         q = sub.add_parser(name, help=text, description=text)
         q.add_argument("--config", help="TOML config file")
         q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key (TOML literal; nested keys with dots, e.g. train.steps=10)")
+                       help="override a config key with a TOML literal (nested keys with dots: train.steps=10; "
+                            "strings quoted: 'concepts=[\"a cat\"]')")
         q.add_argument("--out", help="output directory (same as --set out=...)")
         q.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-        if name in ("concept", "data"):
-            q.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+        if name in RUN_COMMANDS:
+            q.add_argument("--resume", action="store_true",
+                           help="continue the run in --out from its last checkpoint (only with an identical config)")
+            q.add_argument("--overwrite", action="store_true",
+                           help="delete the run in --out and start afresh there")
         q.set_defaults(func=main_scale)
 
 
@@ -94,16 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """The ``scale`` commands alone, with the ``dualunlearn`` CLI's error handling."""
     import sys
 
+    from scale.cli import run_command
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    try:
-        return int(args.func(args) or 0)
-    except ValueError as exc:
-        print(f"dualunlearn: error: {exc}", file=sys.stderr)
-        return 2
+    logging.getLogger("toy.runs").setLevel(logging.INFO)
+    return run_command(args.func, args, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from toy.dual import DualState
-from toy.runs import RunDir
+from toy.runs import CheckpointStore, RunDir, announce
 
 log = logging.getLogger(__name__)
 
@@ -128,41 +127,21 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def save_checkpoint(path: Path, trainable_state: dict[str, torch.Tensor], state: dict) -> None:
-    """Write ``trainable.safetensors`` + ``state.pt`` into a fresh folder, then swap it in by renames:
-    a crash at any point leaves either the old or the new checkpoint complete."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
-    try:
-        save_file(trainable_state, str(tmp / "trainable.safetensors"))
-        torch.save(state, tmp / "state.pt")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = path.parent / f".{path.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Write ``trainable.safetensors`` + ``state.pt`` + ``manifest.json`` (checksums) into a fresh
+    folder and swap it in by renames, keeping the previous checkpoint in ``<path>.prev``
+    (``toy.runs.CheckpointStore``: the toy tier's checkpoints are the same)."""
+    CheckpointStore(path).save(state, trainable_state)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.exists():
-        old = path.parent / f".{path.name}.old"
-        if not old.exists():
-            return None
-        path = old  # a crash between the two renames of save_checkpoint
-    return load_file(str(path / "trainable.safetensors")), torch.load(path / "state.pt", weights_only=False)
+def load_checkpoint(path: Path, repair: bool = True) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """``(trainable weights, state)`` of the newest checkpoint under ``path`` that passes its checksums
+    (the previous one, with a warning, when the newest is damaged); ``None`` when there is none.
+    ``repair`` only in the process that writes checkpoints (``CheckpointStore.load``)."""
+    loaded = CheckpointStore(path).load(repair)
+    if loaded is None:
+        return None
+    state, tensors = loaded
+    return tensors or {}, state
 
 
 def _rng_state() -> dict:
@@ -188,97 +167,101 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
     """
     world = accelerator.num_processes
     accum = max(1, math.ceil(cfg.batch_size / (cfg.micro_batch * world)))
-    ckpt_path = run_dir.path / "checkpoint"
+    ckpt_path = run_dir.checkpoint_path
     start = 0
+    last: dict = {}
     if resume:
-        ck = load_checkpoint(ckpt_path)
-        if ck is None:
-            log.warning("--resume given but %s has no checkpoint; starting from step 0", ckpt_path)
-        else:
+        ck = load_checkpoint(ckpt_path, repair=accelerator.is_main_process)
+        if ck is not None:
             weights, state = ck
             trainable.load_state_dict(weights)
             optimizer.load_state_dict(state["optimizer"])
             dual.load_state_dict(state["dual"])
             _set_rng_state(state["rng"])
             start = int(state["step"])
-            log.info("resumed from step %d", start)
+            last = state.get("last", {})
     if accelerator.is_main_process:
-        run_dir.truncate_metrics(start - 1)
-    last: dict = {}
+        run_dir.begin(start, total_steps, desc, restart=not resume)
+        if resume and not run_dir.continued:
+            announce("nothing to resume in %s: starting %s at step 0 of %d", run_dir.path, desc, total_steps)
     params = trainable.parameters()
     done = 0
     bar = tqdm(range(start, total_steps), desc=desc, unit="step", disable=not accelerator.is_main_process,
                initial=start, total=total_steps)
-    for step in bar:
-        t_start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        meas_sum = torch.zeros(dual.budgets.numel(), dtype=torch.float64)
-        meas_cnt = torch.zeros_like(meas_sum)
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        extras: dict[str, float] = {}
-        primal = False
-        for k in range(accum):
-            sl = Slice(k * world + accelerator.process_index, accum * world)
-            sync = accelerator.no_sync(model) if k < accum - 1 else nullcontext()
-            with sync:
-                out = step_fn(step, sl)
-                if out.loss is not None:
-                    primal = True
-                    accelerator.backward(out.loss * world)
-                    loss_sum += float(out.loss.detach())
-            meas_sum += out.measured_sum.detach().double().cpu()
-            meas_cnt += out.measured_count.detach().double().cpu()
-            for name, v in out.extras.items():
-                extras[name] = extras.get(name, 0.0) + float(v)
-        t_dual = time.perf_counter()  # the dual machinery: all-reduce of estimates, projected ascent
-        names = sorted(extras)
-        packed = torch.cat([meas_sum, meas_cnt, loss_sum.reshape(1),
-                            torch.tensor([extras[n] for n in names], dtype=torch.float64)])
-        packed = accelerator.reduce(packed.to(accelerator.device), reduction="sum").cpu().double()
-        m = meas_sum.numel()
-        meas_sum, meas_cnt, loss_val = packed[:m], packed[m:2 * m], float(packed[2 * m])
-        extras = {n: float(v) for n, v in zip(names, packed[2 * m + 1:])}
-        if not math.isfinite(loss_val):
-            raise FloatingPointError(f"non-finite loss {loss_val} at step {step}")
-        dual_seconds = time.perf_counter() - t_dual
-        if primal:
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-        t_dual = time.perf_counter()
-        if torch.any(meas_cnt <= 0):
-            raise ValueError(f"step {step}: no constraint estimate for constraint(s) "
-                             f"{torch.nonzero(meas_cnt <= 0).flatten().tolist()}; increase the batch size")
-        measured = meas_sum / meas_cnt
-        lam_used = dual.lam.clone()
-        if dual_active(step):
-            violation = dual.step(measured)
-        else:
-            if not torch.all(torch.isfinite(measured)):
-                raise FloatingPointError(f"non-finite constraint estimate {measured.tolist()} at step {step}")
-            violation = dual.violation(measured)
-        if world > 1:
-            _check_ranks_agree(accelerator, dual.lam, step)
-        dual_seconds += time.perf_counter() - t_dual
-        if accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
-        step_seconds = time.perf_counter() - t_start
-        last = {"loss": loss_val if primal else None, "lam_used": lam_used, "lam": dual.lam.clone(),
-                "measured": measured, "violation": violation, **extras}
-        if accelerator.is_main_process:
-            run_dir.log_metrics(step, loss=loss_val if primal else None, check_finite=False,
-                                lam=dual.lam, measured=measured, violation=violation, primal=primal,
-                                step_seconds=step_seconds, dual_seconds=dual_seconds, **extras)
-            bar.set_postfix(loss=f"{loss_val:.4g}", lam=f"{float(dual.lam.sum()):.3g}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps:
+    with DeferredInterrupt(enabled=world == 1) as interrupt:  # Ctrl-C: checkpoint this step, then stop
+        for step in bar:
+            t_start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            meas_sum = torch.zeros(dual.budgets.numel(), dtype=torch.float64)
+            meas_cnt = torch.zeros_like(meas_sum)
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            extras: dict[str, float] = {}
+            primal = False
+            for k in range(accum):
+                sl = Slice(k * world + accelerator.process_index, accum * world)
+                sync = accelerator.no_sync(model) if k < accum - 1 else nullcontext()
+                with sync:
+                    out = step_fn(step, sl)
+                    if out.loss is not None:
+                        primal = True
+                        accelerator.backward(out.loss * world)
+                        loss_sum += float(out.loss.detach())
+                meas_sum += out.measured_sum.detach().double().cpu()
+                meas_cnt += out.measured_count.detach().double().cpu()
+                for name, v in out.extras.items():
+                    extras[name] = extras.get(name, 0.0) + float(v)
+            t_dual = time.perf_counter()  # the dual machinery: all-reduce of estimates, projected ascent
+            names = sorted(extras)
+            packed = torch.cat([meas_sum, meas_cnt, loss_sum.reshape(1),
+                                torch.tensor([extras[n] for n in names], dtype=torch.float64)])
+            packed = accelerator.reduce(packed.to(accelerator.device), reduction="sum").cpu().double()
+            m = meas_sum.numel()
+            meas_sum, meas_cnt, loss_val = packed[:m], packed[m:2 * m], float(packed[2 * m])
+            extras = {n: float(v) for n, v in zip(names, packed[2 * m + 1:])}
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"non-finite loss {loss_val} at step {step}")
+            dual_seconds = time.perf_counter() - t_dual
+            if primal:
+                if cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+            t_dual = time.perf_counter()
+            if torch.any(meas_cnt <= 0):
+                raise ValueError(f"step {step}: no constraint estimate for constraint(s) "
+                                 f"{torch.nonzero(meas_cnt <= 0).flatten().tolist()}; increase the batch size")
+            measured = meas_sum / meas_cnt
+            lam_used = dual.lam.clone()
+            if dual_active(step):
+                violation = dual.step(measured)
+            else:
+                if not torch.all(torch.isfinite(measured)):
+                    raise FloatingPointError(f"non-finite constraint estimate {measured.tolist()} at step {step}")
+                violation = dual.violation(measured)
+            if world > 1:
+                _check_ranks_agree(accelerator, dual.lam, step)
+            dual_seconds += time.perf_counter() - t_dual
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            step_seconds = time.perf_counter() - t_start
+            last = {"loss": loss_val if primal else None, "lam_used": lam_used, "lam": dual.lam.clone(),
+                    "measured": measured, "violation": violation, **extras}
             if accelerator.is_main_process:
-                save_checkpoint(ckpt_path, trainable.state_dict(), {
-                    "optimizer": optimizer.state_dict(), "dual": dual.state_dict(), "rng": _rng_state(),
-                    "step": step + 1})
-            accelerator.wait_for_everyone()
-        done += 1
-        if stop_after is not None and done >= stop_after:
-            break
+                run_dir.log_metrics(step, loss=loss_val if primal else None, check_finite=False,
+                                    lam=dual.lam, measured=measured, violation=violation, primal=primal,
+                                    step_seconds=step_seconds, dual_seconds=dual_seconds, **extras)
+                bar.set_postfix(loss=f"{loss_val:.4g}", lam=f"{float(dual.lam.sum()):.3g}")
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps or interrupt.pending:
+                if accelerator.is_main_process:
+                    run_dir.save_checkpoint(tensors=trainable.state_dict(), state={
+                        "optimizer": optimizer.state_dict(), "dual": dual.state_dict(), "rng": _rng_state(),
+                        "step": step + 1, "last": last})
+                accelerator.wait_for_everyone()
+            if interrupt.pending:
+                announce("interrupted: %s stopped after step %d of %d, checkpointed", desc, step + 1, total_steps)
+                raise KeyboardInterrupt
+            done += 1
+            if stop_after is not None and done >= stop_after:
+                break
     if world > 1:  # every rank's final multipliers, for auditing the agreement across processes
         from toy.runs import atomic_write_json
 
@@ -286,6 +269,35 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
                           {"rank": accelerator.process_index, "world_size": world, "lam": dual.lam,
                            "dual_steps": dual.steps})
     return last
+
+
+class DeferredInterrupt:
+    """While active (the main thread of a one-process run): the first SIGINT (Ctrl-C) only sets
+    ``pending``, so that the loop finishes the step it is in, checkpoints it and then raises
+    ``KeyboardInterrupt``; a second SIGINT interrupts at once (the last checkpoint is kept). With
+    several processes a signal may reach only some of them, so there it is not deferred."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.pending = False
+        self._old = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+        log.warning("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to stop at once)")
+
+    def __enter__(self) -> "DeferredInterrupt":
+        self.enabled = self.enabled and threading.current_thread() is threading.main_thread()
+        if self.enabled:
+            self._old = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._old if self._old is not None else signal.default_int_handler)
 
 
 def _check_ranks_agree(accelerator, lam: torch.Tensor, step: int) -> None:

@@ -408,6 +408,7 @@ def run(cfg: RehearseConfig) -> dict:
     from scale import concept, data
     from scale.models import load_concept_models, load_ddpm_models
     from scale.sample import load_unlearned_unet
+    from toy.runs import clear_run_dir
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -464,6 +465,7 @@ def run(cfg: RehearseConfig) -> dict:
                 lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, classifier_t_min=cfg.timesteps // 10,
                 train=TrainConfig(steps=pre["unlearn_steps"], batch_size=16, micro_batch=16, lr=cfg.unlearn_lr,
                                   cpu=True, checkpoint_every=max(1, pre["unlearn_steps"]), seed=cfg.seed))
+            clear_run_dir(ccfg.out)  # the rehearsal's own sub-runs start afresh each time
             res = concept.run(ccfg)
             m2 = load_concept_models(str(pdir / "concept"))
             unet = load_unlearned_unet(m2, str(out / "runs" / mth))
@@ -500,6 +502,7 @@ def run(cfg: RehearseConfig) -> dict:
                 siss_form="project", siss_weight=1.0, forget_draws=cfg.fu_forget_draws,
                 train=TrainConfig(steps=pre["fu_unlearn_steps"], batch_size=32, micro_batch=32,
                                   lr=cfg.fu_lr, cpu=True, checkpoint_every=max(1, pre["fu_unlearn_steps"]), seed=cfg.seed))
+            clear_run_dir(dcfg.out)
             res = data.run(dcfg)
             dm2 = load_ddpm_models(str(pdir / "ddpm"))
             unet = load_unlearned_unet(dm2, str(out / "runs" / mth))

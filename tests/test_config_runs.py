@@ -27,7 +27,7 @@ class Cfg:
 def test_config_from_toml_and_overrides(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('name = "run"\nbudgets = [0.5, 2.0]\n[optim]\nlr = 0.1\n')
-    cfg = load_config(Cfg, path, ["optim.steps=3", "name=other"])
+    cfg = load_config(Cfg, path, ["optim.steps=3", 'name="other"'])
     assert cfg == Cfg(name="other", budgets=(0.5, 2.0), optim=Optim(lr=0.1, steps=3))
     assert config_to_dict(cfg)["budgets"] == [0.5, 2.0]
 

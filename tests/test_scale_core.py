@@ -421,7 +421,7 @@ def test_cli_dry_run_prints_the_resolved_config_and_rejects_unknown_keys(tmp_pat
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('model = "m"\nconcepts = ["a photo of the digit 3"]\nbudgets = [2.0]\n[train]\nsteps = 7\n')
-    assert main(["scale", "concept", "--config", str(cfg), "--set", "train.lr=0.5", "--set", "method=lu",
+    assert main(["scale", "concept", "--config", str(cfg), "--set", "train.lr=0.5", "--set", 'method="lu"',
                  "--dry-run"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["train"]["steps"] == 7 and got["train"]["lr"] == 0.5 and got["method"] == "lu"

@@ -159,7 +159,8 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tin
                     lr_dual=400.0, lam_max=300.0, **TINY)
     with pytest.raises(FloatingPointError, match=message + r".*dual step 2.*last good checkpoint"):
         run(cfg)
-    ckpt = torch.load(tmp_path / "div" / "checkpoint.pt", weights_only=False)
+    from toy.runs import CheckpointStore
+    ckpt, _ = CheckpointStore(tmp_path / "div" / "checkpoint").load()
     assert ckpt["step"] == 10 and torch.all(torch.isfinite(ckpt["dual"]["lam"]))
     assert float(ckpt["dual"]["lam"].max()) <= 300.0
     assert not (tmp_path / "div" / "summary.json").exists()

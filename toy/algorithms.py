@@ -283,8 +283,7 @@ def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: 
         if pool is not None:
             pool.load_state_dict(ckpt["pool"])
         start = ckpt["step"]
-        run.truncate_metrics(start - 1)
-        log.info("resumed from step %d", start)
+    run.begin(start, cfg.steps)  # also drops a killed attempt's rows when there was no checkpoint yet
     toggle = has_mode_dependent_layers(net)
     if pool is not None and not pool.filled:
         net.eval()

@@ -30,9 +30,13 @@ def register(subparsers) -> None:
                    help="constraint budget (repeat for several forget distributions); default: the instance's")
     p.add_argument("--config", default=None, help="TOML file with ToyConfig keys")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (TOML literal), e.g. --set steps=2000")
+                   help="override a config key with a TOML literal, e.g. --set steps=2000, --set 'variant=\"likelihood_ratio\"'")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", required=True, help="run directory (resumed if it holds a checkpoint)")
+    p.add_argument("--out", required=True,
+                   help="run directory (an earlier run of the same config there is resumed; docs/runs.md)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (only with an identical config; also the default)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start afresh there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
@@ -62,12 +66,13 @@ def main(args) -> int:
     from toy.run import run
 
     cfg = config_from_args(args)
-    try:
-        summary = run(cfg, progress=not args.no_progress)
-    except FloatingPointError as exc:  # divergence: a clear message, the last good checkpoint kept
-        import sys
-        print(f"dualunlearn toy: diverged: {exc}", file=sys.stderr)
-        return 3
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    # errors (divergence: exit 3, with the last good checkpoint kept) are reported by scale.cli
+    if args.overwrite:  # the run's files go; a config file or model kept inside it stays
+        from toy.runs import clear_run_dir
+        clear_run_dir(cfg.out, keep=(args.config or "", cfg.pretrained))
+    summary = run(cfg, progress=not args.no_progress, resume=True if args.resume else None)
     keys = ("problem", "algorithm", "budgets", "lam", "lam_star", "lam_reference", "constraint_values",
             "constraint_stderr", "distance_to_target", "distance_noise_floor", "figure")
     from toy.runs import _jsonable

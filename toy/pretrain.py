@@ -14,7 +14,7 @@ import torch
 from theory.gmm import GaussianMixture
 from toy.models import EpsMLP
 from toy.objectives import denoising_loss
-from toy.runs import atomic_torch_save
+from toy.runs import CheckpointStore, announce, atomic_torch_save, pause_point
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,36 @@ def noised(x0: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Gene
 
 
 def train_denoiser(model: EpsMLP, data, alphas_cumprod, steps: int, batch: int, lr: float,
-                   generator: torch.Generator, progress=None) -> list[float]:
+                   generator: torch.Generator, progress=None, checkpoint: str | Path | None = None,
+                   checkpoint_every: int = 250) -> list[float]:
     """Adam with a cosine-decayed learning rate on the simple (unweighted) denoising loss.
-    Returns the per-step losses; raises ``FloatingPointError`` with the step number on NaN/Inf."""
+    Returns the per-step losses; raises ``FloatingPointError`` with the step number on NaN/Inf.
+
+    With ``checkpoint`` (a folder path), the whole state (weights, optimizer, schedule, ``generator``
+    and ``data`` states, losses) is checkpointed every ``checkpoint_every`` steps and a later call
+    resumes from it (the result equals an uninterrupted call's), saying where; the caller removes
+    the checkpoint once the model is saved (``CheckpointStore(checkpoint).remove()``)."""
     ab = torch.as_tensor(alphas_cumprod, dtype=torch.float32)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.05)
-    losses = []
-    for step in range(steps):
+    losses: list[float] = []
+    start = 0
+    store = CheckpointStore(checkpoint) if checkpoint is not None else None
+    if store is not None:
+        loaded = store.load()
+        if loaded is not None:
+            state, _ = loaded
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            generator.set_state(state["generator"])
+            data.set_state(state["data"])
+            losses = list(state["losses"])
+            start = int(state["step"])
+            announce("resuming pretraining at step %d of %d (%s)", start, steps, store.path)
+            if progress is not None:
+                progress.update(start)
+    for step in range(start, steps):
         x_t, t, z = noised(data(batch), ab, generator)
         loss = denoising_loss(model(x_t, t), z).mean()
         if not torch.isfinite(loss):
@@ -83,7 +105,13 @@ def train_denoiser(model: EpsMLP, data, alphas_cumprod, steps: int, batch: int, 
         losses.append(loss.item())
         if progress is not None:
             progress.update(1)
-    log.info("pretrained %d steps, final loss %.4f", steps, float(np.mean(losses[-50:])))
+        pause_point("pretrain-step")
+        if store is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            store.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "generator": generator.get_state(), "data": data.state(), "losses": losses,
+                        "step": step + 1})
+    if losses:
+        log.info("pretrained %d steps, final loss %.4f", steps, float(np.mean(losses[-50:])))
     return losses
 
 

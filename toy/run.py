@@ -14,6 +14,7 @@ import copy
 import hashlib
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from toy.objectives import denoising_loss, eta_from_lam, lam_from_eta, reverse_s
 from toy.pretrain import MixtureData, load_model, noised, save_model, train_denoiser
 from toy.problems import check_budgets, default_instance, lam_star
 from toy.reference import Quadrature, surrogate_lam
-from toy.runs import RunDir, atomic_write_json
+from toy.runs import CheckpointStore, RunDir, atomic_write_json, clear_run_dir
 from toy.sampling import ddpm_sample, path_kl_to_models
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,11 @@ def estimate_kind(cfg: ToyConfig) -> str:
 
 # ---------------------------------------------------------------- pretraining
 
-def pretrain_on_mixture(mixture, cfg: ToyConfig, purpose: str, path: Path | None = None, progress=None) -> tuple[EpsMLP, dict]:
-    """Pretrain an ``EpsMLP`` on fresh samples of ``mixture``; reload from ``path`` if it exists."""
+def pretrain_on_mixture(mixture, cfg: ToyConfig, purpose: str, path: Path | None = None, progress=None,
+                        checkpoint: Path | None = None) -> tuple[EpsMLP, dict]:
+    """Pretrain an ``EpsMLP`` on fresh samples of ``mixture``; reload from ``path`` if it exists.
+    With ``checkpoint`` (a folder), pretraining is checkpointed every ``cfg.checkpoint_every`` steps
+    and resumed from there; the checkpoint is removed once the model is saved to ``path``."""
     if path is not None and Path(path).exists():
         return load_model(path)
     torch.manual_seed(_seed(cfg.seed, purpose + ":init"))
@@ -199,7 +203,9 @@ def pretrain_on_mixture(mixture, cfg: ToyConfig, purpose: str, path: Path | None
     ab = schedule(cfg)
     t0 = time.perf_counter()
     losses = train_denoiser(net, MixtureData(mixture, _seed(cfg.seed, purpose + ":data")), ab, cfg.pretrain_steps,
-                            cfg.pretrain_batch, cfg.pretrain_lr, _gen(cfg.seed, purpose + ":noise"), progress)
+                            cfg.pretrain_batch, cfg.pretrain_lr, _gen(cfg.seed, purpose + ":noise"), progress,
+                            checkpoint=checkpoint if path is not None else None,
+                            checkpoint_every=cfg.checkpoint_every)
     seconds = time.perf_counter() - t0
     # how close the pretrained model's samples are to its data law (the yardstick of the toy tests)
     x = ddpm_sample(net, cfg.n_eval, ab, _gen(cfg.seed, purpose + ":eval"))
@@ -212,6 +218,8 @@ def pretrain_on_mixture(mixture, cfg: ToyConfig, purpose: str, path: Path | None
             "schedule": [cfg.num_timesteps, cfg.beta_start, cfg.beta_end, cfg.schedule]}
     if path is not None:
         save_model(path, net, meta)
+        if checkpoint is not None:
+            CheckpointStore(checkpoint).remove()
     return net, meta
 
 
@@ -304,9 +312,21 @@ def _fresh_forget_samples(data, n, cfg):
 
 # ---------------------------------------------------------------- the run
 
-def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -> dict:
-    """Run one toy unlearning experiment into ``cfg.out``; returns the summary (also written)."""
+def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None, resume: bool | None = None,
+        overwrite: bool = False) -> dict:
+    """Run one toy unlearning experiment into ``cfg.out``; returns the summary (also written).
+
+    A directory holding a run of the same config (docs/runs.md) is continued from its last
+    checkpoint; one of another config is refused (``toy.runs.RunDirError``) unless ``overwrite``
+    (start afresh there). ``resume=False`` refuses any existing run."""
     validate(cfg)
+    if overwrite:
+        clear_run_dir(cfg.out, keep=(cfg.pretrained,))
+    with ExitStack() as stack:  # the run directory's lock is released however the run ends
+        return _run(cfg, progress, stop_after, resume, stack)
+
+
+def _run(cfg: ToyConfig, progress: bool, stop_after: int | None, resume: bool | None, stack: ExitStack) -> dict:
     t_start = time.perf_counter()
     inst = default_instance()
     q, forget = inst.q, list(inst.forget)
@@ -314,17 +334,18 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -
     if budgets.shape[0] != len(forget):
         raise ValueError(f"{len(forget)} forget distribution(s) but {budgets.shape[0]} budget(s) {budgets.tolist()}")
     check_budgets(cfg.problem, q, forget, budgets, cfg.variant)
+    out = Path(cfg.out)
+    rd = stack.enter_context(RunDir(out, config_to_dict(cfg), cfg.seed, resume=resume))
     lam_th, lam_source = lam_star(cfg.problem, q, forget, budgets, cfg.variant)
     quads = [Quadrature(cfg.problem, q, [f], cfg.variant) for f in forget]
-    out = Path(cfg.out)
-    rd = RunDir(out, config_to_dict(cfg), cfg.seed)
     ab = schedule(cfg)
     bar = _progress(progress)
 
     # pretrained model of q (reloaded when present: a resumed run does not pretrain again)
     ppath = Path(cfg.pretrained) if cfg.pretrained else out / "pretrained.pt"
     bar_pre = bar(total=cfg.pretrain_steps, desc="pretrain", leave=False) if not ppath.exists() else None
-    frozen, pmeta = pretrain_on_mixture(q, cfg, "pretrain", ppath, bar_pre)
+    frozen, pmeta = pretrain_on_mixture(q, cfg, "pretrain", ppath, bar_pre,
+                                        checkpoint=out / "pretrain-checkpoint" if not cfg.pretrained else None)
     if bar_pre is not None:
         bar_pre.close()
     _check_pretrained_meta(pmeta, q, cfg)
@@ -335,7 +356,8 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None) -
     forget_nets = []
     if cfg.lu_estimator == "network":
         for i, f in enumerate(forget):
-            fn, _ = pretrain_on_mixture(f, cfg, f"forget{i}", out / f"forget{i}.pt")
+            fn, _ = pretrain_on_mixture(f, cfg, f"forget{i}", out / f"forget{i}.pt",
+                                        checkpoint=out / f"forget{i}-checkpoint")
             forget_nets.append(fn.eval().requires_grad_(False))
     models = Models(net=net, frozen=frozen, forget=forget_exact,
                     retain_data=MixtureData(q, _seed(cfg.seed, "retain")),

@@ -71,7 +71,7 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     lines = []
     for cfg in configs(out_dir, quick, seed):
         shutil.rmtree(cfg.out, ignore_errors=True) if not cfg.pretrained else None
-        summary = run(cfg)
+        summary = run(cfg, overwrite=True)  # a check, not a run to continue
         label = f"{cfg.problem} {cfg.algorithm}"
         checks += checks_for(summary, label)
         fig = out_dir / f"toy_{cfg.problem}.png"
