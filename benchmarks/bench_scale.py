@@ -103,10 +103,10 @@ def plain_step_times(kind: str, path: Path, args) -> list[float]:
     """The plain diffusers fine-tuning step on the same prepared model, trainable set and batch."""
     import torch
 
-    from scale.diffusion import add_noise
+    from toy.core.diffusion import add_noise
     from scale.engine import TrainConfig, make_accelerator
     from scale.models import Trainable, encode_prompts, load_concept_models, load_ddpm_models
-    from toy.objectives import denoising_loss
+    from toy.core.objectives import denoising_loss
 
     acc = make_accelerator(TrainConfig(mixed_precision=args.mixed_precision, cpu=args.device == "cpu"))
     g = torch.Generator().manual_seed(0)
@@ -152,7 +152,7 @@ def engine_step_times(kind: str, method: str, path: Path, out: Path, args) -> li
     train = TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch, micro_batch=args.micro_batch or args.batch,
                         lr=1e-5, mixed_precision=args.mixed_precision, cpu=args.device == "cpu",
                         checkpoint_every=10 ** 9)
-    from toy.runs import clear_run_dir
+    from toy.core.runs import clear_run_dir
 
     clear_run_dir(out)  # each measurement is a fresh run (the settings differ between calls)
     if kind == "sd":

@@ -38,7 +38,7 @@ from toy.run import ToyConfig, pretrain_on_mixture, run
 
 
 def _per_step_ms(out: Path) -> dict:
-    from toy.runs import CheckpointStore
+    from toy.core.runs import CheckpointStore
 
     hist = CheckpointStore(out / "checkpoint").load()[0]["hist"]
     return {k: 1e3 * float(np.mean(hist[f"{k}_seconds"])) for k in ("step", "pool", "estimate", "dual")}

@@ -10,9 +10,9 @@ import torch
 
 from tests.test_scale_exact import _concept_task, _instance, _chain_laws, SHAPE, D
 from scale.engine import Slice
-from scale.diffusion import strided_timesteps, add_noise
+from toy.core.diffusion import strided_timesteps, add_noise
 from scale.exact import sd_scheduler
-from toy.objectives import denoising_loss
+from toy.core.objectives import denoising_loss
 torch.set_num_threads(1)
 (mu_b, var_b), (mu_c, var_c), (mu_p, var_p) = _instance()
 ab = sd_scheduler().alphas_cumprod.double()

@@ -54,7 +54,7 @@ def run_command(func, args, argv: list[str]) -> int:
     2 bad input (config, arguments, a run directory that cannot be used as asked), 1 a failed
     check or an unusable checkpoint or file error, 3 divergence (NaN/Inf or multipliers past their
     cap; the last good checkpoint is kept), 130 Ctrl-C (the last good checkpoint is kept)."""
-    from toy.runs import CheckpointError
+    from toy.core.runs import CheckpointError
 
     verbose = bool(getattr(args, "verbose", False))
     try:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("toy.runs").setLevel(logging.INFO)  # resumed / refused / recovered: always shown
+    logging.getLogger("toy.core.runs").setLevel(logging.INFO)  # resumed / refused / recovered: always shown
     out = getattr(args, "out", None)
     if out and Path(out).exists() and not Path(out).is_dir():
         print(f"dualunlearn: error: --out {out!r} is a file, not a directory", file=sys.stderr)

@@ -55,7 +55,7 @@ RUN_COMMANDS = ("concept", "data")
 def main_scale(args) -> int:
     from pathlib import Path
 
-    from toy.runs import RunDirError, check_run_dir, clear_run_dir
+    from toy.core.runs import RunDirError, check_run_dir, clear_run_dir
 
     cfg = build_config(args.scale_command, args.config, args.set, args.out)
     if args.dry_run:
@@ -80,9 +80,9 @@ def main_scale(args) -> int:
 
         print((Path(cfg.out) / "report.md").read_text())
     elif isinstance(result, dict):
-        from toy.runs import _jsonable
+        from toy.core.runs import jsonable
 
-        print(json.dumps(_jsonable(result), indent=2, sort_keys=True))
+        print(json.dumps(jsonable(result), indent=2, sort_keys=True))
     else:
         print(result)
     return 0
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("toy.runs").setLevel(logging.INFO)
+    logging.getLogger("toy.core.runs").setLevel(logging.INFO)
     return run_command(args.func, args, argv)
 
 

@@ -5,7 +5,7 @@ Every method trains the model *under the concept prompts* towards an ESD-form no
 from the frozen reference (the same UNet with its adapters disabled):
 
 - RU / ESD: ``eps* = eps_base - sum_i eta_i (eps_{c_i} - eps_base)``, ``eta = lam / (1 - sum lam)``
-  (``toy.objectives.composed_eps_target``), with ``eps_base`` the reference under the baseline
+  (``toy.core.objectives.composed_eps_target``), with ``eps_base`` the reference under the baseline
   prompt (``""``: the null prompt, as ESD; or an anchor prompt). ESD fixes ``eta``.
 - LU: ``eps* = eps_base - sum_i lam_i c_i(x) (eps_{c_i} - eps_base)`` with the state-dependent
   weight ``c_i = r_i(x_0)`` (likelihood-ratio constraint) or ``1`` (log-ratio, the default), ``r_i``
@@ -38,15 +38,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from scale.diffusion import (add_noise, ancestral_step, ddim_step, lu_weight, strided_kl_weights,
-                             strided_timesteps)
+from scale.diffusion import lu_weight
+from toy.core.diffusion import add_noise, ancestral_step, ddim_step, strided_kl_weights, strided_timesteps
 from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, make_optimizer, run_loop, step_generator
 from scale.models import ESD_X_TARGETS, Trainable, encode_prompts, load_concept_models
 from theory.config import config_to_dict
-from toy.dual import DualState
-from toy.objectives import (composed_eps_target, denoising_loss, eta_from_lam, lam_from_eta,
-                            reverse_step_kl_weights)
-from toy.runs import RunDir
+from toy.core.dual import DualState, dual_domain
+from toy.core.objectives import composed_eps_target, denoising_loss, eta_from_lam, lam_from_eta
+from toy.core.diffusion import reverse_step_kl_weights
+from toy.core.runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +360,8 @@ def initial_dual(cfg: ConceptConfig) -> DualState:
     lam_init = list(cfg.lam_init) if cfg.lam_init else None
     if cfg.method == "lu":
         return DualState("likelihood", budgets, cfg.lr_dual, lam_init=lam_init)
-    return DualState("reverse_kl", budgets, cfg.lr_dual, lam_init=lam_init, sum_max=cfg.lam_sum_max)
+    domain = dual_domain("reverse_kl", len(budgets), ru_sum_max=cfg.lam_sum_max)
+    return DualState("reverse_kl", budgets, cfg.lr_dual, lam_init=lam_init, sum_max=domain.sum_max)
 
 
 def run(cfg: ConceptConfig, resume: bool = False, stop_after: int | None = None) -> dict:

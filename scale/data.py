@@ -4,7 +4,7 @@ its weights in log space).
 
 With ``q`` the uniform law on the n training images and ``q_i = delta(a_i)``:
 
-- objective ``E_q[l_theta] - sum_i lam_i l_theta(a_i)`` (``toy.objectives.signed_denoising_objective``),
+- objective ``E_q[l_theta] - sum_i lam_i l_theta(a_i)`` (``toy.core.objectives.signed_denoising_objective``),
   exact at every noise level because noising is linear in the law;
 - constraint ``KL(q_i||p) >= b_i`` measured by the forget image's denoising loss (the ELBO up to a
   constant, simple weighting), estimated every step from ``forget_draws`` noise draws per image;
@@ -32,13 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scale.diffusion import add_noise, siss_log_weights
+from toy.core.diffusion import add_noise
+from scale.diffusion import siss_log_weights
 from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, make_optimizer, run_loop, step_generator
 from scale.models import Trainable, load_ddpm_models
 from theory.config import config_to_dict
-from toy.dual import DualState
-from toy.objectives import denoising_loss
-from toy.runs import RunDir
+from toy.core.dual import DualState, dual_domain
+from toy.core.objectives import denoising_loss
+from toy.core.runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +418,7 @@ def run(cfg: DataConfig, resume: bool = False, stop_after: int | None = None) ->
     model, optimizer = accelerator.prepare(unet, optimizer)
     run_dir = RunDir(cfg.out, config_to_dict(cfg), cfg.train.seed, write_provenance=accelerator.is_main_process)
     if cfg.method == "fu":
-        dual = DualState("forward_kl", budgets, cfg.lr_dual / n, upper=torch.full((m,), 1.0 / n, dtype=torch.float64))
+        dual = DualState("forward_kl", budgets, cfg.lr_dual / n, upper=dual_domain("forward_kl", m, n_train=n).upper)
     else:  # SISS: a fixed weight (project form; none in the published form), not restricted to the dual domain
         weight = cfg.siss_weight if cfg.siss_form == "project" else 0.0
         dual = DualState("forward_kl", budgets if cfg.budgets or cfg.budget_factor > 0 else torch.zeros(m),

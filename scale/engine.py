@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from toy.dual import DualState
-from toy.runs import CheckpointStore, RunDir, announce
+from toy.core.dual import DualState
+from toy.core.runs import CheckpointStore, RunDir, announce
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def make_accelerator(cfg: TrainConfig):
 def save_checkpoint(path: Path, trainable_state: dict[str, torch.Tensor], state: dict) -> None:
     """Write ``trainable.safetensors`` + ``state.pt`` + ``manifest.json`` (checksums) into a fresh
     folder and swap it in by renames, keeping the previous checkpoint in ``<path>.prev``
-    (``toy.runs.CheckpointStore``: the toy tier's checkpoints are the same)."""
+    (``toy.core.runs.CheckpointStore``: the toy tier's checkpoints are the same)."""
     CheckpointStore(path).save(state, trainable_state)
 
 
@@ -263,7 +263,7 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
             if stop_after is not None and done >= stop_after:
                 break
     if world > 1:  # every rank's final multipliers, for auditing the agreement across processes
-        from toy.runs import atomic_write_json
+        from toy.core.runs import atomic_write_json
 
         atomic_write_json(run_dir.path / "ranks" / f"rank{accelerator.process_index}.json",
                           {"rank": accelerator.process_index, "world_size": world, "lam": dual.lam,

@@ -31,13 +31,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from scale import builders
-from scale.diffusion import add_noise
+from toy.core.diffusion import add_noise
 from scale.engine import TrainConfig
 from scale.evaluate import FeatureExtractor, kid, nearest_neighbour_similarity
 from scale.sample import guided_eps_fn, sample_images
 from theory.config import config_to_dict
-from toy.objectives import denoising_loss
-from toy.runs import atomic_write_json
+from toy.core.objectives import denoising_loss
+from toy.core.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ def run(cfg: RehearseConfig) -> dict:
     from scale import concept, data
     from scale.models import load_concept_models, load_ddpm_models
     from scale.sample import load_unlearned_unet
-    from toy.runs import clear_run_dir
+    from toy.core.runs import clear_run_dir
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scale.diffusion import ancestral_step, strided_timesteps
+from toy.core.diffusion import ancestral_step, strided_timesteps
 
 log = logging.getLogger(__name__)
 

@@ -207,7 +207,7 @@ def test_out_pointing_at_a_file_is_one_line(tmp_path, argv):
 def test_exit_codes_divergence_checkpoint_internal_and_interrupt(tmp_path, monkeypatch):
     import scale.data
     import toy.run
-    from toy.runs import CheckpointError
+    from toy.core.runs import CheckpointError
 
     data_argv = [*BASE["data"][:2], *BASE["data"][3:], "--out", str(tmp_path / "d")]
     toy_argv = [*BASE["toy"], "--out", str(tmp_path / "t")]
@@ -261,7 +261,7 @@ def test_ctrl_c_stops_a_real_run_cleanly_and_the_printed_command_resumes_it(tmp_
         if proc.poll() is None:
             proc.kill()
     line = _assert_one_line(err, proc.returncode, 130, f"interrupted; {out} keeps its last checkpoint")
-    from toy.runs import CheckpointStore
+    from toy.core.runs import CheckpointStore
     assert CheckpointStore(out / "checkpoint").load()[0]["step"] == 5
     assert not list(out.glob(".*.tmp*"))
     command = shlex.split(line.split("to continue: ", 1)[1])

@@ -8,7 +8,7 @@ import torch
 
 from theory.config import config_to_dict, load_config
 from theory.report import Check, Section, render_markdown, render_table
-from toy.runs import RunDir
+from toy.core.runs import RunDir
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The shared dual step and score-space objectives (toy.dual, toy.objectives) against independent
+"""The shared dual step and score-space objectives (toy.core.dual, toy.core.objectives) against independent
 computations: cvxpy for the projection, closed-form Gaussian tilts for the composed target, and the
 Gaussian KL of two DDPM reverse steps for the path-KL weights."""
 
@@ -9,9 +9,9 @@ import torch
 
 from theory.diffusion import alphas_cumprod_for_schedule
 from theory.gmm import GaussianMixture
-from toy.dual import DualState, constraint_violation, dual_ascent_step, project_multipliers
-from toy.objectives import (composed_eps_target, eta_from_lam, lam_from_eta, path_kl_estimate,
-                            reverse_step_kl_weights, signed_denoising_objective)
+from toy.core.dual import DualState, constraint_violation, dual_ascent_step, dual_domain, project_multipliers
+from toy.core.objectives import composed_eps_target, eta_from_lam, lam_from_eta, path_kl_estimate, signed_denoising_objective
+from toy.core.diffusion import reverse_step_kl_weights
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -116,7 +116,7 @@ def test_log_ratio_estimator_averages_over_uniform_t_to_the_elbo_difference():
     # With t uniform on the T steps, E_t[T w_t (l_ref,t - l_cond,t)] = sum_t w_t (l_ref,t - l_cond,t),
     # the difference of the two negative ELBOs whose per-step terms reverse_step_kl_weights gives
     # (checked against the Gaussian KL of reverse steps above).
-    from toy.objectives import log_ratio_from_denoising_losses
+    from toy.core.objectives import log_ratio_from_denoising_losses
 
     ab = torch.tensor(alphas_cumprod_for_schedule(40, 1e-3, 0.2))
     w = reverse_step_kl_weights(ab)
@@ -209,3 +209,34 @@ def test_lu_pool_gain_follows_the_estimate_delay():
     assert delay_limited_gain(lu) == pytest.approx((np.pi / 6) / d)
     for cfg in (ToyConfig(problem="likelihood", estimate="fresh"), ToyConfig(problem="reverse_kl")):
         assert estimate_delay(cfg) == 0 and delay_limited_gain(cfg) == DUAL_GAIN[cfg.problem]
+
+
+@pytest.mark.parametrize("n, k", [(5, 1), (7, 3)])
+def test_fu_data_domain_ends_where_the_signed_mixture_is_retraining(n, k):
+    """eq. 14: on n training points with k forget points, lam_i = 1/n is the end of the FU domain and
+    its signed mixture (eq. 12) is the uniform law on the kept points; a step past it goes negative."""
+    upper = np.asarray(dual_domain("forward_kl", k, n_train=n).upper)
+    q = np.full(n, 1.0 / n)
+    forget = np.eye(n)[:k]  # delta at the first k points
+
+    def signed_mixture(lam):
+        w = q - lam @ forget
+        return w / (1.0 - lam.sum())
+
+    np.testing.assert_allclose(signed_mixture(upper), np.r_[np.zeros(k), np.full(n - k, 1.0 / (n - k))], atol=1e-15)
+    past = upper.copy()
+    past[0] *= 1.0 + 1e-6
+    assert signed_mixture(past).min() < 0
+    assert dual_domain("forward_kl", k, upper=[0.2] * k).upper == (0.2,) * k
+
+
+def test_ru_domain_keeps_the_tilt_defined_and_lu_is_the_orthant():
+    dom = dual_domain("reverse_kl", 3)
+    lam = project_multipliers(torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64), dom.upper, dom.sum_max)
+    assert abs(float(lam.sum()) - 0.95) < 1e-9 and float(lam.sum()) < 1.0  # eta = lam/(1 - sum lam) finite
+    assert dual_domain("likelihood", 2) == type(dom)()
+    for bad in [dict(problem="reverse_kl", m=1, ru_sum_max=1.0), dict(problem="forward_kl", m=1),
+                dict(problem="forward_kl", m=1, n_train=0), dict(problem="forward_kl", m=2, upper=[0.1]),
+                dict(problem="kl", m=1), dict(problem="likelihood", m=0)]:
+        with pytest.raises(ValueError):
+            dual_domain(**bad)

@@ -6,7 +6,7 @@ truncated on disk), and resumed after each, end with the same ``summary.json``, 
 
 Each attempt is the ``dualunlearn`` CLI in a forked child process (the parent has torch imported
 already, so an attempt costs the run's own set-up, not the interpreter's). The kill lands where the
-``DUALUNLEARN_TEST_PAUSE`` hook parks the child (``toy.runs.pause_point``)."""
+``DUALUNLEARN_TEST_PAUSE`` hook parks the child (``toy.core.runs.pause_point``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toy.runs import CheckpointStore
+from toy.core.runs import CheckpointStore
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
@@ -265,7 +265,7 @@ def test_ctrl_c_in_a_scale_run_checkpoints_the_step_it_is_in_and_resume_finishes
     assert CheckpointStore(cut / "checkpoint").load()[0]["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
     monkeypatch.setattr(scale.data.DataTask, "step", real_step)
-    with caplog.at_level(logging.INFO, logger="toy.runs"):
+    with caplog.at_level(logging.INFO, logger="toy.core.runs"):
         assert main(["scale", "data", *over, "--out", str(cut), "--resume"]) == 0
     assert f"resuming data/fu in {cut} at step 3 of 6" in caplog.text
     assert _rows(cut / "metrics.jsonl") == _rows(full / "metrics.jsonl")

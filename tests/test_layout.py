@@ -1,25 +1,78 @@
-"""Architecture rules of STYLE.md: imports only go downward, and theory/toy never import diffusers."""
+"""Architecture rules: imports only go downward (theory <- toy.core <- toy, scale), theory and toy never
+import diffusers, scale reuses nothing of toy but its shared core, and no module imports another's
+private names."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: The application shell (the ``dualunlearn`` command and its ``verify`` report) composes every tier,
+#: so it alone may reach into the toy tier beyond ``toy.core``.
+SHELL = {"scale/cli.py", "scale/verify.py"}
 
-def _imports(package: str) -> set[str]:
-    names = set()
-    for path in (ROOT / package).rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-    return names
+
+def _import_nodes(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, None
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:
+                yield node.module, a.name
+
+
+def _modules(package: str, skip=(), root: Path = ROOT) -> dict[str, list[tuple[str, str | None]]]:
+    out = {}
+    for path in sorted((root / package).rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel not in skip:
+            out[rel] = list(_import_nodes(path))
+    return out
+
+
+def _top_level(package: str) -> set[str]:
+    return {mod.split(".")[0] for imports in _modules(package).values() for mod, _ in imports}
 
 
 def test_theory_imports_no_torch_toy_scale_or_diffusers():
-    assert not _imports("theory") & {"torch", "toy", "scale", "diffusers", "peft", "accelerate"}
+    assert not _top_level("theory") & {"torch", "toy", "scale", "diffusers", "peft", "accelerate"}
 
 
 def test_toy_never_imports_scale_or_diffusers():
-    assert not _imports("toy") & {"scale", "diffusers", "peft", "accelerate"}
+    assert not _top_level("toy") & {"scale", "diffusers", "peft", "accelerate"}
+
+
+def test_toy_core_imports_nothing_of_toy_outside_the_core():
+    bad = {(f, mod) for f, imports in _modules("toy/core").items() for mod, _ in imports
+           if mod.split(".")[0] == "toy" and not mod.startswith("toy.core")}
+    assert not bad, f"toy.core must sit below the rest of toy: {sorted(bad)}"
+
+
+def _scale_violations(root: Path = ROOT) -> list[tuple[str, str]]:
+    return sorted({(f, mod) for f, imports in _modules("scale", skip=SHELL, root=root).items() for mod, _ in imports
+                   if mod.split(".")[0] == "toy" and not (mod == "toy.core" or mod.startswith("toy.core."))})
+
+
+def _private_violations(root: Path = ROOT) -> list[tuple[str, str, str]]:
+    bad = []
+    for package in ("theory", "toy", "scale"):
+        for f, imports in _modules(package, root=root).items():
+            bad += [(f, mod, name) for mod, name in imports
+                    if mod.split(".")[0] in {"theory", "toy", "scale"} and name and name.startswith("_")]
+    return bad
+
+
+def test_scale_reuses_only_the_toy_core():
+    assert not _scale_violations(), "scale may import toy.core and nothing else of toy"
+
+
+def test_no_module_imports_a_private_name_from_another_module():
+    assert not _private_violations()
+
+
+def test_the_layout_rules_catch_planted_violations(tmp_path):
+    (tmp_path / "scale").mkdir()
+    (tmp_path / "scale" / "bad.py").write_text("from toy.run import run\nfrom toy.core.runs import _private\n")
+    assert _scale_violations(tmp_path) == [("scale/bad.py", "toy.run")]
+    assert _private_violations(tmp_path) == [("scale/bad.py", "toy.core.runs", "_private")]

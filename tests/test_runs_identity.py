@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toy.runs import (CheckpointError, CheckpointStore, RunDir, RunDirError, atomic_torch_save, check_run_dir,
+from toy.core.runs import (CheckpointError, CheckpointStore, RunDir, RunDirError, atomic_torch_save, check_run_dir,
                       fingerprint, run_identity)
 
 TINY = dict(hidden=16, layers=2, time_dim=8, pretrain_steps=150, pretrain_batch=128, steps=20, batch=64,
@@ -65,7 +65,7 @@ def test_toy_rerun_with_another_budget_is_refused_and_an_identical_one_resumes(t
     assert "budgets: [0.004] there, [0.01] now" in line and "--resume" in line and "--overwrite" in line
     assert (out / "run.json").read_bytes() == record
 
-    with caplog.at_level(logging.INFO, logger="toy.runs"):
+    with caplog.at_level(logging.INFO, logger="toy.core.runs"):
         assert main(_toy_args(out, 0.004, tiny_pretrained)) == 0
     assert f"resuming run in {out} at step 10 of 20" in caplog.text
     assert (out / "run.json").read_bytes() == record
@@ -109,7 +109,7 @@ def test_scale_rerun_needs_resume_and_the_same_config_overwrite_starts_afresh(ti
 
     model, imgs = tiny_ddpm
     out = tmp_path / "fu"
-    with caplog.at_level(logging.INFO, logger="toy.runs"):
+    with caplog.at_level(logging.INFO, logger="toy.core.runs"):
         assert main(_data_args(model, imgs, out, "--resume")) == 0  # --resume into a new directory: starts
     assert f"nothing to resume in {out}: starting data/fu at step 0 of 2" in caplog.text
     caplog.clear()
@@ -123,7 +123,7 @@ def test_scale_rerun_needs_resume_and_the_same_config_overwrite_starts_afresh(ti
     assert "train.lr: 0.0001 there, 0.5 now" in _one_error_line(capsys.readouterr().err)
     assert (out / "run.json").read_bytes() == record
 
-    with caplog.at_level(logging.INFO, logger="toy.runs"):
+    with caplog.at_level(logging.INFO, logger="toy.core.runs"):
         assert main(_data_args(model, imgs, out, "--resume")) == 0
     assert f"data/fu in {out}: all 2 steps done already" in caplog.text
     assert (out / "run.json").read_bytes() == record
@@ -176,7 +176,7 @@ def test_fingerprint_ignores_excluded_keys_and_sees_changed_inputs(tmp_path):
 
 _HOLDER = """
 import sys, time
-from toy.runs import RunDir
+from toy.core.runs import RunDir
 r = RunDir(sys.argv[1], {"a": 1}, 0)
 print("held", flush=True)
 time.sleep(120)
@@ -199,7 +199,7 @@ def test_a_live_holder_is_refused_and_a_dead_ones_lock_is_recovered(tmp_path, ca
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert (out / ".lock").read_text().strip() == str(holder.pid)  # the dead holder's lock file is still there
-    with caplog.at_level(logging.WARNING, logger="toy.runs"):
+    with caplog.at_level(logging.WARNING, logger="toy.core.runs"):
         with RunDir(out, {"a": 1}, 0) as rd:
             assert (out / ".lock").read_text().strip() == str(os.getpid())
             assert rd.continued
@@ -217,7 +217,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_with_a_warning(tmp
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
     f.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="toy.runs"):
+    with caplog.at_level(logging.WARNING, logger="toy.core.runs"):
         state, tensors = store.load()
     assert state["step"] == 1 and torch.equal(tensors["w"], torch.zeros(3))
     assert "trainable.safetensors fails its sha256 checksum" in caplog.text
@@ -282,7 +282,7 @@ def test_pretraining_resumes_from_its_checkpoint_and_equals_an_uninterrupted_run
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "ck")
     monkeypatch.setattr(pre, "pause_point", real)
-    with caplog.at_level(logging.INFO, logger="toy.runs"):
+    with caplog.at_level(logging.INFO, logger="toy.core.runs"):
         resumed, l_res = train(tmp_path / "ck")
     assert f"resuming pretraining at step 20 of 30 ({tmp_path / 'ck'})" in caplog.text
     assert np.array_equal(l_full, l_res)
@@ -313,7 +313,7 @@ def test_run_files_get_the_mode_the_umask_gives(tmp_path, umask, file_mode, dir_
 
 
 def test_overwrite_empties_a_run_directory_but_keeps_the_config_file_and_lock(tmp_path):
-    from toy.runs import clear_run_dir
+    from toy.core.runs import clear_run_dir
 
     out = tmp_path / "run"
     with RunDir(out, {"a": 1}, 0) as rd:

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from scale import builders
-from scale.diffusion import add_noise, lu_weight, siss_log_weights, strided_kl_weights, strided_timesteps
+from toy.core.diffusion import add_noise, strided_kl_weights, strided_timesteps
+from scale.diffusion import lu_weight, siss_log_weights
 from scale.engine import TrainConfig, load_checkpoint
 from scale.models import Trainable, encode_prompts, load_concept_models, load_ddpm_models, resolve_model_location
-from toy.objectives import reverse_step_kl_weights
+from toy.core.diffusion import reverse_step_kl_weights
 
 PROMPT3 = "a photo of the digit 3"
 T = 50

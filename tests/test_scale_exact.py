@@ -140,9 +140,9 @@ def _per_sample(task, dual, batch, steps=1):
 
 def lu_agreement(batch=32, sample_steps=20, draws=4):
     """(estimate, se, exact ELBO difference at the chain's end points, exact log ratio there, values)."""
-    from scale.diffusion import strided_timesteps
-    from toy.dual import DualState
-    from toy.objectives import reverse_step_kl_weights
+    from toy.core.diffusion import strided_timesteps
+    from toy.core.dual import DualState
+    from toy.core.diffusion import reverse_step_kl_weights
 
     task = _concept_task("lu", sample_steps, batch, classifier_draws=draws)
     vals = _per_sample(task, DualState("likelihood", [0.0], 0.0), batch)
@@ -159,8 +159,8 @@ def lu_agreement(batch=32, sample_steps=20, draws=4):
 
 def ru_agreement(batch=32, sample_steps=20):
     """(one-term path-KL estimate, se, exact path KL of the strided chain)."""
-    from scale.diffusion import strided_kl_weights, strided_timesteps
-    from toy.dual import DualState
+    from toy.core.diffusion import strided_kl_weights, strided_timesteps
+    from toy.core.dual import DualState
 
     task = _concept_task("ru", sample_steps, batch)
     vals = _per_sample(task, DualState("reverse_kl", [1.0], 0.0), batch)
@@ -220,8 +220,8 @@ def test_fu_forget_loss_at_real_size_matches_the_exact_denoising_loss():
 def test_ru_path_kl_estimate_with_two_component_mixtures_matches_full_trajectory_monte_carlo():
     """Nonlinear (mixture) noise predictions at real size: the engine's one-term estimates against
     the full path-KL sum along independent float64 trajectories of the model, simulated here."""
-    from scale.diffusion import strided_timesteps
-    from toy.dual import DualState
+    from toy.core.diffusion import strided_timesteps
+    from toy.core.dual import DualState
 
     g = torch.Generator().manual_seed(21)
 

@@ -90,7 +90,7 @@ def _implied_target(eps, grad, batch, weight=1.0):
 
 
 def _dual(problem, lam, lr=0.0):
-    from toy.dual import DualState
+    from toy.core.dual import DualState
 
     return DualState(problem, [1.0], lr, lam_init=[lam])
 
@@ -124,7 +124,7 @@ def test_ru_with_retain_prompts_trains_retain_states_towards_the_reference_under
 def test_ru_dual_only_estimate_is_the_path_kl_of_the_composed_reference(parts):
     """The dual-only phase samples the composed reference eps* = eps_q - eta (eps_c - eps_q) and sums
     w_s ||eps* - eps_c||^2 = w_s (1 + eta)^2 ||eps_q - eps_c||^2 along its own states."""
-    from scale.diffusion import strided_timesteps
+    from toy.core.diffusion import strided_timesteps
     from scale.engine import Slice
 
     task = _task(parts, "ru_dual_only")

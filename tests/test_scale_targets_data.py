@@ -143,7 +143,7 @@ def test_fu_step_gradient_is_the_signed_denoising_objective_written_out(setup, t
     """FU at multipliers lam = (0.3, 0.8)/n: ``grad [ (1/B) sum_b l(x_b) - sum_i lam_i (1/K) sum_k l(a_i, k) ]``."""
     from scale.data import DataTask, TrainingImages, list_images
     from scale.models import load_ddpm_models
-    from toy.dual import DualState
+    from toy.core.dual import DualState
 
     model, imgs, _ = setup
     cfg = _cfg(setup, tmp_path / "fu", forget_draws=3)

@@ -13,7 +13,7 @@ import theory.gmm as gmm
 from theory.diffusion import alphas_cumprod_for_schedule
 from toy.distances import energy_distance
 from toy.models import ComposedEps, EpsMLP, GibbsTiltEps, MixtureEps, SignedMixtureEps
-from toy.objectives import eta_from_lam
+from toy.core.objectives import eta_from_lam
 from toy.problems import check_budgets, default_instance
 from toy.reference import Quadrature
 from toy.sampling import ddim_sample, ddpm_sample
@@ -159,7 +159,7 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tin
                     lr_dual=400.0, lam_max=300.0, **TINY)
     with pytest.raises(FloatingPointError, match=message + r".*dual step 2.*last good checkpoint"):
         run(cfg)
-    from toy.runs import CheckpointStore
+    from toy.core.runs import CheckpointStore
     ckpt, _ = CheckpointStore(tmp_path / "div" / "checkpoint").load()
     assert ckpt["step"] == 10 and torch.all(torch.isfinite(ckpt["dual"]["lam"]))
     assert float(ckpt["dual"]["lam"].max()) <= 300.0

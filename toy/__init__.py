@@ -1,5 +1,5 @@
 """Toy tier of dualunlearn: small torch score networks trained with the primal-dual algorithms and
-checked against the closed-form targets of ``theory``. Also owns the pieces ``scale`` reuses: the
-dual state and its projected ascent (``toy.dual``), the score-space targets and losses
-(``toy.objectives``) and run bookkeeping (``toy.runs``). Never imports diffusers.
+checked against the closed-form targets of ``theory``. Its subpackage ``toy.core`` holds what the
+scale tier reuses (diffusion math in tensors, targets and estimators, the dual state, run
+directories); ``scale`` imports nothing else of ``toy``. Never imports diffusers.
 """

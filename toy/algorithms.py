@@ -1,7 +1,7 @@
 """The unlearning algorithms, written once against the model contract ``model(x_t, t) -> eps``
 (MATH.md §4). Each algorithm is a *primal step* (a loss for the trainable network at the current
 multipliers, and optionally the constraint estimates that come for free with it) plus, for the
-primal-dual variants, a *constraint estimator* feeding ``toy.dual.DualState``; ``unlearn`` runs
+primal-dual variants, a *constraint estimator* feeding ``toy.core.dual.DualState``; ``unlearn`` runs
 either with checkpoints, metrics and resumption. Nothing here knows about mixtures except where an
 estimator is explicitly "exact" (it takes ``MixtureEps`` densities).
 
@@ -25,13 +25,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from toy.dual import DualState
+from toy.core.dual import DualState
 from toy.models import constraint_function, gibbs_tilt_eps_target
-from toy.objectives import (composed_eps_target, denoising_loss, eta_from_lam, lam_from_eta,
-                            log_ratio_from_denoising_losses, reverse_step_kl_weights,
-                            signed_denoising_objective)
-from toy.pretrain import noised
-from toy.runs import RunDir
+from toy.core.objectives import composed_eps_target, denoising_loss, eta_from_lam, lam_from_eta, log_ratio_from_denoising_losses, signed_denoising_objective
+from toy.core.diffusion import reverse_step_kl_weights
+from toy.core.diffusion import noised
+from toy.core.runs import RunDir
 from toy.sampling import TrajectoryPool, ddpm_sample, path_kl_to_models
 
 log = logging.getLogger(__name__)
@@ -170,7 +169,7 @@ def lu_constraint_exact(net, forget_exact, q_exact, n, ab, gen, variant,
 @torch.no_grad()
 def diffusion_classifier_log_ratio(x0, model_c, model_ref, ab, gen, n_t: int | None = None) -> torch.Tensor:
     """``log q_c(x0)/q_ref(x0)`` (B,) from denoising-loss differences (MATH.md §4,
-    ``toy.objectives.log_ratio_from_denoising_losses``), summed over every timestep (n_t None) with
+    ``toy.core.objectives.log_ratio_from_denoising_losses``), summed over every timestep (n_t None) with
     one shared noise draw per (sample, t)."""
     ab = torch.as_tensor(ab, dtype=torch.float32)
     T = ab.shape[0]

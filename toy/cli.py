@@ -70,12 +70,12 @@ def main(args) -> int:
         raise ValueError("--resume and --overwrite exclude each other")
     # errors (divergence: exit 3, with the last good checkpoint kept) are reported by scale.cli
     if args.overwrite:  # the run's files go; a config file or model kept inside it stays
-        from toy.runs import clear_run_dir
+        from toy.core.runs import clear_run_dir
         clear_run_dir(cfg.out, keep=(args.config or "", cfg.pretrained))
     summary = run(cfg, progress=not args.no_progress, resume=True if args.resume else None)
     keys = ("problem", "algorithm", "budgets", "lam", "lam_star", "lam_reference", "constraint_values",
             "constraint_stderr", "distance_to_target", "distance_noise_floor", "figure")
-    from toy.runs import _jsonable
-    print(json.dumps(_jsonable({k: summary.get(k) for k in keys}), indent=1))
+    from toy.core.runs import jsonable
+    print(json.dumps(jsonable({k: summary.get(k) for k in keys}), indent=1))
     print(f"summary written to {cfg.out}/summary.json")
     return 0

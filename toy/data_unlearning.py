@@ -21,10 +21,10 @@ import torch
 
 from toy.algorithms import LoopConfig, Models, unlearn
 from toy.distances import energy_distance
-from toy.dual import DualState
+from toy.core.dual import DualState, dual_domain
 from toy.models import EpsMLP, MixtureEps
 from toy.pretrain import PointData, train_denoiser
-from toy.runs import RunDir
+from toy.core.runs import RunDir
 from toy.sampling import ddpm_sample
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ def retrain(net: EpsMLP, points, ab, steps: int, batch: int, lr: float, seed: in
     net = copy.deepcopy(net).train().requires_grad_(True)
     data = PointData(points, seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    from toy.objectives import denoising_loss
-    from toy.pretrain import noised
+    from toy.core.objectives import denoising_loss
+    from toy.core.diffusion import noised
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     for step in range(steps):
         frac = lr_final_frac + (1 - lr_final_frac) * 0.5 * (1 + np.cos(np.pi * step / steps))
@@ -80,7 +80,7 @@ def finite_set_experiment(points, forget_idx: list[int], ab, out: Path, seed: in
                        torch.Generator().manual_seed(seed + 7))
     pretrained.eval().requires_grad_(False)
     net = copy.deepcopy(pretrained).train().requires_grad_(True)
-    upper = np.full(len(forget_idx), 1.0 / n)
+    upper = np.asarray(dual_domain("forward_kl", len(forget_idx), n_train=n).upper)
     fixed = algorithm == "siss"
     b = np.zeros(len(forget_idx)) if budgets is None else np.asarray(budgets, dtype=np.float64)
     dual = DualState("forward_kl", b, 0.0 if fixed else lr_dual, upper if fixed else None, upper)

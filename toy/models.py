@@ -154,7 +154,7 @@ class ComposedEps:
     ``eta`` (m,). Exact for the x_0 tilt only at t = 0; a surrogate at t > 0."""
 
     def __init__(self, base, forget: list, eta):
-        from toy.objectives import composed_eps_target
+        from toy.core.objectives import composed_eps_target
         self._target = composed_eps_target
         self.base, self.forget = base, list(forget)
         self.eta = torch.as_tensor(eta, dtype=torch.float64).reshape(-1)

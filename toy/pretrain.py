@@ -13,8 +13,9 @@ import torch
 
 from theory.gmm import GaussianMixture
 from toy.models import EpsMLP
-from toy.objectives import denoising_loss
-from toy.runs import CheckpointStore, announce, atomic_torch_save, pause_point
+from toy.core.diffusion import noised
+from toy.core.objectives import denoising_loss
+from toy.core.runs import CheckpointStore, announce, atomic_torch_save, pause_point
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,6 @@ class PointData:
         self.gen.set_state(s)
 
 
-def noised(x0: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator):
-    """(x_t, t, z) for uniform t and standard normal z: the forward process in one step."""
-    T = alphas_cumprod.shape[0]
-    t = torch.randint(0, T, (x0.shape[0],), generator=generator)
-    z = torch.randn(x0.shape, generator=generator)
-    ab = alphas_cumprod[t].to(x0.dtype).unsqueeze(1)
-    return ab.sqrt() * x0 + (1 - ab).sqrt() * z, t, z
 
 
 def train_denoiser(model: EpsMLP, data, alphas_cumprod, steps: int, batch: int, lr: float,

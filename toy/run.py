@@ -25,13 +25,15 @@ from theory.config import config_to_dict
 from theory.diffusion import alphas_cumprod_for_schedule
 from toy.algorithms import ALGORITHMS, LoopConfig, Models, averaged_lam, elbo_constraint_terms, unlearn
 from toy.distances import energy_distance
-from toy.dual import DualState
+from toy.core.dual import DualState, dual_domain
 from toy.models import ComposedEps, EpsMLP, GibbsTiltEps, MixtureEps, constraint_function
-from toy.objectives import denoising_loss, eta_from_lam, lam_from_eta, reverse_step_kl_weights
-from toy.pretrain import MixtureData, load_model, noised, save_model, train_denoiser
+from toy.core.objectives import denoising_loss, eta_from_lam, lam_from_eta
+from toy.core.diffusion import reverse_step_kl_weights
+from toy.pretrain import MixtureData, load_model, save_model, train_denoiser
+from toy.core.diffusion import noised
 from toy.problems import check_budgets, default_instance, lam_star
 from toy.reference import Quadrature, surrogate_lam
-from toy.runs import CheckpointStore, RunDir, atomic_write_json, clear_run_dir
+from toy.core.runs import CheckpointStore, RunDir, atomic_write_json, clear_run_dir
 from toy.sampling import ddpm_sample, path_kl_to_models
 
 log = logging.getLogger(__name__)
@@ -317,7 +319,7 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None, r
     """Run one toy unlearning experiment into ``cfg.out``; returns the summary (also written).
 
     A directory holding a run of the same config (docs/runs.md) is continued from its last
-    checkpoint; one of another config is refused (``toy.runs.RunDirError``) unless ``overwrite``
+    checkpoint; one of another config is refused (``toy.core.runs.RunDirError``) unless ``overwrite``
     (start afresh there). ``resume=False`` refuses any existing run."""
     validate(cfg)
     if overwrite:
@@ -381,11 +383,9 @@ def _run(cfg: ToyConfig, progress: bool, stop_after: int | None, resume: bool | 
             atomic_write_json(sur_path, {"lam": lam_sur})
 
     # dual domain and step size
-    upper, sum_max = None, None
-    if cfg.problem == "reverse_kl":
-        sum_max = 0.95
-    elif cfg.problem == "forward_kl":
-        upper = [qd.lam_max() for qd in quads]
+    domain = dual_domain(cfg.problem, len(budgets),
+                         upper=[qd.lam_max() for qd in quads] if cfg.problem == "forward_kl" else None)
+    upper, sum_max = domain.upper, domain.sum_max
     slopes = np.array([_slope(qd, lam_i) for qd, lam_i in zip(quads, lam_th)])
     vscale = violation_scale(cfg)
     # d log C / d lam = slope / C, and C = budget at lam*
@@ -561,7 +561,7 @@ def objective_estimate(cfg, net, models: Models, q, n: int) -> tuple[float, floa
 
 
 def _violation(problem, measured, budgets) -> np.ndarray:
-    from toy.dual import constraint_violation
+    from toy.core.dual import constraint_violation
     return constraint_violation(problem, torch.as_tensor(measured, dtype=torch.float64),
                                 torch.as_tensor(budgets, dtype=torch.float64)).numpy()
 

@@ -2,7 +2,7 @@
 mixtures alike), on a DDPM schedule ``alphas_cumprod`` (0-based t, diffusers' convention).
 
 - ``ddpm_sample``: ancestral sampling with reverse variance ``sigma_t^2 = beta_t`` (the variance the
-  path-KL weights ``toy.objectives.reverse_step_kl_weights`` assume); no noise at the last step.
+  path-KL weights ``toy.core.objectives.reverse_step_kl_weights`` assume); no noise at the last step.
 - ``ddim_sample``: deterministic DDIM (eta = 0), the probability-flow discretisation, on a strided
   subset of timesteps.
 - ``path_kl_to_models``: path-wise KL(P_model || P_other_i) along the model's own ancestral
@@ -18,14 +18,10 @@ import time
 import numpy as np
 import torch
 
-from toy.objectives import path_kl_estimate, reverse_step_kl_weights
+from toy.core.diffusion import reverse_step_kl_weights, step_schedule
+from toy.core.objectives import path_kl_estimate
 
 
-def _schedule(alphas_cumprod) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-    alpha = ab / ab_prev
-    return ab, alpha, 1.0 - alpha
 
 
 def _check_finite(x: torch.Tensor, t: int, what: str) -> None:
@@ -38,7 +34,7 @@ def ddpm_sample(model, n: int, alphas_cumprod, generator: torch.Generator, dim: 
                 on_step=None) -> torch.Tensor:
     """``n`` samples (n, dim) float32 by ancestral DDPM; ``on_step(t, x_t, eps)`` is called at every
     step before the update (used to evaluate other models along the trajectory)."""
-    ab, alpha, beta = _schedule(alphas_cumprod)
+    ab, alpha, beta = step_schedule(alphas_cumprod)
     T = ab.shape[0]
     x = torch.randn(n, dim, generator=generator)
     for t in range(T - 1, -1, -1):
@@ -132,7 +128,7 @@ class TrajectoryPool:
     """
 
     def __init__(self, alphas_cumprod, n_chains: int, buffer: int, dim: int = 2):
-        ab, alpha, beta = _schedule(alphas_cumprod)
+        ab, alpha, beta = step_schedule(alphas_cumprod)
         self.T = int(ab.shape[0])
         if n_chains < self.T or n_chains % self.T:
             raise ValueError(f"n_chains must be a positive multiple of the number of timesteps T = {self.T} "

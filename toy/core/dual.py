@@ -21,11 +21,57 @@ The projection is onto the dual domain ``{0 <= lam_i <= upper_i, sum(lam) <= sum
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from theory import PROBLEMS
 
 _LOWER_IS_FEASIBLE = {"reverse_kl": False, "forward_kl": False, "likelihood": True}
+
+
+#: RU's default bound on ``sum(lam)``: the tilt (eq. 7) needs ``sum(lam) < 1``; 0.95 keeps ``eta`` <= 19.
+RU_SUM_MAX = 0.95
+
+
+@dataclass(frozen=True)
+class DualDomain:
+    """The set the multipliers are projected onto (eq. 35): ``{0 <= lam_i <= upper_i, sum(lam) <= sum_max}``;
+    ``None`` leaves that bound out."""
+
+    upper: tuple[float, ...] | None = None
+    sum_max: float | None = None
+
+
+def dual_domain(problem: str, m: int, *, n_train: int | None = None, upper=None,
+                ru_sum_max: float = RU_SUM_MAX) -> DualDomain:
+    """The dual domain of ``m`` constraints of ``problem``, in one place for every tier:
+
+    - RU: ``sum(lam) <= ru_sum_max < 1``, where the tilt (eq. 7) is defined;
+    - FU: ``lam_i <= 1/n`` for data unlearning on ``n_train`` points (eq. 14), or ``lam_i <= upper_i``
+      where the signed mixture (eq. 12) stays non-negative, when that end is known per constraint;
+    - LU: ``lam >= 0`` only (eq. 16).
+    """
+    if problem not in PROBLEMS:
+        raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
+    if int(m) != m or m < 1:
+        raise ValueError(f"at least one constraint is required, got m = {m}")
+    if problem == "reverse_kl":
+        if not 0 < ru_sum_max < 1:
+            raise ValueError(f"the RU tilt needs sum(lam) < 1: ru_sum_max must lie in (0, 1), got {ru_sum_max}")
+        return DualDomain(sum_max=float(ru_sum_max))
+    if problem == "forward_kl":
+        if (n_train is None) == (upper is None):
+            raise ValueError("the FU dual domain needs exactly one of n_train (data unlearning) or upper")
+        if n_train is not None:
+            if int(n_train) != n_train or n_train < 1:
+                raise ValueError(f"n_train must be a positive integer, got {n_train}")
+            return DualDomain(upper=(1.0 / n_train,) * int(m))
+        bounds = tuple(float(u) for u in upper)
+        if len(bounds) != m or not all(b > 0 for b in bounds):
+            raise ValueError(f"upper must hold {m} positive bounds, got {list(bounds)}")
+        return DualDomain(upper=bounds)
+    return DualDomain()
 
 
 def constraint_violation(problem: str, measured: torch.Tensor, budgets: torch.Tensor) -> torch.Tensor:

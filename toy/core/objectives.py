@@ -65,18 +65,6 @@ def signed_denoising_objective(loss_retain: torch.Tensor, loss_forget: torch.Ten
     return loss_retain - (lam * loss_forget).sum()
 
 
-def reverse_step_kl_weights(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Weights ``w_t = beta_t / (2 alpha_t (1 - alpha_bar_t))`` such that the KL between two DDPM
-    reverse steps with variance ``sigma_t^2 = beta_t`` and noise predictions eps_p, eps_q is
-    ``w_t ||eps_p - eps_q||^2`` (means differ by ``beta_t/(sqrt(alpha_t) sqrt(1-alpha_bar_t))`` times
-    the eps difference). Summed over steps this is the path-wise KL (MATH.md §4), and the same
-    weights turn denoising losses into the ELBO.
-    """
-    ab = alphas_cumprod.double()
-    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-    alpha = ab / ab_prev
-    beta = 1.0 - alpha
-    return beta / (2.0 * alpha * (1.0 - ab))
 
 
 def path_kl_estimate(eps_p: torch.Tensor, eps_q: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -74,20 +74,20 @@ def git_sha() -> str | None:
         return None
 
 
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         v = v.detach().cpu().numpy()
     if isinstance(v, np.ndarray):
-        return [_jsonable(x) for x in v.tolist()] if v.ndim else _jsonable(v.item())
+        return [jsonable(x) for x in v.tolist()] if v.ndim else jsonable(v.item())
     if isinstance(v, (np.floating, float)):
         f = float(v)
         return f if math.isfinite(f) else str(f)
     if isinstance(v, np.integer):
         return int(v)
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, Path):
         return str(v)
     return v
@@ -123,7 +123,7 @@ def pause_point(point: str) -> None:
 
 
 def announce(message: str, *args: Any) -> None:
-    """Log a run-directory event (resumed, refused, recovered) on ``toy.runs``; the CLI shows these
+    """Log a run-directory event (resumed, refused, recovered) on ``toy.core.runs``; the CLI shows these
     at any verbosity."""
     log.info(message, *args)
 
@@ -179,7 +179,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n").encode())
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -273,7 +273,7 @@ def input_identity(path: str | Path) -> dict | None:
 def run_identity(config: dict) -> dict:
     """The part of a resolved config that determines the result (``EXCLUDED_KEYS`` removed), and
     the content identity of every input file or folder it names (``INPUT_KEYS``)."""
-    flat = _jsonable(_flatten(config))
+    flat = jsonable(_flatten(config))
     kept = {k: v for k, v in flat.items() if k not in EXCLUDED_KEYS}
     inputs = {}
     for k, v in kept.items():
@@ -656,7 +656,7 @@ class RunDir:
                 announce("resuming %s in %s at step %d of %d", what, self.path, start, total)
 
     def log_metrics(self, step: int, check_finite: bool = True, **values: Any) -> None:
-        row = {"step": int(step), **_jsonable(values)}
+        row = {"step": int(step), **jsonable(values)}
         if check_finite:
             for k, v in values.items():
                 arr = np.asarray(v.detach().cpu() if isinstance(v, torch.Tensor) else v)

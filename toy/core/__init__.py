@@ -1,0 +1,8 @@
+"""The torch core that the toy and scale tiers share, written once: the diffusion process in tensors
+(``toy.core.diffusion``: forward noising, reverse-step coefficients, strided chains, Tweedie), the
+score-space targets, losses and constraint estimators (``toy.core.objectives``), the dual side of
+every primal-dual algorithm (``toy.core.dual``: violations, projected ascent, the dual domain) and run
+directories (``toy.core.runs``: fingerprints, locks, checkpoints, metrics).
+
+``scale`` may import this subpackage and nothing else of ``toy`` (``tests/test_layout.py`` checks it).
+"""
