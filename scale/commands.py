@@ -40,6 +40,12 @@ HELP = {
 }
 
 
+def _rehearse_sizes() -> list[str]:
+    from scale.rehearse import PRESETS
+
+    return [f"{k} ({v['pretrain_steps']} pretraining / {v['unlearn_steps']} unlearning steps)" for k, v in PRESETS.items()]
+
+
 def build_config(command: str, config_file: str | None, overrides: list[str] | None, out: str | None = None):
     cls = _config_classes()[command]
     ov = list(overrides or [])
@@ -80,9 +86,14 @@ def register(subparsers) -> None:
                        help="override a config key (TOML literal; nested keys with dots, e.g. train.steps=10)")
         q.add_argument("--out", help="output directory (same as --set out=...)")
         q.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        if name == "rehearse":
+            q.epilog = "sizes (--set size=...): " + ", ".join(_rehearse_sizes())
         if name in ("concept", "data"):
             q.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
         q.set_defaults(func=main_scale)
+    from scale.preflight import register as register_preflight
+
+    register_preflight(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
