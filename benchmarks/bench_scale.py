@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=int, default=4, help="on-policy sampler steps of ESD/RU")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--only", choices=("sd", "ddpm", "both"), default="both")
+    p.add_argument("--json", action="store_true", help="also print the rows as one JSON line (tests/test_scale_gpu.py)")
     p.add_argument("--child", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -231,6 +232,11 @@ def main(argv=None) -> int:
         dual = "" if r["dual_s"] is None else f"{1000 * r['dual_s']:.2f} ({100 * r['dual_s'] / r['median_s']:.2f}%)"
         print(f"| {kind} | {method} | {r['median_s']:.4f} | {args.batch / r['median_s']:.2f} | {r['peak_mb']:.0f} | "
               f"{rel} | {dual} |")
+    if args.json:
+        print(json.dumps([{"model": k, "step": m, "median_s": r["median_s"], "images_per_s": args.batch / r["median_s"],
+                           "peak_mb": r["peak_mb"],
+                           "dual_fraction": None if r["dual_s"] is None else r["dual_s"] / r["median_s"]}
+                          for k, m, r in rows]))
     return 0
 
 

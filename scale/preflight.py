@@ -290,8 +290,11 @@ def calibrate_concept(cfg, models, trainable, acc, draws: int = 1) -> dict:
     dual = initial_dual(cfg) if cfg.method != "esd" else DualState("reverse_kl", torch.zeros(m), 0.0)
     out: dict = {"kind": "concept", "method": cfg.method, "concepts": list(cfg.concepts),
                  "sample_steps": cfg.sample_steps, "batch": B, "draws": draws}
-    step0 = _concept_estimates(task, dual, draws, B, dual_only=False)
-    out["step0"], out["step0_se"] = grouped_mean_se(step0, step0.shape[1])
+    if cfg.method == "lu":
+        step0 = _concept_estimates(task, dual, draws, B, dual_only=False)
+        out["step0"], out["step0_se"] = grouped_mean_se(step0, step0.shape[1])
+    else:  # every trainable mode starts at the pretrained weights: p = q_i under c_i, KL = 0 exactly
+        out["step0"], out["step0_se"] = np.zeros(m), np.zeros(m)
     if cfg.method == "lu":
         from scale.diffusion import lu_weight
 
@@ -438,6 +441,7 @@ class PreflightOptions:
     sample_steps: int = 0        # 0: min(config, 4) on CPU, the config's on a GPU
     processes: int = 1           # processes of the real run (projection)
     calibration_draws: int = 0   # 0: 1 on CPU, 4 on a GPU (global batches per calibration estimate)
+    calibration_batch: int = 0   # 0: min(config, 4) on CPU, the config's on a GPU
     resume_check: bool = True
 
     def __post_init__(self):
@@ -451,11 +455,15 @@ def _on_gpu(cfg) -> bool:
     return torch.cuda.is_available() and not cfg.train.cpu
 
 
-def calibrate(kind: str, cfg, draws: int = 0) -> tuple[dict, dict]:
-    """Load like the run and calibrate: ``(calibration, counts)`` (full resolution, config's sampler steps)."""
+def calibrate(kind: str, cfg, draws: int = 0, batch: int = 0) -> tuple[dict, dict]:
+    """Load like the run and calibrate: ``(calibration, counts)`` (full resolution, config's sampler
+    steps; concept estimates from ``draws`` global batches of ``batch`` samples, by default 1 x min(config, 4)
+    on CPU and 4 x the config's batch on a GPU)."""
     models, trainable, acc, counts = load_like_run(kind, cfg)
     draws = draws or (4 if _on_gpu(cfg) else 1)
+    B = batch or (cfg.train.batch_size if _on_gpu(cfg) else min(cfg.train.batch_size, 4))
     if kind == "concept":
+        cfg = replace(cfg, train=replace(cfg.train, batch_size=B, micro_batch=B))
         cal = calibrate_concept(cfg, models, trainable, acc, draws)
     else:
         cal = calibrate_data(cfg, models, max(8, 8 * draws))
@@ -589,7 +597,7 @@ def preflight(config_file: str | None, overrides: list[str] | None = None, opts:
     checks: list[Check] = []
     record: dict = {"kind": kind, "method": cfg.method, "config": config_to_dict(cfg), "device": device,
                     "options": config_to_dict(opts)}
-    cal, counts = calibrate(kind, cfg, opts.calibration_draws)
+    cal, counts = calibrate(kind, cfg, opts.calibration_draws, opts.calibration_batch)
     record["parameters"] = counts
     checks.append(Check("model loads as the run loads it",
                         f"{counts['total'] / 1e6:.1f}M parameters, {counts['trainable'] / 1e6:.3f}M trainable "
