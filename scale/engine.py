@@ -127,8 +127,7 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1,
-                       log_with=cfg.log_with or None)
+    return Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=1)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -220,9 +219,12 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
     pictures = snapshot is not None and accelerator.is_main_process
     if pictures:
         snapshot(start)
-    if cfg.log_with:
-        accelerator.project_configuration.project_dir = str(run_dir.path)
+    if cfg.log_with:  # the tracker's directory is the run's, known only here
+        from accelerate.tracking import filter_trackers
+
+        accelerator.project_configuration.set_directories(str(run_dir.path))
         accelerator.project_configuration.logging_dir = str(run_dir.path / "tracker")
+        accelerator.log_with = filter_trackers([cfg.log_with], accelerator.logging_dir)
         accelerator.init_trackers("dualunlearn", config={"lr": cfg.lr, "batch_size": cfg.batch_size,
                                                          "steps": total_steps, "seed": cfg.seed})
     done = 0
