@@ -356,3 +356,58 @@ def test_preflight_passes_on_real_size_celebahq_ddpm_in_under_5_minutes(realsize
     seconds = time.perf_counter() - t0
     assert rc == 0, capsys.readouterr().out
     assert seconds < 300
+
+
+# ------------------------------------------------------------------ the rehearsal's report
+
+
+def _kid_features():
+    from scale.evaluate import FeatureExtractor
+
+    return FeatureExtractor(torch.nn.Flatten(), 4)
+
+
+def test_kid_standard_error_matches_the_spread_of_independent_kid_estimates():
+    """Monte Carlo: R = 40 independent (real, fake) pairs of 4-d Gaussian "images" (means 0 and 0.5); the
+    group standard error of each KID estimate should match the sd of the 40 estimates. The sd of 40
+    draws has relative standard error 1/sqrt(2 * 39) = 0.11 and the mean of 40 group se's about
+    0.11 / sqrt(40) (each from 4 groups: relative se ~0.4); their ratio lies within 3 x 0.12 = 0.36 of 1
+    up to the group method's first-order approximation, hence [0.6, 1.5]."""
+    from scale.evaluate import kid
+    from scale.rehearse import kid_standard_error
+
+    g = torch.Generator().manual_seed(0)
+    feat = _kid_features()
+    est, ses = [], []
+    for r in range(40):
+        real = torch.randn((160, 4, 1, 1), generator=g)
+        fake = torch.randn((160, 4, 1, 1), generator=g) + 0.5
+        est.append(kid(real, fake, feat, subset_size=160, subsets=10, seed=r)[0])
+        ses.append(kid_standard_error(real, fake, feat, seed=r))
+    ratio = float(np.mean(ses) / np.std(est, ddof=1))
+    assert 0.6 < ratio < 1.5, (ratio, np.mean(est), np.std(est, ddof=1), np.mean(ses))
+
+
+def test_rehearse_report_shows_kid_with_se_esd_budget_na_and_verdicts(tmp_path):
+    from scale.rehearse import method_verdict, render_report
+
+    before = {"accuracy_unlearned": 0.9, "accuracy_retained": 0.9, "kid_retained": -2e-5, "kid_retained_se": 3e-4}
+    ok = {"accuracy_unlearned": 0.1, "accuracy_retained": 0.85, "kid_retained": 1e-4, "kid_retained_se": 2e-4}
+    bad = dict(ok, accuracy_unlearned=0.5)
+    last10 = np.full((10, 1), 30.0) + np.linspace(-1, 1, 10)[:, None]
+    methods = {
+        "ru": {"after": ok, "lam": [0.3], "budgets": [30.0], "constraint_last10": [30.0], "run": str(tmp_path / "ru")},
+        "esd": {"after": bad, "lam": [0.5], "budgets": [0.0], "constraint_last10": [12.0], "run": str(tmp_path / "esd")},
+    }
+    methods["ru"]["verdict"] = method_verdict("ru", methods["ru"], before, last10)
+    methods["esd"]["verdict"] = method_verdict("esd", methods["esd"], before)
+    assert methods["ru"]["verdict"]["passed"] and not methods["esd"]["verdict"]["passed"]
+    # the constraint 3 standard errors below the budget fails RU's verdict
+    far = method_verdict("ru", dict(methods["ru"], budgets=[40.0]), before, last10)
+    assert not far["passed"] and "budget" in far["reasons"][0]
+    text = render_report({"classifier_heldout_accuracy": 0.95, "concept_before": before, "methods": methods,
+                          "config": {"out": str(tmp_path)}})
+    esd_row = next(line for line in text.splitlines() if line.startswith("| esd |"))
+    assert "| n/a |" in esd_row and "[0.0]" not in esd_row and "**fail**" in esd_row
+    assert "-2.0e-05 +- 3.0e-04" in text and "-0.0000" not in text
+    assert "| pass |" in next(line for line in text.splitlines() if line.startswith("| ru |"))
