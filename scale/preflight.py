@@ -563,8 +563,14 @@ def resume_check(kind: str, pcfg, out: Path, reference_rows: list[dict], device:
     rcfg = replace(pcfg, out=str(out), train=replace(pcfg.train, steps=k, checkpoint_every=1))
     shutil.rmtree(out, ignore_errors=True)
     _run(kind, rcfg, stop_after=1)
+    # mark the first row: a run that resumes at step 1 keeps it, one that starts over rewrites it
+    first = _rows(out)[:1]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r | {"before_resume": True}) + "\n" for r in first))
     _run(kind, rcfg, resume=True)
     got = _rows(out)
+    if not got or not got[0].get("before_resume"):
+        return Check("checkpoint + resume reproduces the run", "the second run started over at step 0",
+                     "it resumes at step 1", False)
     rtol = RESUME_RTOL["cuda" if device == "cuda" else "cpu"]
     worst = 0.0
     for a, b in zip(reference_rows[:k], got[:k]):
