@@ -19,6 +19,7 @@ Drawing is on the main process only and never touches the global random state.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -28,6 +29,19 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+_DISABLED: list[bool] = []
+
+
+@contextlib.contextmanager
+def disabled():
+    """No pictures for the runs inside this context (the pre-flight's resume check)."""
+    _DISABLED.append(True)
+    try:
+        yield
+    finally:
+        _DISABLED.pop()
+
 
 #: seeds of the grids' noise (independent of the training seed, so runs with different seeds compare)
 GRID_SEED = 20_240_601
@@ -217,9 +231,11 @@ class Snapshot:
                           self.lam_scale, self.lam_label)
 
 
-def concept_snapshot(run_dir, models, trainable, cfg, budgets, n: int = 4, steps: int = 10) -> Snapshot:
+def concept_snapshot(run_dir, models, trainable, cfg, budgets, n: int = 4, steps: int = 10) -> Snapshot | None:
     """Grids for a concept run: every concept and retain prompt, reference vs current model
-    (sampler steps ``min(steps, cfg.sample_steps)``)."""
+    (sampler steps ``min(steps, cfg.sample_steps)``); ``None`` inside ``disabled()``."""
+    if _DISABLED:
+        return None
     prompts = list(cfg.concepts) + list(cfg.retain_prompts)
     names = [f"concept {p!r}" for p in cfg.concepts] + [f"retain {p!r}" for p in cfg.retain_prompts]
     k = max(1, min(steps, cfg.sample_steps))
@@ -237,10 +253,12 @@ def concept_snapshot(run_dir, models, trainable, cfg, budgets, n: int = 4, steps
 
 
 def data_snapshot(run_dir, unet, alphas_cumprod, forget_images: torch.Tensor, retained_images: torch.Tensor,
-                  budgets, n_train: int, n_samples: int = 4, steps: int = 10, method: str = "fu") -> Snapshot:
+                  budgets, n_train: int, n_samples: int = 4, steps: int = 10, method: str = "fu") -> Snapshot | None:
     """Grids for a data run: Tweedie reconstructions at the middle of the diffusion of each forget
     image and of the given retained images, and ``n_samples`` unconditional samples (``steps`` sampler
-    steps), before vs after."""
+    steps), before vs after; ``None`` inside ``disabled()``."""
+    if _DISABLED:
+        return None
     T = alphas_cumprod.numel()
     t_mid = T // 2
     shape = tuple(forget_images.shape[1:])

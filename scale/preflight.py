@@ -562,11 +562,15 @@ def resume_check(kind: str, pcfg, out: Path, reference_rows: list[dict], device:
     k = min(3, len(reference_rows))
     rcfg = replace(pcfg, out=str(out), train=replace(pcfg.train, steps=k, checkpoint_every=1))
     shutil.rmtree(out, ignore_errors=True)
-    _run(kind, rcfg, stop_after=1)
+    from scale import figures
+
+    with figures.disabled():
+        _run(kind, rcfg, stop_after=1)
     # mark the first row: a run that resumes at step 1 keeps it, one that starts over rewrites it
     first = _rows(out)[:1]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r | {"before_resume": True}) + "\n" for r in first))
-    _run(kind, rcfg, resume=True)
+    with figures.disabled():
+        _run(kind, rcfg, resume=True)
     got = _rows(out)
     if not got or not got[0].get("before_resume"):
         return Check("checkpoint + resume reproduces the run", "the second run started over at step 0",

@@ -160,6 +160,8 @@ def test_direction_check_flags_a_multiplier_moving_against_its_violation():
     assert direction_check([{"step": 0, "lam": [0.5, 0.45], "violation": [1.0, 1.0]}], [0.5, 0.45], 0.1,
                            sum_max=0.95).passed
     assert not direction_check([{"step": 0, "lam": [0.5], "violation": [2.0]}], [0.5], 0.1).passed
+    # slack (violation < 0) with lam > 0 must move lam down, not leave it
+    assert not direction_check([{"step": 0, "lam": [0.5], "violation": [-2.0]}], [0.5], 0.1).passed
     # fixed multipliers (ESD, SISS) must not move
     assert not direction_check([{"step": 0, "lam": [0.3], "violation": [2.0]}], [0.2], 0.0).passed
 
@@ -183,6 +185,8 @@ def test_concept_preflight_passes_and_writes_report_grid_and_curves(tiny, tmp_pa
     assert 0 < rec["parameters"]["trainable"] < rec["parameters"]["unet"]
     # reduced resolution on CPU: the smallest the tiny UNet (one downsampler) takes, 2
     assert rec["measured"]["resolution"] == 2 and rec["projection"]["resolution"] == 8
+    before, _ = torch.load(figs / "before.pt", weights_only=False)  # the run really sampled at 2 x 2
+    assert tuple(before[0].shape[-2:]) == (2, 2)
 
 
 def test_ru_calibration_brackets_the_kl_at_the_largest_multiplier(tiny, tmp_path, capsys):
