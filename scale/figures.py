@@ -219,8 +219,12 @@ class Snapshot:
         after = self._draw_after()
         rows, labels = [], []
         for name, b, a in zip(names, imgs, after):
-            rows += [b, a]
-            labels += [f"{name}\nbefore", f"{name}\nstep {step}"]
+            if b.shape == a.shape and torch.equal(b, a):  # e.g. the training images themselves: one row
+                rows.append(b)
+                labels.append(name)
+            else:
+                rows += [b, a]
+                labels += [f"{name}\nbefore", f"{name}\nstep {step}"]
         grid = image_grid(self.dir / f"grid_step{step}.png", rows, labels, self.title)
         self.write_curves()
         log.info("wrote %s", grid)
