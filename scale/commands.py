@@ -1,6 +1,7 @@
 """``dualunlearn scale concept|data|sample|evaluate|rehearse`` (and ``preflight|calibrate``, from
 ``scale.preflight``): each command builds a frozen config from ``--config FILE`` and ``--set
-key=value`` overrides (unknown keys rejected), prints it with ``--dry-run``, and otherwise calls the module's ``run(cfg)`` (which tests call directly).
+key=value`` overrides (unknown keys rejected), prints it with ``--dry-run``, and otherwise
+calls the module's ``run(cfg)`` (which tests call directly).
 """
 
 from __future__ import annotations
