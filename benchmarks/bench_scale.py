@@ -139,6 +139,7 @@ def plain_step_times(kind: str, path: Path, args) -> list[float]:
 
 
 def engine_step_times(kind: str, method: str, path: Path, out: Path, args) -> list[float]:
+    from scale import figures
     from scale.engine import TrainConfig
 
     train = TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch, micro_batch=args.micro_batch or args.batch,
@@ -147,13 +148,15 @@ def engine_step_times(kind: str, method: str, path: Path, out: Path, args) -> li
     if kind == "sd":
         from scale.concept import ConceptConfig, run
 
-        run(ConceptConfig(model=str(path), out=str(out), method=method, concepts=("a photo of a cat",),
-                          budgets=(1.0,), sample_steps=args.sample_steps, train=train))
+        with figures.disabled():  # the benchmark times steps; no sample grids
+            run(ConceptConfig(model=str(path), out=str(out), method=method, concepts=("a photo of a cat",),
+                              budgets=(1.0,), sample_steps=args.sample_steps, train=train))
     else:
         from scale.data import DataConfig, run
 
-        run(DataConfig(model=str(path / "model"), out=str(out), method=method, train_dir=str(path / "imgs"),
-                       forget=("000.png", "001.png"), budget_factor=1.5, forget_draws=1, train=train))
+        with figures.disabled():
+            run(DataConfig(model=str(path / "model"), out=str(out), method=method, train_dir=str(path / "imgs"),
+                           forget=("000.png", "001.png"), budget_factor=1.5, forget_draws=1, train=train))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][args.warmup:]
     return [r["step_seconds"] for r in rows], [r["dual_seconds"] for r in rows]
 
