@@ -40,6 +40,7 @@ import torch
 
 from scale.diffusion import (add_noise, ancestral_step, ddim_step, lu_weight, strided_kl_weights,
                              strided_timesteps)
+from scale import figures
 from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, make_optimizer, run_loop, step_generator
 from scale.models import ESD_X_TARGETS, Trainable, encode_prompts, load_concept_models
 from theory.config import config_to_dict
@@ -384,7 +385,8 @@ def run(cfg: ConceptConfig, resume: bool = False, stop_after: int | None = None)
                     optimizer=optimizer, dual=dual,
                     step_fn=lambda s, sl: task.step(s, sl, dual, dual_only=s < D),
                     cfg=cfg.train, total_steps=D + cfg.train.steps, dual_active=lambda s: s < D or D == 0,
-                    resume=resume, desc=f"concept/{cfg.method}", stop_after=stop_after)
+                    resume=resume, desc=f"concept/{cfg.method}", stop_after=stop_after,
+                    snapshot=figures.concept_snapshot(run_dir.path, models, trainable, cfg, dual.budgets))
     summary = {
         "problem": "likelihood" if cfg.method == "lu" else "reverse_kl", "method": cfg.method,
         "concepts": list(cfg.concepts), "baseline_prompt": cfg.baseline_prompt,

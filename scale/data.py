@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from scale.diffusion import add_noise, siss_log_weights
+from scale import figures
 from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, make_optimizer, run_loop, step_generator
 from scale.models import Trainable, load_ddpm_models
 from theory.config import config_to_dict
@@ -426,7 +427,10 @@ def run(cfg: DataConfig, resume: bool = False, stop_after: int | None = None) ->
     last = run_loop(run_dir=run_dir, accelerator=accelerator, model=model, trainable=trainable,
                     optimizer=optimizer, dual=dual, step_fn=lambda s, sl: task.step(s, sl, dual),
                     cfg=cfg.train, total_steps=cfg.train.steps, resume=resume, desc=f"data/{cfg.method}",
-                    stop_after=stop_after)
+                    stop_after=stop_after, snapshot=figures.data_snapshot(
+                        run_dir.path, unet, ab, forget_images,
+                        images.load(torch.tensor([i for i in range(n) if i not in forget_idx][:4])),
+                        dual.budgets, n, method=cfg.method))
     post_forget = forget_losses(unet, forget_images.to(accelerator.device), ab, 16, eval_seed)
     summary = {
         "problem": "forward_kl", "method": cfg.method, "n_train": n,
