@@ -147,6 +147,7 @@ def plain_step_times(kind: str, path: Path, args) -> list[float]:
 
 
 def engine_step_times(kind: str, method: str, path: Path, out: Path, args) -> list[float]:
+    from scale import figures
     from scale.engine import TrainConfig
 
     train = TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch, micro_batch=args.micro_batch or args.batch,
@@ -158,15 +159,17 @@ def engine_step_times(kind: str, method: str, path: Path, out: Path, args) -> li
     if kind == "sd":
         from scale.concept import ConceptConfig, run
 
-        run(ConceptConfig(model=str(path), out=str(out), method=method, concepts=("a photo of a cat",),
-                          budgets=(1.0,), sample_steps=args.sample_steps, train=train))
+        with figures.disabled():  # the benchmark times steps; no sample grids
+            run(ConceptConfig(model=str(path), out=str(out), method=method, concepts=("a photo of a cat",),
+                              budgets=(1.0,), sample_steps=args.sample_steps, train=train))
     else:
         from scale.data import DataConfig, run
 
         form = "published" if method == "siss_published" else "project"
-        run(DataConfig(model=str(path / "model"), out=str(out), method=method.replace("_published", ""),
-                       siss_form=form, train_dir=str(path / "imgs"), forget=("000.png", "001.png"),
-                       budget_factor=1.5, forget_draws=1, train=train))
+        with figures.disabled():
+            run(DataConfig(model=str(path / "model"), out=str(out), method=method.replace("_published", ""),
+                           siss_form=form, train_dir=str(path / "imgs"), forget=("000.png", "001.png"),
+                           budget_factor=1.5, forget_draws=1, train=train))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][args.warmup:]
     return [r["step_seconds"] for r in rows], [r["dual_seconds"] for r in rows]
 
@@ -196,6 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--sample-steps", type=int, default=4, help="on-policy sampler steps of ESD/RU")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--only", choices=("sd", "ddpm", "both"), default="both")
+    p.add_argument("--json", action="store_true", help="also print the rows as one JSON line (tests/test_scale_gpu.py)")
     p.add_argument("--child", nargs=2, metavar=("KIND", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -244,6 +248,11 @@ def main(argv=None) -> int:
         dual = "" if r["dual_s"] is None else f"{1000 * r['dual_s']:.2f} ({100 * r['dual_s'] / r['median_s']:.2f}%)"
         print(f"| {kind} | {method} | {r['median_s']:.4f} | {args.batch / r['median_s']:.2f} | {r['peak_mb']:.0f} | "
               f"{rel} | {dual} |")
+    if args.json:
+        print(json.dumps([{"model": k, "step": m, "median_s": r["median_s"], "images_per_s": args.batch / r["median_s"],
+                           "peak_mb": r["peak_mb"],
+                           "dual_fraction": None if r["dual_s"] is None else r["dual_s"] / r["median_s"]}
+                          for k, m, r in rows]))
     return 0
 
 

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller instances, for smoke tests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiers", default="theory,toy", help="comma-separated tiers (default: theory,toy)")
+    p.add_argument("--config", help="also run the pre-flight of this scale run config (concept or data TOML)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of --config")
     p.set_defaults(func=lambda a: __import__("scale.verify", fromlist=["main_verify"]).main_verify(a))
 
     from toy.cli import register as register_toy

@@ -1,6 +1,7 @@
-"""``dualunlearn scale concept|data|sample|evaluate|rehearse``: each command builds a frozen config
-from ``--config FILE`` and ``--set key=value`` overrides (unknown keys rejected), prints it with
-``--dry-run``, and otherwise calls the module's ``run(cfg)`` (which tests call directly).
+"""``dualunlearn scale concept|data|sample|evaluate|rehearse`` (and ``preflight|calibrate``, from
+``scale.preflight``): each command builds a frozen config from ``--config FILE`` and ``--set
+key=value`` overrides (unknown keys rejected), prints it with ``--dry-run``, and otherwise
+calls the module's ``run(cfg)`` (which tests call directly).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ HELP = {
     "evaluate": "KID/FID, CLIP score, copy similarity of samples",
     "rehearse": "offline end-to-end rehearsal on scikit-learn digits",
 }
+
+
+def _rehearse_sizes() -> list[str]:
+    from scale.rehearse import PRESETS
+
+    return [f"{k} ({v['pretrain_steps']} pretraining / {v['unlearn_steps']} unlearning steps)" for k, v in PRESETS.items()]
 
 
 def build_config(command: str, config_file: str | None, overrides: list[str] | None, out: str | None = None):
@@ -100,12 +107,17 @@ def register(subparsers) -> None:
                             "strings quoted: 'concepts=[\"a cat\"]')")
         q.add_argument("--out", help="output directory (same as --set out=...)")
         q.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        if name == "rehearse":
+            q.epilog = "sizes (--set size=...): " + ", ".join(_rehearse_sizes())
         if name in RUN_COMMANDS:
             q.add_argument("--resume", action="store_true",
                            help="continue the run in --out from its last checkpoint (only with an identical config)")
             q.add_argument("--overwrite", action="store_true",
                            help="delete the run in --out and start afresh there")
         q.set_defaults(func=main_scale)
+    from scale.preflight import register as register_preflight
+
+    register_preflight(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scale import figures
 from scale.diffusion import lu_weight
 from toy.core.diffusion import add_noise, ancestral_step, ddim_step, strided_kl_weights, strided_timesteps
 from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, make_optimizer, run_loop, step_generator
@@ -385,7 +386,8 @@ def run(cfg: ConceptConfig, resume: bool = False, stop_after: int | None = None)
                     optimizer=optimizer, dual=dual,
                     step_fn=lambda s, sl: task.step(s, sl, dual, dual_only=s < D),
                     cfg=cfg.train, total_steps=D + cfg.train.steps, dual_active=lambda s: s < D or D == 0,
-                    resume=resume, desc=f"concept/{cfg.method}", stop_after=stop_after)
+                    resume=resume, desc=f"concept/{cfg.method}", stop_after=stop_after,
+                    snapshot=figures.concept_snapshot(run_dir.path, models, trainable, cfg, dual.budgets))
     summary = {
         "problem": "likelihood" if cfg.method == "lu" else "reverse_kl", "method": cfg.method,
         "concepts": list(cfg.concepts), "baseline_prompt": cfg.baseline_prompt,

@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toy.core.diffusion import add_noise
+from scale import figures
 from scale.diffusion import siss_log_weights
+from toy.core.diffusion import add_noise
 from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, make_optimizer, run_loop, step_generator
 from scale.models import Trainable, load_ddpm_models
 from theory.config import config_to_dict
@@ -427,7 +428,10 @@ def run(cfg: DataConfig, resume: bool = False, stop_after: int | None = None) ->
     last = run_loop(run_dir=run_dir, accelerator=accelerator, model=model, trainable=trainable,
                     optimizer=optimizer, dual=dual, step_fn=lambda s, sl: task.step(s, sl, dual),
                     cfg=cfg.train, total_steps=cfg.train.steps, resume=resume, desc=f"data/{cfg.method}",
-                    stop_after=stop_after)
+                    stop_after=stop_after, snapshot=figures.data_snapshot(
+                        run_dir.path, unet, ab, forget_images,
+                        images.load(torch.tensor([i for i in range(n) if i not in forget_idx][:4])),
+                        dual.budgets, n, method=cfg.method))
     post_forget = forget_losses(unet, forget_images.to(accelerator.device), ab, 16, eval_seed)
     summary = {
         "problem": "forward_kl", "method": cfg.method, "n_train": n,

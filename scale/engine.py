@@ -54,6 +54,8 @@ class TrainConfig:
     cpu: bool = False
     checkpoint_every: int = 50
     seed: int = 0
+    sample_every: int = 0
+    log_with: str = ""
 
     def __post_init__(self):
         if self.steps < 0:
@@ -67,6 +69,10 @@ class TrainConfig:
             raise ValueError(f"train.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.sample_every < 0:
+            raise ValueError(f"train.sample_every must be >= 0 (0: pictures at the end only), got {self.sample_every}")
+        if self.log_with not in ("", "tensorboard", "wandb"):
+            raise ValueError(f"train.log_with must be '', 'tensorboard' or 'wandb', got {self.log_with!r}")
         if self.checkpoint_every < 1:
             raise ValueError(f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
@@ -160,10 +166,14 @@ def _set_rng_state(state: dict) -> None:
 def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual: DualState,
              step_fn: Callable[[int, Slice], StepOut], cfg: TrainConfig, total_steps: int,
              dual_active: Callable[[int], bool] = lambda s: True, resume: bool = False,
-             desc: str = "unlearn", stop_after: int | None = None) -> dict:
+             desc: str = "unlearn", stop_after: int | None = None,
+             snapshot: Callable[[int], object] | None = None) -> dict:
     """Run optimizer steps ``[start, total_steps)``; return the last step's measured values.
 
     ``stop_after`` ends the loop after that many steps (simulates a killed run in tests).
+    ``snapshot(step)`` (``scale.figures``) is called on the main process before the first step, every
+    ``cfg.sample_every`` steps and after the last; with ``cfg.log_with`` the per-step metrics also go
+    to accelerate's tracker (logs under ``<run>/tracker``).
     """
     world = accelerator.num_processes
     accum = max(1, math.ceil(cfg.batch_size / (cfg.micro_batch * world)))
@@ -185,6 +195,17 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
         if resume and not run_dir.continued:
             announce("nothing to resume in %s: starting %s at step 0 of %d", run_dir.path, desc, total_steps)
     params = trainable.parameters()
+    pictures = snapshot is not None and accelerator.is_main_process
+    if pictures:
+        snapshot(start)
+    if cfg.log_with:  # the tracker's directory is the run's, known only here
+        from accelerate.tracking import filter_trackers
+
+        accelerator.project_configuration.set_directories(str(run_dir.path))
+        accelerator.project_configuration.logging_dir = str(run_dir.path / "tracker")
+        accelerator.log_with = filter_trackers([cfg.log_with], accelerator.logging_dir)
+        accelerator.init_trackers("dualunlearn", config={"lr": cfg.lr, "batch_size": cfg.batch_size,
+                                                         "steps": total_steps, "seed": cfg.seed})
     done = 0
     bar = tqdm(range(start, total_steps), desc=desc, unit="step", disable=not accelerator.is_main_process,
                initial=start, total=total_steps)
@@ -250,6 +271,10 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
                                     lam=dual.lam, measured=measured, violation=violation, primal=primal,
                                     step_seconds=step_seconds, dual_seconds=dual_seconds, **extras)
                 bar.set_postfix(loss=f"{loss_val:.4g}", lam=f"{float(dual.lam.sum()):.3g}")
+            if cfg.log_with:
+                accelerator.log({"step_seconds": step_seconds, **({"loss": loss_val} if primal else {}),
+                                 **{f"{k}/{i}": float(v[i]) for k, v in (("lam", dual.lam), ("measured", measured))
+                                    for i in range(v.numel())}}, step=step)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total_steps or interrupt.pending:
                 if accelerator.is_main_process:
                     run_dir.save_checkpoint(tensors=trainable.state_dict(), state={
@@ -260,8 +285,14 @@ def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual:
                 announce("interrupted: %s stopped after step %d of %d, checkpointed", desc, step + 1, total_steps)
                 raise KeyboardInterrupt
             done += 1
+            if pictures and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < total_steps:
+                snapshot(step + 1)
             if stop_after is not None and done >= stop_after:
                 break
+    if pictures and done:
+        snapshot(start + done)
+    if cfg.log_with:
+        accelerator.end_training()
     if world > 1:  # every rank's final multipliers, for auditing the agreement across processes
         from toy.core.runs import atomic_write_json
 

@@ -44,10 +44,31 @@ def resolve_model_location(path_or_id: str, what: str = "model") -> tuple[str, b
     return s, False
 
 
-def _load(cls, location: str, subfolder: str | None, local_files_only: bool, what: str):
+def _hub_unreachable(repo_id: str) -> str | None:
+    """``None`` when the hub answers for ``repo_id``; otherwise why not (one line). One request with
+    a 5 s timeout, instead of the download's retries."""
+    try:
+        from huggingface_hub import model_info
+
+        model_info(repo_id, timeout=5)
+    except Exception as exc:  # noqa: BLE001 -- any failure to reach the hub is reported the same way
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def _load(cls, location: str, subfolder: str | None, local_files_only: bool, what: str,
+          is_local: bool = True):
     kwargs = {"local_files_only": local_files_only}
     if subfolder:
         kwargs["subfolder"] = subfolder
+    if not is_local and not local_files_only:
+        try:  # the local cache first: a cached hub model loads offline
+            return cls.from_pretrained(location, **(kwargs | {"local_files_only": True}))
+        except (OSError, ValueError, KeyError, TypeError):
+            why = _hub_unreachable(location)
+            if why is not None:
+                raise ValueError(f"{what} {location!r} is not a local folder; downloading from the hub failed: "
+                                 f"{why}; pass a local path or set `local_files_only`") from None
     try:
         return cls.from_pretrained(location, **kwargs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -61,6 +82,30 @@ def _check_epsilon(scheduler, location: str) -> None:
         raise ValueError(f"the scheduler of {location!r} predicts {pred!r}; only 'epsilon' models are supported")
 
 
+_SAMPLE_SIZE_OVERRIDE: list[int] = []
+
+
+@contextlib.contextmanager
+def sample_size_override(size: int | None):
+    """Inside this context every model bundle's ``sample_shape`` has spatial size ``size`` instead of
+    the UNet's configured ``sample_size`` (the pre-flight's reduced resolution on CPU; diffusers
+    UNets take any size divisible by ``min_sample_size``). ``None`` changes nothing."""
+    if size is None:
+        yield
+        return
+    _SAMPLE_SIZE_OVERRIDE.append(int(size))
+    try:
+        yield
+    finally:
+        _SAMPLE_SIZE_OVERRIDE.pop()
+
+
+def min_sample_size(unet: torch.nn.Module) -> int:
+    """The smallest spatial size the UNet accepts: ``2 ** (number of downsampling blocks)``."""
+    n = sum(1 for b in getattr(unet, "down_blocks", []) if getattr(b, "downsamplers", None))
+    return 2 ** n
+
+
 class _UNetAndScheduler:
     """What both model bundles derive from their UNet and DDPM scheduler."""
 
@@ -72,6 +117,8 @@ class _UNetAndScheduler:
     def sample_shape(self) -> tuple[int, int, int]:
         c = self.unet.config
         s = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        if _SAMPLE_SIZE_OVERRIDE:
+            s = _SAMPLE_SIZE_OVERRIDE[-1]
         return (c.in_channels, s, s)
 
 
@@ -102,14 +149,14 @@ def load_concept_models(path_or_id: str, local_files_only: bool = False) -> Conc
     if is_local and not (Path(location) / "model_index.json").is_file():
         raise ValueError(f"concept model path {location!r} is not a diffusers pipeline folder "
                          f"(no model_index.json with unet/, text_encoder/, tokenizer/, scheduler/)")
-    unet = _load(UNet2DConditionModel, location, "unet", local_files_only, "UNet")
-    text_encoder = _load(CLIPTextModel, location, "text_encoder", local_files_only, "text encoder")
-    tokenizer = _load(AutoTokenizer, location, "tokenizer", local_files_only, "tokenizer")
-    scheduler = _load(DDPMScheduler, location, "scheduler", local_files_only, "scheduler")
+    unet = _load(UNet2DConditionModel, location, "unet", local_files_only, "UNet", is_local)
+    text_encoder = _load(CLIPTextModel, location, "text_encoder", local_files_only, "text encoder", is_local)
+    tokenizer = _load(AutoTokenizer, location, "tokenizer", local_files_only, "tokenizer", is_local)
+    scheduler = _load(DDPMScheduler, location, "scheduler", local_files_only, "scheduler", is_local)
     _check_epsilon(scheduler, location)
     vae = None
     if not is_local or (Path(location) / "vae").is_dir():
-        vae = _load(AutoencoderKL, location, "vae", local_files_only, "VAE")
+        vae = _load(AutoencoderKL, location, "vae", local_files_only, "VAE", is_local)
     if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
         raise ValueError(f"text encoder width {text_encoder.config.hidden_size} does not match the UNet's "
                          f"cross_attention_dim {unet.config.cross_attention_dim}")
@@ -135,8 +182,8 @@ def load_ddpm_models(path_or_id: str, local_files_only: bool = False) -> DDPMMod
 
     location, is_local = resolve_model_location(path_or_id, "DDPM model")
     sub = "unet" if is_local and (Path(location) / "unet").is_dir() else None
-    unet = _load(UNet2DModel, location, sub, local_files_only, "UNet2DModel")
-    scheduler = _load(DDPMScheduler, location, "scheduler" if sub else None, local_files_only, "scheduler")
+    unet = _load(UNet2DModel, location, sub, local_files_only, "UNet2DModel", is_local)
+    scheduler = _load(DDPMScheduler, location, "scheduler" if sub else None, local_files_only, "scheduler", is_local)
     _check_epsilon(scheduler, location)
     unet.requires_grad_(False).eval()
     return DDPMModels(unet, scheduler, location)

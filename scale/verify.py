@@ -3,7 +3,8 @@
 Runs every tier's checks on built-in instances, prints a table, and writes ``report.md`` with PNG
 figures into ``--out``. Each tier contributes sections through a function
 ``verify_section(out_dir: Path, quick: bool, seed: int) -> theory.report.Section`` listed in
-``SECTIONS``; the report fails (exit status 1) when any check fails.
+``SECTIONS``; the report fails (exit status 1) when any check fails. With ``--config`` (a concept or
+data run's TOML) the report gains the pre-flight of that run (``scale.preflight``) as a section.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class VerifyConfig:
     quick: bool = False
     seed: int = 0
     tiers: tuple[str, ...] = TIERS
+    config: str = ""
+    overrides: tuple[str, ...] = ()
 
 
 def run(cfg: VerifyConfig) -> tuple[list[Section], Path]:
@@ -58,6 +61,13 @@ def run(cfg: VerifyConfig) -> tuple[list[Section], Path]:
                                                       "no exception", False),))
         sections.append(Section(sec.title, sec.checks, sec.figures, sec.text,
                                 seconds=time.perf_counter() - t0))
+    if cfg.config:
+        from scale.preflight import verify_section
+
+        t0 = time.perf_counter()
+        sec = verify_section(cfg.config, list(cfg.overrides), out)
+        sections.append(Section(sec.title, sec.checks, tuple(f"preflight/{f}" for f in sec.figures), sec.text,
+                                seconds=time.perf_counter() - t0))
     header = f"config: `{config_to_dict(cfg)}`"
     report = out / "report.md"
     report.write_text(render_markdown(sections, header=header))
@@ -66,7 +76,8 @@ def run(cfg: VerifyConfig) -> tuple[list[Section], Path]:
 
 def main_verify(args) -> int:
     cfg = VerifyConfig(out=args.out, quick=args.quick, seed=args.seed,
-                       tiers=tuple(t.strip() for t in args.tiers.split(",") if t.strip()))
+                       tiers=tuple(t.strip() for t in args.tiers.split(",") if t.strip()),
+                       config=getattr(args, "config", None) or "", overrides=tuple(getattr(args, "set", None) or ()))
     sections, report = run(cfg)
     print(render_table(sections))
     ok = all(s.passed for s in sections)
