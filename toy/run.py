@@ -88,6 +88,7 @@ class ToyConfig:
     n_reference: int = 2000  # trajectories per exact-score surrogate evaluation
     surrogate_reference: bool = True
     figure: bool = True
+    threads: int = 1  # torch intra-op threads for toy work (set by the CLI, verify and the notebooks; recorded)
 
 
 def _seed(seed: int, purpose: str) -> int:

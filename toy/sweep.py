@@ -173,8 +173,9 @@ def draw_sweep(path: Path, records: list[dict]) -> Path:
             lo, hi = r["lam_tolerance_interval"] or [r["lam"][0]] * 2
             lam = r["lam"][0]
             hi = min(hi, 10 * lam + 1)
-            ax1.errorbar(r["budgets"][0], lam, yerr=[[lam - lo], [hi - lam]], fmt=mk, color=colr,
-                         mfc="none" if failed else colr, ms=6, capsize=3, label=lab)
+            # the tolerance interval as a bar (the learned lam may lie outside it: then it failed)
+            ax1.plot([r["budgets"][0]] * 2, [lo, hi], "-", color=colr, lw=1.5, alpha=0.6)
+            ax1.plot(r["budgets"][0], lam, mk, color=colr, mfc="none" if failed else colr, ms=6, label=lab)
             if key == ("primal_dual", "composed") and r.get("lam_reference") is not None:
                 ax1.plot(r["budgets"][0], r["lam_reference"][0], "x", color="tab:orange", ms=8,
                          label="exact-score surrogate fixed point" if "sur" not in seen else None)
