@@ -22,7 +22,7 @@ import torch
 
 from theory.config import config_to_dict
 from theory.diffusion import alphas_cumprod_for_schedule
-from toy.algorithms import ALGORITHMS, LoopConfig, Models, averaged_lam, elbo_constraint_terms, unlearn
+from toy.algorithms import ALGORITHMS, LoopConfig, Models, averaged_lam, elbo_constraint_terms, lam_window, unlearn
 from toy.distances import energy_distance
 from toy.dual import DualState
 from toy.models import ComposedEps, EpsMLP, GibbsTiltEps, MixtureEps, constraint_function
@@ -442,6 +442,14 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
     ab = schedule(cfg)
     net = models.net.eval()
     lam = averaged_lam(hist, dual, cfg.average_frac)
+    # LU: lam is poorly identified (its constraint is flat near lam*); report the mean over a window
+    # derived from the dual loop's time constant and check that lam settled there (docs/toy.md)
+    step_slopes = slopes / np.asarray(budgets) if violation_scale(cfg) == "log" else slopes
+    gain = float(lr_dual * np.abs(step_slopes).max())
+    window = None
+    if cfg.problem == "likelihood" and cfg.algorithm == "primal_dual" and len(hist["lam"]) >= 2 and gain > 0:
+        window = lam_window(hist["lam"], gain)
+        lam = window["mean"]
     n_c = cfg.n_constraint // 5 if cfg.problem == "reverse_kl" else cfg.n_constraint
     cons, cons_se = final_constraints(cfg.problem, net, models, cfg, n_c)
     # the same estimator on the pretrained model, against the exact value at p = q: how accurately a
@@ -470,6 +478,7 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
         "pretrained_constraint_values": pre_cons, "pretrained_constraint_stderr": pre_se,
         "q_constraint_values": q_cons, "exact_score_constraint_values": ex_cons, "constraint_tolerance": delta_c,
         "constraint_violation": _violation(cfg.problem, cons, budgets),
+        "lam_window": window, "dual_gain": gain, "threads": cfg.threads,
         "steps": cfg.steps, "dual_steps": len(hist["lam"]), "constraint_estimator": estimate_kind(cfg),
         "pool_every": cfg.pool_every, "pool_chains": pool_chains(cfg), "violation_scale": violation_scale(cfg),
         "estimate_delay_dual_steps": estimate_delay(cfg),
@@ -613,6 +622,17 @@ def draw_figure(path: Path, cfg: ToyConfig, q, quads, summary: dict, hist: dict)
         ax.axhline(np.asarray(summary["lam_star"])[i], color="k", ls="--", label="lam* (theory, x_0)")
         if summary.get("lam_surrogate") is not None:
             ax.axhline(np.asarray(summary["lam_surrogate"])[i], color="tab:orange", ls=":", label="exact-score surrogate")
+        if summary.get("lam_tolerance_interval") is not None and i == 0:
+            lo_t, hi_t = summary["lam_tolerance_interval"]
+            top = min(hi_t, 2 * max(np.max(lam_hist), lo_t))
+            ax.axhspan(lo_t, top, color="tab:green", alpha=0.12, label="derived tolerance band")
+        win = summary.get("lam_window")
+        if win is not None and i == 0:
+            a = win["start"] * every
+            ax.axvspan(a, len(lam_hist) * every, color="0.5", alpha=0.15,
+                       label=f"window: last {win['length']} dual steps (3 tau = {3 * win['tau']:.0f} settle)")
+            ax.hlines(np.asarray(win["mean"])[i], a, len(lam_hist) * every, color="k", lw=2,
+                      label=f"window mean {np.asarray(win['mean'])[i]:.4g}")
     ax.set_xlabel("step")
     ax.set_ylabel("lam")
     ax.legend(fontsize=8)

@@ -40,6 +40,12 @@ def checks_for(summary: dict, label: str) -> list[Check]:
         out.append(Check(f"{label}: lam in tolerance of {summary['lam_reference_source']}",
                          f"lam = {lam:.4g} (ref {ref:.4g})", f"[{lo:.4g}, {hi:.4g}]",
                          bool(summary["lam_within_tolerance"])))
+    win = summary.get("lam_window")
+    if win is not None:
+        drift, dse = float(np.asarray(win["drift"])[0]), float(np.asarray(win["drift_se"])[0])
+        out.append(Check(f"{label}: lam settled over its window",
+                         f"drift {drift:.3g} over the last {win['length']} dual steps (tau {win['tau']:.1f})",
+                         f"|drift| <= 3 se = {3 * dse:.3g}", bool(win["settled"])))
     viol = float(np.asarray(summary["constraint_violation"])[0])
     se = float(np.asarray(summary["constraint_stderr"])[0])
     out.append(Check(f"{label}: constraint holds within estimation error",
