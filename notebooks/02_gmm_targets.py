@@ -25,9 +25,6 @@
 # %%
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -36,7 +33,9 @@ from theory.gmm_analysis import lam_for_forget_mass, mode_masses, retained_mode_
 from theory.gmm_targets import target
 
 QUICK = os.environ.get("DUALUNLEARN_QUICK") == "1"
-FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR", ".")
+# figures are shown inline in Jupyter and saved to runs/figures at the repository root (gitignored)
+FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR") or os.path.join(".." if os.path.basename(os.getcwd()) == "notebooks" else ".", "runs", "figures")
+os.makedirs(FIGDIR, exist_ok=True)
 rng = np.random.default_rng(0)
 q, forget, budgets = default_instance()
 MASS = 0.03

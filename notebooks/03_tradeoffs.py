@@ -27,9 +27,6 @@
 # %%
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -37,7 +34,9 @@ from theory.gmm import default_instance, solve
 from theory.gmm_analysis import esd_lam, sweep
 
 QUICK = os.environ.get("DUALUNLEARN_QUICK") == "1"
-FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR", ".")
+# figures are shown inline in Jupyter and saved to runs/figures at the repository root (gitignored)
+FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR") or os.path.join(".." if os.path.basename(os.getcwd()) == "notebooks" else ".", "runs", "figures")
+os.makedirs(FIGDIR, exist_ok=True)
 q, forget, budgets = default_instance()
 n = 6 if QUICK else 40
 paths = {

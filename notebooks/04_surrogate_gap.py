@@ -25,9 +25,6 @@
 # %%
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -35,7 +32,9 @@ from theory.gmm import default_instance, likelihood_target, reverse_kl_target, s
 from theory.gmm_sampling import probability_flow_sample, surrogate_gap
 
 QUICK = os.environ.get("DUALUNLEARN_QUICK") == "1"
-FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR", ".")
+# figures are shown inline in Jupyter and saved to runs/figures at the repository root (gitignored)
+FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR") or os.path.join(".." if os.path.basename(os.getcwd()) == "notebooks" else ".", "runs", "figures")
+os.makedirs(FIGDIR, exist_ok=True)
 rng = np.random.default_rng(0)
 q, forget, budgets = default_instance()
 N = 100 if QUICK else 1000

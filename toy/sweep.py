@@ -124,11 +124,17 @@ def run_sweep(out: str | Path, base=None, problems=PROBLEMS, budgets: dict | Non
 
 
 def draw_sweep(path: Path, records: list[dict]) -> Path:
-    """Three rows per problem column: the learned (constraint, objective) points on theory's P*(b),
+    """``sweep_figure(records)`` saved to ``path``."""
+    sweep_figure(records).savefig(path, dpi=100)
+    return path
+
+
+def sweep_figure(records: list[dict]):
+    """A ``matplotlib.figure.Figure`` (no backend forced; shown inline in Jupyter). Three rows per problem column: the learned (constraint, objective) points on theory's P*(b),
     the learned lam on theory's lam*(b) (bars: derived tolerance; ESD's and SISS's fixed multipliers
     as horizontal lines), and each member's energy distance to the x_0 target at lam* against the
     noise bound (RU's composed surrogate sits visibly above it, the reweighted target at it)."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from theory.gmm_analysis import sweep as theory_sweep
     from toy.problems import default_instance
@@ -142,7 +148,8 @@ def draw_sweep(path: Path, records: list[dict]) -> Path:
           "likelihood": "E_p[q_forget(x)] (budget b)"}
     yl = {"reverse_kl": "KL(p||q)", "forward_kl": "KL(q||p)", "likelihood": "KL(p||q)"}
     problems = [p for p in PROBLEMS if any(r["problem"] == p for r in records)]
-    fig, axes = plt.subplots(3, len(problems), figsize=(5.2 * len(problems), 12), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(problems), 12))
+    axes = fig.subplots(3, len(problems), squeeze=False)
     style = {("primal_dual", "composed"): ("s", "tab:orange", "primal-dual, composed target"),
              ("primal_dual", "reweighted"): ("o", "tab:blue", "primal-dual, reweighted target"),
              ("primal_dual", "signed"): ("o", "tab:blue", "primal-dual, signed loss"),
@@ -207,6 +214,4 @@ def draw_sweep(path: Path, records: list[dict]) -> Path:
         ax2.set_yscale("log")
     fig.suptitle("toy sweep: learned models on theory's P*(b) and lam*(b)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig

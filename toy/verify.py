@@ -111,9 +111,13 @@ def verify_section(out_dir: Path, quick: bool, seed: int) -> Section:
     checks: list[Check] = []
     figures = []
     lines = []
+    from toy.models import torch_threads
     for cfg in configs(out_dir, quick, seed):
         shutil.rmtree(cfg.out, ignore_errors=True) if not cfg.pretrained else None
-        summary = run(cfg)
+        # one intra-op thread (cfg.threads): small networks run fastest so, and do not fight other
+        # busy processes for the cores; progress bars show the steps inside the section
+        with torch_threads(cfg.threads):
+            summary = run(cfg, progress=True)
         label = f"{cfg.problem} {cfg.algorithm}"
         checks += checks_for(summary, label)
         fig = out_dir / f"toy_{cfg.problem}.png"
