@@ -16,9 +16,17 @@ is fastest for these 128-wide MLPs on a 2-core machine):
   evaluations on ``dual_batch`` fresh trajectories every ``dual_every`` steps, the previous design;
   for LU also the previous default), and RU with the pool advanced every step.
 
-Targets (issue 4): pretrain + unlearn < 60 s per problem; dual overhead < 5% of step time.
+Targets: pretrain + unlearn < 60 s per problem; dual overhead < 5% of step time.
+
+``--sweep``: the default sweep (3 problems x 3 budgets primal-dual, RU with both targets, plus ESD,
+SISS and RU dual-only; 15 members) trained as one ensemble (``toy.sweep.run_sweep``, including
+pretraining) against the same members run one at a time with ``toy.run.run`` (sharing one
+pretraining), in one process. Wall time and process CPU time are both printed: on a machine shared
+with other work the CPU time of this single-threaded process is what a quiet machine's wall time
+would be. ``--steps`` / ``--pretrain-steps`` shrink both sides alike.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_toy.py [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_toy.py --sweep [--steps 3000] [--pretrain-steps 4000]
 """
 
 from __future__ import annotations
@@ -42,11 +50,49 @@ def _per_step_ms(out: Path) -> dict:
     return {k: 1e3 * float(np.mean(hist[f"{k}_seconds"])) for k in ("step", "pool", "estimate", "dual")}
 
 
+def bench_sweep(steps: int, pretrain_steps: int) -> None:
+    """Ensemble vs one-at-a-time for the default sweep (see the module docstring)."""
+    from toy.sweep import run_sweep, sweep_configs
+
+    work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    base = ToyConfig(figure=False, steps=steps, pretrain_steps=pretrain_steps)
+    w0, c0 = time.perf_counter(), time.process_time()
+    res = run_sweep(work / "ensemble", base, figure=False)
+    w_ens, c_ens = time.perf_counter() - w0, time.process_time() - c0
+    q, _, _ = default_instance()
+    w0, c0 = time.perf_counter(), time.process_time()
+    pretrain_on_mixture(q, base, "pretrain", work / "pretrained.pt")
+    seq = replace(base, pretrained=str(work / "pretrained.pt"))
+    w_pre, c_pre = time.perf_counter() - w0, time.process_time() - c0
+    lams = []
+    for i, c in enumerate(sweep_configs(seq)):
+        s = run(replace(c, out=str(work / f"seq-{i:02d}")))
+        lams.append((c.problem, c.algorithm, s["target"], s["budgets"][0], s["lam"][0]))
+    w_seq, c_seq = time.perf_counter() - w0, time.process_time() - c0
+    load = os.getloadavg()
+    print(f"\ntoy sweep benchmark: {res['members']} members, steps = {steps}, pretrain_steps = {pretrain_steps}, "
+          f"torch threads = {torch.get_num_threads()}, load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+          f"on {os.cpu_count()} cores\n")
+    print("| | ensemble (one run) | sequential (one at a time) | speed-up |\n|---|---|---|---|")
+    print(f"| wall s (incl. pretraining) | {w_ens:.1f} | {w_seq:.1f} (pretraining {w_pre:.1f}) | {w_seq / w_ens:.2f}x |")
+    print(f"| process CPU s | {c_ens:.1f} | {c_seq:.1f} (pretraining {c_pre:.1f}) | {c_seq / c_ens:.2f}x |")
+    print(f"\nverdicts: {sum(r['verdict']['passed'] for r in res['records'])}/{res['members']} members passed")
+    print("\n| problem | algorithm | target | budget | lam ensemble | lam sequential |\n|---|---|---|---|---|---|")
+    for r, (p, a, t, b, lam) in zip(res["records"], lams):
+        print(f"| {p} | {a} | {t} | {b:.4g} | {r['lam'][0]:.4g} | {lam:.4g} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke test of the script)")
+    ap.add_argument("--sweep", action="store_true", help="the default sweep as one ensemble vs one at a time")
+    ap.add_argument("--steps", type=int, default=3000, help="--sweep: unlearning steps per member")
+    ap.add_argument("--pretrain-steps", type=int, default=4000, help="--sweep: pretraining steps")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.sweep:
+        bench_sweep(args.steps, args.pretrain_steps)
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-toy-"))
     base = ToyConfig(figure=False)
     if args.quick:

@@ -462,11 +462,12 @@ def evaluate_members(members: list[Member], net: StackedEpsMLP) -> list[dict]:
 
     out = []
     inst = default_instance()
+    cache: dict = {}  # the pretrained and exact-score reference estimates, once per (problem, seed)
     for i, m in enumerate(members):
         Path(m.cfg.out).mkdir(parents=True, exist_ok=True)
         models = replace(m.models, net=net.member(i))
         s = evaluate(m.cfg, inst.q, list(inst.forget), m.budgets, m.lam_th, m.lam_source, m.lam_sur, m.quads, models,
-                     m.dual, m.hist, m.pmeta, m.lr_dual, m.slopes)
+                     m.dual, m.hist, m.pmeta, m.lr_dual, m.slopes, cache)
         out.append(s)
     return out
 

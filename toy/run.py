@@ -438,7 +438,8 @@ def dual_only_lam(quads: list[Quadrature], budgets, lr_dual: float, sum_max, ste
     return state.lam.numpy().copy()
 
 
-def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models, dual, hist, pmeta, lr_dual, slopes) -> dict:
+def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models, dual, hist, pmeta, lr_dual, slopes,
+             cache: dict | None = None) -> dict:
     ab = schedule(cfg)
     net = models.net.eval()
     lam = averaged_lam(hist, dual, cfg.average_frac)
@@ -455,12 +456,20 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
     # the same estimator on the pretrained model, against the exact value at p = q: how accurately a
     # network of this size represents the constraint functional (the yardstick of the tolerances)
     # (at p = q the constraint functional varies more than at the target: 4x the samples)
-    pre_cons, pre_se = final_constraints(cfg.problem, models.frozen, models, cfg, 4 * n_c)
+    # (both reference estimates depend on the problem, seed and sizes only: an ensemble shares them
+    # through ``cache``; their random streams are the same for every member of one seed)
+    key = (cfg.problem, cfg.seed, n_c, cfg.variant, cfg.lu_estimator, pmeta.get("final_loss"))
+    if cache is not None and key in cache:
+        pre_cons, pre_se, ex_cons, ex_se = cache[key]
+    else:
+        pre_cons, pre_se = final_constraints(cfg.problem, models.frozen, models, cfg, 4 * n_c)
+        ex_cons, ex_se = final_constraints(cfg.problem, models.q_exact, models, cfg, 4 * n_c)
+        if cache is not None:
+            cache[key] = (pre_cons, pre_se, ex_cons, ex_se)
     q_cons = np.array([qd.constraint_values([0.0])[0] for qd in quads])
     # ... split into its two sources, which can cancel at p = q but need not elsewhere: the
     # network's error (pretrained vs exact scores, same sampler) and the estimator's own
     # discretisation bias (exact scores vs the exact x_0 value)
-    ex_cons, ex_se = final_constraints(cfg.problem, models.q_exact, models, cfg, 4 * n_c)
     delta_c = (np.abs(pre_cons - ex_cons) + np.abs(ex_cons - q_cons)
                + 3.0 * np.sqrt(cons_se ** 2 + pre_se ** 2 + ex_se ** 2))
     x_net = ddpm_sample(net, cfg.n_eval, ab, _gen(cfg.seed, "eval-net"))
