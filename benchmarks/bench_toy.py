@@ -82,14 +82,47 @@ def bench_sweep(steps: int, pretrain_steps: int) -> None:
         print(f"| {p} | {a} | {t} | {b:.4g} | {r['lam'][0]:.4g} | {lam:.4g} |")
 
 
+def bench_verify_busy(quick: bool) -> None:
+    """``dualunlearn verify --tiers toy`` alone, then with one busy-looping process beside it (the
+    other core fully busy on a 2-core machine); prints both times and the ratio."""
+    import subprocess
+    import sys
+
+    def verify() -> float:
+        out = tempfile.mkdtemp(prefix="bench-verify-")
+        cmd = [sys.executable, "-m", "scale.cli", "verify", "--tiers", "toy", "--out", out] + (["--quick"] if quick else [])
+        # without OMP_NUM_THREADS: the toy section must set its own thread count
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=False, capture_output=True, env=env)
+        return time.perf_counter() - t0
+
+    load0 = os.getloadavg()[0]
+    quiet = verify()
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        load1 = os.getloadavg()[0]
+        busy = verify()
+    finally:
+        burner.kill()
+        burner.wait()
+    print(f"\ndualunlearn verify --tiers toy{' --quick' if quick else ''}: quiet {quiet:.1f} s (load average "
+          f"{load0:.1f} at start), with one busy-looping process {busy:.1f} s (load average {load1:.1f} at start); "
+          f"ratio {busy / quiet:.2f} (target <= 2) on {os.cpu_count()} cores")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke test of the script)")
     ap.add_argument("--sweep", action="store_true", help="the default sweep as one ensemble vs one at a time")
     ap.add_argument("--steps", type=int, default=3000, help="--sweep: unlearning steps per member")
     ap.add_argument("--pretrain-steps", type=int, default=4000, help="--sweep: pretraining steps")
+    ap.add_argument("--verify-busy", action="store_true", help="dualunlearn verify quiet vs beside a busy process")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.verify_busy:
+        bench_verify_busy(args.quick)
+        return
     if args.sweep:
         bench_sweep(args.steps, args.pretrain_steps)
         return
