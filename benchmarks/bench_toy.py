@@ -77,6 +77,12 @@ def bench_sweep(steps: int, pretrain_steps: int) -> None:
     print(f"| wall s (incl. pretraining) | {w_ens:.1f} | {w_seq:.1f} (pretraining {w_pre:.1f}) | {w_seq / w_ens:.2f}x |")
     print(f"| process CPU s | {c_ens:.1f} | {c_seq:.1f} (pretraining {c_pre:.1f}) | {c_seq / c_ens:.2f}x |")
     print(f"\nverdicts: {sum(r['verdict']['passed'] for r in res['records'])}/{res['members']} members passed")
+    # the ensemble's step split (each member's history holds an equal share of every ensemble step)
+    ck = torch.load(work / "ensemble" / "ensemble-checkpoint.pt", weights_only=False)
+    tot = {k: 1e3 * sum(float(np.mean(m["hist"][f"{k}_seconds"])) for m in ck["members"]) for k in ("step", "pool", "dual")}
+    print(f"ensemble step (ms, mean per step, all members): primal {tot['step']:.1f}, pool advances {tot['pool']:.2f}, "
+          f"dual steps incl. estimates {tot['dual']:.2f} ({100 * tot['dual'] / tot['step']:.1f}% of the primal step; "
+          f"the pools serve RU's on-policy x_0 as well, {100 * tot['pool'] / tot['step']:.1f}%)")
     print("\n| problem | algorithm | target | budget | lam ensemble | lam sequential |\n|---|---|---|---|---|---|")
     for r, (p, a, t, b, lam) in zip(res["records"], lams):
         print(f"| {p} | {a} | {t} | {b:.4g} | {r['lam'][0]:.4g} | {lam:.4g} |")
