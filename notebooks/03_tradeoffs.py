@@ -81,6 +81,7 @@ for col, (k, (lams, b, P)) in enumerate(curves.items()):
     axes[0, col].set_title(k)
     axes[0, col].set_ylabel("P*(b) (" + ("KL(q||p)" if k == "forward_kl" else "KL(p||q)") + ")")
     axes[1, col].set_ylabel("lam*(b)")
+    axes[0, col].set_xlabel(labels[k])
     axes[1, col].set_xlabel(labels[k])
     if k == "likelihood":
         for a in axes[:, col]:

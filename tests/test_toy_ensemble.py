@@ -114,4 +114,16 @@ def test_toy_sweep_cli_writes_records_with_verdicts_and_exits_on_failure(tmp_pat
     assert pd["lam"] == [0.0] and "forward_kl primal_dual: constraint holds within estimation error" in pd["verdict"]["failed"]
     assert not res["passed"]
     assert main(args + ["--no-check"]) == 0
+    run_json = json.loads((tmp_path / "sw" / "member-000" / "run.json").read_text())
+    assert run_json["config"]["threads"] == 1
     assert main(["toy", "sweep", "--problems", "forward_kl", "likelihood", "--budgets", "1", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_torch_threads_sets_and_restores_the_intra_op_thread_count():
+    from toy.models import torch_threads
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="threads must be a positive integer, got 0"):
+        torch_threads(0)
