@@ -255,43 +255,65 @@ def test_ru_training_loops_pass_eta_of_lam_to_the_composed_target(tmp_path, monk
     assert 0.2 not in [round(v, 6) for v in seen]
 
 
-# ---------------------------------------------------------------- the seed ensemble (default suite)
+# ---------------------------------------------------------------- seed ensembles
 
-#: a smaller network and schedule than the default (hidden 64, 1000 steps): every tolerance is
-#: derived from the run's own estimates (the network's error at p = q, standard errors, noise
-#: floors), so the checks keep their meaning at this size; five seeds, each its own pretraining
-ENSEMBLE_CFG = dict(hidden=64, pretrain_steps=1500, steps=1000, n_eval=1000, n_constraint=4000, n_reference=1000,
-                    checkpoint_every=1000)
+#: the default suite's ensemble: a smaller network and schedule (hidden 64, 1000 steps). Every
+#: tolerance is derived from the run's own estimates (the network's error at p = q, standard
+#: errors, noise floors), so the checks keep their meaning at this size. FU passes them at five
+#: seeds; LU and RU do not at 1000 steps (measured: LU misses the constraint at 3 of 5 seeds — its
+#: dual loop needs 3 tau ~ 1900 steps to settle; RU one seed each), so they run at the default size
+#: in the slow ensemble below.
+SMALL = dict(hidden=64, pretrain_steps=1500, steps=1000, n_eval=1000, n_constraint=4000, n_reference=1000,
+             checkpoint_every=1000)
 SEEDS = (0, 1, 2, 3, 4)
 
 
-@pytest.fixture(scope="module")
-def seed_ensemble(tmp_path_factory):
-    """Every problem's primal-dual (RU with both targets) at the default budget over five seeds,
-    plus ESD, SISS and RU dual-only at seed 0, trained as one ensemble."""
-    from toy.sweep import run_sweep
+def _default_budgets(problems):
     inst = default_instance()
-    budgets = {p: [float(inst.budgets[p][0])] for p in ("reverse_kl", "forward_kl", "likelihood")}
+    return {p: [float(inst.budgets[p][0])] for p in problems}
+
+
+@pytest.fixture(scope="module")
+def small_ensemble(tmp_path_factory):
+    """FU primal-dual at the default budget over five seeds, plus ESD, SISS and RU dual-only at
+    seed 0 (sharing its pretraining), trained as one ensemble each."""
+    from toy.sweep import run_sweep
     out = tmp_path_factory.mktemp("seed-ensemble")
-    base = ToyConfig(**ENSEMBLE_CFG)
-    res = run_sweep(out / "pd", base, budgets=budgets, seeds=SEEDS, baselines=False, figure=False)
-    bl = run_sweep(out / "bl", replace(base, pretrained=str(out / "pd" / "pretrained-seed0.pt")), budgets=budgets,
+    base = ToyConfig(**SMALL)
+    res = run_sweep(out / "fu", base, problems=("forward_kl",), budgets=_default_budgets(["forward_kl"]), seeds=SEEDS,
+                    baselines=False, figure=False)
+    bl = run_sweep(out / "bl", replace(base, pretrained=str(out / "fu" / "pretrained-seed0.pt")),
+                   problems=("reverse_kl", "forward_kl"), budgets=_default_budgets(["reverse_kl", "forward_kl"]),
                    seeds=(0,), baselines=True, figure=False)
     return res["records"] + [r for r in bl["records"] if r["algorithm"] != "primal_dual"]
 
 
-@pytest.mark.parametrize("problem, target", [("forward_kl", "signed"), ("likelihood", "reweighted"),
-                                             ("reverse_kl", "reweighted"), ("reverse_kl", "composed")])
-def test_primal_dual_meets_its_checks_at_five_seeds(seed_ensemble, problem, target):
-    """lam within its derived tolerance (LU: settled over its window), the constraint within 3 se,
-    the distance within the noise bound (composed: to the exact-score surrogate), at every seed."""
-    rs = [r for r in seed_ensemble if r["problem"] == problem and r["algorithm"] == "primal_dual" and r["target"] == target]
+def test_fu_primal_dual_meets_its_checks_at_five_seeds(small_ensemble):
+    """lam within its derived tolerance of lam*, the constraint within 3 se, the distance within
+    the noise bound, at every one of five seeds (each with its own pretrained network)."""
+    rs = [r for r in small_ensemble if r["problem"] == "forward_kl" and r["algorithm"] == "primal_dual"]
     assert sorted(r["seed"] for r in rs) == list(SEEDS)
     failed = {r["seed"]: r["verdict"]["failed"] for r in rs if not r["verdict"]["passed"]}
     assert not failed, failed
 
 
 @pytest.mark.parametrize("algorithm", ["esd", "siss", "dual_only"])
-def test_baselines_land_on_the_law_their_target_defines(seed_ensemble, algorithm):
-    (r,) = [r for r in seed_ensemble if r["algorithm"] == algorithm]
+def test_baselines_land_on_the_law_their_target_defines(small_ensemble, algorithm):
+    """ESD: the frozen network's composed chain at eta = 1; SISS: the signed mixture at lam = 0.30;
+    dual-only: lam = lam* (1e-6) and the exact-score surrogate's law at lam*."""
+    (r,) = [r for r in small_ensemble if r["algorithm"] == algorithm]
     assert r["verdict"]["passed"], r["verdict"]["failed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("problem, target", [("likelihood", "reweighted"), ("reverse_kl", "reweighted"),
+                                             ("reverse_kl", "composed")])
+def test_lu_and_ru_primal_dual_meet_their_checks_at_five_seeds(tmp_path_factory, problem, target):
+    """The default configuration over five seeds, one ensemble per problem."""
+    from toy.sweep import run_sweep
+    out = tmp_path_factory.mktemp(f"seeds-{problem}-{target}")
+    res = run_sweep(out, ToyConfig(target=target), problems=(problem,), budgets=_default_budgets([problem]),
+                    seeds=SEEDS, baselines=False, figure=False)
+    rs = [r for r in res["records"] if r["target"] == target]
+    failed = {r["seed"]: r["verdict"]["failed"] for r in rs if not r["verdict"]["passed"]}
+    assert not failed, failed
