@@ -127,3 +127,18 @@ def test_torch_threads_sets_and_restores_the_intra_op_thread_count():
     assert torch.get_num_threads() == before
     with pytest.raises(ValueError, match="threads must be a positive integer, got 0"):
         torch_threads(0)
+
+
+def test_toy_cli_prints_a_verdict_per_check_and_exits_1_on_failure(tmp_path, tiny_pretrained, capsys):
+    """With the dual step off (lr_dual = 0) FU stays at lam = 0, where KL(q_1||p) = 5.8 +- 1.1 is far
+    below the budget 10.5: the constraint check fails, the exit status is 1, and 0 with --no-check."""
+    from scale.cli import main
+    over = [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in TINY.items() if k != "figure"]
+    args = ["toy", "--problem", "forward_kl", "--budget", "10.5", "--out", str(tmp_path / "cli"), "--no-progress",
+            "--set", f'pretrained="{tiny_pretrained}"', "--set", "lr_dual=0.0"] + sum((["--set", o] for o in over), [])
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  forward_kl primal_dual: constraint holds within estimation error" in out
+    assert "PASS  forward_kl primal_dual: lam in tolerance" in out or "FAIL  forward_kl primal_dual: lam in tolerance" in out
+    assert out.strip().splitlines()[-1].startswith("FAIL: ")
+    assert main(args + ["--no-check"]) == 0
