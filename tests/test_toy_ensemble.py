@@ -4,9 +4,9 @@ together equals pretraining alone, and ``dualunlearn toy sweep`` writes its reco
 
 Float rounding, not bit identity: the batched matmul sums in another order than ``nn.Linear``
 (measured differences ~6e-8 per evaluation). Over the tiny runs here (40 steps) that moves the
-multipliers by < 1e-7 relative; the tolerance 1e-5 leaves room, and a mismatched random draw,
-multiplier or target moves them by orders of magnitude more (see the mutations in the report of
-this module's author: e.g. drawing the retain batch after the noise changes lam by 1e-1).
+multipliers by 1e-9 to 1e-7 relative; the tolerance 1e-5 leaves room, while a mismatched random
+draw (FU's forget noise drawn before the retain noise), another member's multiplier, or another
+noise stream in pretraining each fail these tests.
 """
 
 import json
