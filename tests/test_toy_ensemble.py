@@ -122,9 +122,14 @@ def test_toy_sweep_cli_writes_records_with_verdicts_and_exits_on_failure(tmp_pat
 def test_torch_threads_sets_and_restores_the_intra_op_thread_count():
     from toy.models import torch_threads
     before = torch.get_num_threads()
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import scipy.linalg  # noqa: F401  (loads scipy's BLAS pool)
+    blas_before = [d["num_threads"] for d in threadpoolctl.threadpool_info()]
     with torch_threads(1):
         assert torch.get_num_threads() == 1
+        assert all(d["num_threads"] == 1 for d in threadpoolctl.threadpool_info())
     assert torch.get_num_threads() == before
+    assert [d["num_threads"] for d in threadpoolctl.threadpool_info()] == blas_before
     with pytest.raises(ValueError, match="threads must be a positive integer, got 0"):
         torch_threads(0)
 

@@ -241,10 +241,12 @@ class GibbsTiltEps:
 
 
 class torch_threads:
-    """Context manager (and plain setter) for torch's intra-op thread count during toy work:
+    """Context manager (and plain setter) for the thread count of toy work: torch's intra-op
+    threads and, when ``threadpoolctl`` is installed (it comes with scikit-learn), the BLAS/OpenMP
+    pools numpy and scipy use (the theory tier's quadratures, energy distances):
     ``with torch_threads(1): ...``. Networks of this tier (128-wide MLPs on a few hundred rows) run
-    fastest on one thread, and several intra-op threads fight any other busy process for the cores
-    (docs/toy.md, "Threads"). Restores the previous count on exit."""
+    fastest on one thread, and several threads fight any other busy process for the cores
+    (docs/toy.md, "Threads"). Restores the previous counts on exit."""
 
     def __init__(self, n: int):
         if int(n) != n or n < 1:
@@ -252,9 +254,17 @@ class torch_threads:
         self.n = int(n)
         self.previous = torch.get_num_threads()
         torch.set_num_threads(self.n)
+        self._limits = None
+        try:
+            from threadpoolctl import threadpool_limits
+            self._limits = threadpool_limits(limits=self.n)
+        except ImportError:  # pragma: no cover - torch's own count is still set
+            pass
 
     def __enter__(self) -> "torch_threads":
         return self
 
     def __exit__(self, *exc) -> None:
         torch.set_num_threads(self.previous)
+        if self._limits is not None:
+            self._limits.restore_original_limits()
