@@ -98,7 +98,7 @@ def test_unachievable_budgets_are_refused_with_the_range(inst):
         check_budgets("forward_kl", inst.q, list(inst.forget), [50.0])
     with pytest.raises(ValueError, match=r"achievable \(theory.gmm.solve: lam\* = 0\.916.*kkt\), but the toy cannot"):
         check_budgets("reverse_kl", inst.q, list(inst.forget), [1000.0])
-    with pytest.raises(ValueError, match="likelihood budgets must be > 0"):
+    with pytest.raises(ValueError, match=r"likelihood: budgets\[0\] = 0 cannot be met"):
         check_budgets("likelihood", inst.q, list(inst.forget), [0.0])
 
 

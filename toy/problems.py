@@ -65,18 +65,14 @@ def _refusal(problem: str, q, f, i: int, b: float, lo: float, hi: float, variant
     range" (theory reaches the domain edge with the constraint unmet, and says where) and "theory
     solves it, but the toy's fixed 2-D grid cannot represent that target"."""
     toy_range = f"the toy's quadrature grid represents [{lo:.6g}, {hi:.6g}]"
-    gmm = _theory_gmm()
-    if not hasattr(gmm, "solve"):
-        return (f"budget {b:.6g} for forget distribution {i} is outside the range of {problem} that {toy_range} "
-                f"(theory.gmm.solve unavailable to say more)")
     try:
         sol = gmm.solve(problem, q, [f], np.array([b]), variant=variant)
     except ValueError as exc:
         return f"budget {b:.6g} for forget distribution {i} of {problem}: theory.gmm.solve refuses it: {exc}"
-    boundary = (getattr(sol, "info", None) or {}).get("boundary")
+    boundary = sol.info.get("boundary")
     if boundary:
         return (f"budget {b:.6g} for forget distribution {i} is beyond the achievable range of {problem} "
                 f"(theory.gmm.solve: {boundary})")
     return (f"budget {b:.6g} for forget distribution {i} of {problem} is achievable (theory.gmm.solve: lam* = "
-            f"{float(np.asarray(sol.lam)[0]):.6g}, certificate {getattr(sol, 'certificate', '?')}), but the toy cannot "
+            f"{float(np.asarray(sol.lam)[0]):.6g}, certificate {sol.certificate}), but the toy cannot "
             f"represent its target: {toy_range} (the tilted target's mass leaves the grid)")
