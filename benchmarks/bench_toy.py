@@ -16,9 +16,17 @@ is fastest for these 128-wide MLPs on a 2-core machine):
   evaluations on ``dual_batch`` fresh trajectories every ``dual_every`` steps, the previous design;
   for LU also the previous default), and RU with the pool advanced every step.
 
-Targets (issue 4): pretrain + unlearn < 60 s per problem; dual overhead < 5% of step time.
+Targets: pretrain + unlearn < 60 s per problem; dual overhead < 5% of step time.
+
+``--sweep``: the default sweep (3 problems x 3 budgets primal-dual, RU with both targets, plus ESD,
+SISS and RU dual-only; 15 members) trained as one ensemble (``toy.sweep.run_sweep``, including
+pretraining) against the same members run one at a time with ``toy.run.run`` (sharing one
+pretraining), in one process. Wall time and process CPU time are both printed: on a machine shared
+with other work the CPU time of this single-threaded process is what a quiet machine's wall time
+would be. ``--steps`` / ``--pretrain-steps`` shrink both sides alike.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_toy.py [--quick]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_toy.py --sweep [--steps 3000] [--pretrain-steps 4000]
 """
 
 from __future__ import annotations
@@ -44,11 +52,95 @@ def _per_step_ms(out: Path) -> dict:
     return {k: 1e3 * float(np.mean(hist[f"{k}_seconds"])) for k in ("step", "pool", "estimate", "dual")}
 
 
+def bench_sweep(steps: int, pretrain_steps: int) -> None:
+    """Ensemble vs one-at-a-time for the default sweep (see the module docstring)."""
+    from toy.sweep import run_sweep, sweep_configs
+
+    work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
+    base = ToyConfig(figure=False, steps=steps, pretrain_steps=pretrain_steps)
+    w0, c0 = time.perf_counter(), time.process_time()
+    res = run_sweep(work / "ensemble", base, figure=False)
+    w_ens, c_ens = time.perf_counter() - w0, time.process_time() - c0
+    q, _, _ = default_instance()
+    w0, c0 = time.perf_counter(), time.process_time()
+    pretrain_on_mixture(q, base, "pretrain", work / "pretrained.pt")
+    seq = replace(base, pretrained=str(work / "pretrained.pt"))
+    w_pre, c_pre = time.perf_counter() - w0, time.process_time() - c0
+    lams = []
+    for i, c in enumerate(sweep_configs(seq)):
+        s = run(replace(c, out=str(work / f"seq-{i:02d}")))
+        lams.append((c.problem, c.algorithm, s["target"], s["budgets"][0], s["lam"][0]))
+    w_seq, c_seq = time.perf_counter() - w0, time.process_time() - c0
+    load = os.getloadavg()
+    print(f"\ntoy sweep benchmark: {res['members']} members, steps = {steps}, pretrain_steps = {pretrain_steps}, "
+          f"torch threads = {torch.get_num_threads()}, load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+          f"on {os.cpu_count()} cores\n")
+    print("| | ensemble (one run) | sequential (one at a time) | speed-up |\n|---|---|---|---|")
+    print(f"| wall s (incl. pretraining) | {w_ens:.1f} | {w_seq:.1f} (pretraining {w_pre:.1f}) | {w_seq / w_ens:.2f}x |")
+    print(f"| process CPU s | {c_ens:.1f} | {c_seq:.1f} (pretraining {c_pre:.1f}) | {c_seq / c_ens:.2f}x |")
+    print(f"\nverdicts: {sum(r['verdict']['passed'] for r in res['records'])}/{res['members']} members passed")
+    # the ensemble's step split (each member's history holds an equal share of every ensemble step)
+    ck = torch.load(work / "ensemble" / "ensemble-checkpoint.pt", weights_only=False)
+    tot = {k: 1e3 * sum(float(np.mean(m["hist"][f"{k}_seconds"])) for m in ck["members"]) for k in ("step", "pool", "dual")}
+    print(f"ensemble step (ms, mean per step, all members): primal {tot['step']:.1f}, pool advances {tot['pool']:.2f}, "
+          f"dual steps incl. estimates {tot['dual']:.2f} ({100 * tot['dual'] / tot['step']:.1f}% of the primal step; "
+          f"the pools serve RU's on-policy x_0 as well, {100 * tot['pool'] / tot['step']:.1f}%)")
+    print("\n| problem | algorithm | target | budget | lam ensemble | lam sequential |\n|---|---|---|---|---|---|")
+    for r, (p, a, t, b, lam) in zip(res["records"], lams):
+        print(f"| {p} | {a} | {t} | {b:.4g} | {r['lam'][0]:.4g} | {lam:.4g} |")
+
+
+def bench_verify_busy(quick: bool) -> None:
+    """``dualunlearn verify --tiers toy`` alone, then with one busy-looping process beside it (the
+    other core fully busy on a 2-core machine); prints both times and the ratio."""
+    import subprocess
+    import sys
+
+    def verify() -> float:
+        out = tempfile.mkdtemp(prefix="bench-verify-")
+        cmd = [sys.executable, "-m", "scale.cli", "verify", "--tiers", "toy", "--out", out] + (["--quick"] if quick else [])
+        # without OMP_NUM_THREADS: the toy section must set its own thread count
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        import resource
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=False, capture_output=True, env=env)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+        return time.perf_counter() - t0
+
+    cpu: list[float] = []
+
+    load0 = os.getloadavg()[0]
+    quiet = verify()
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        load1 = os.getloadavg()[0]
+        busy = verify()
+    finally:
+        burner.kill()
+        burner.wait()
+    print(f"\ndualunlearn verify --tiers toy{' --quick' if quick else ''}: quiet {quiet:.1f} s (load average "
+          f"{load0:.1f} at start), with one busy-looping process {busy:.1f} s (load average {load1:.1f} at start); "
+          f"ratio {busy / quiet:.2f} (target <= 2) on {os.cpu_count()} cores; CPU time of verify {cpu[0]:.1f} s "
+          f"and {cpu[1]:.1f} s (equal CPU and longer wall: a share of the cores, not extra work)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer steps (smoke test of the script)")
+    ap.add_argument("--sweep", action="store_true", help="the default sweep as one ensemble vs one at a time")
+    ap.add_argument("--steps", type=int, default=3000, help="--sweep: unlearning steps per member")
+    ap.add_argument("--pretrain-steps", type=int, default=4000, help="--sweep: pretraining steps")
+    ap.add_argument("--verify-busy", action="store_true", help="dualunlearn verify quiet vs beside a busy process")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if args.verify_busy:
+        bench_verify_busy(args.quick)
+        return
+    if args.sweep:
+        bench_sweep(args.steps, args.pretrain_steps)
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-toy-"))
     base = ToyConfig(figure=False)
     if args.quick:

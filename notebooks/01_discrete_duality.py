@@ -28,9 +28,6 @@
 # %%
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -39,7 +36,9 @@ from theory.discrete.verify import (RU_GAP_FORGET, RU_GAP_Q, plot_refinement, pl
                                     ru_refinement_gaps, ru_value_curves)
 
 QUICK = os.environ.get("DUALUNLEARN_QUICK") == "1"
-FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR", ".")
+# figures are shown inline in Jupyter and saved to runs/figures at the repository root (gitignored)
+FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR") or os.path.join(".." if os.path.basename(os.getcwd()) == "notebooks" else ".", "runs", "figures")
+os.makedirs(FIGDIR, exist_ok=True)
 q, forget = RU_GAP_Q, RU_GAP_FORGET
 
 # %% [markdown]

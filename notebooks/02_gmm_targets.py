@@ -25,9 +25,6 @@
 # %%
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -35,7 +32,9 @@ from theory.gmm import (constraint_value, default_instance, lam_for_forget_mass,
                         solve, target)
 
 QUICK = os.environ.get("DUALUNLEARN_QUICK") == "1"
-FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR", ".")
+# figures are shown inline in Jupyter and saved to runs/figures at the repository root (gitignored)
+FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR") or os.path.join(".." if os.path.basename(os.getcwd()) == "notebooks" else ".", "runs", "figures")
+os.makedirs(FIGDIR, exist_ok=True)
 rng = np.random.default_rng(0)
 q, forget, budgets = default_instance()
 MASS = 0.03
@@ -84,10 +83,17 @@ X = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
 panels = [("q", q)] + [(f"{k}\nlam={v[0]:.3g}", v[1]) for k, v in targets.items() if "/" not in k]
 fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), sharex=True, sharey=True)
 for ax, (title, p) in zip(axes, panels):
-    ax.contourf(xs, ys, np.exp(p.log_prob(X)).reshape(res, res), levels=20, cmap="viridis")
+    cf = ax.contourf(xs, ys, np.exp(p.log_prob(X)).reshape(res, res), levels=20, cmap="viridis")
+    fig.colorbar(cf, ax=ax, label="density", shrink=0.8)
     s = p.sample(150 if QUICK else 600, rng)
-    ax.scatter(s[:, 0], s[:, 1], s=2, c="w", alpha=0.5)
+    inside = np.all((s >= lo) & (s <= hi), axis=1)
+    ax.scatter(s[inside, 0], s[inside, 1], s=2, c="w", alpha=0.5, label=f"samples ({int((~inside).sum())} outside view)")
     ax.scatter(q.means[:, 0], q.means[:, 1], marker="x", c="r")
+    ax.set_xlim(lo[0], hi[0])
+    ax.set_ylim(lo[1], hi[1])
+    ax.set_xlabel("x_1")
+    ax.set_ylabel("x_2")
+    ax.legend(loc="lower right", fontsize=7)
     ax.set_title(title, fontsize=10)
 fig.suptitle(f"Targets with mass {MASS} left on the forget mode (red x: q's means)")
 fig.tight_layout()

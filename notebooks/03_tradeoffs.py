@@ -27,16 +27,15 @@
 # %%
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
 from theory.gmm import default_instance, esd_lam, solve, sweep
 
 QUICK = os.environ.get("DUALUNLEARN_QUICK") == "1"
-FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR", ".")
+# figures are shown inline in Jupyter and saved to runs/figures at the repository root (gitignored)
+FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR") or os.path.join(".." if os.path.basename(os.getcwd()) == "notebooks" else ".", "runs", "figures")
+os.makedirs(FIGDIR, exist_ok=True)
 q, forget, budgets = default_instance()
 n = 6 if QUICK else 40
 paths = {
@@ -81,6 +80,7 @@ for col, (k, (lams, b, P)) in enumerate(curves.items()):
     axes[0, col].set_title(k)
     axes[0, col].set_ylabel("P*(b) (" + ("KL(q||p)" if k == "forward_kl" else "KL(p||q)") + ")")
     axes[1, col].set_ylabel("lam*(b)")
+    axes[0, col].set_xlabel(labels[k])
     axes[1, col].set_xlabel(labels[k])
     if k == "likelihood":
         for a in axes[:, col]:

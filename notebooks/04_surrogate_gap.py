@@ -25,9 +25,6 @@
 # %%
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -35,7 +32,9 @@ from theory.gmm import (default_instance, likelihood_target, probability_flow_sa
                         surrogate_gap)
 
 QUICK = os.environ.get("DUALUNLEARN_QUICK") == "1"
-FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR", ".")
+# figures are shown inline in Jupyter and saved to runs/figures at the repository root (gitignored)
+FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR") or os.path.join(".." if os.path.basename(os.getcwd()) == "notebooks" else ".", "runs", "figures")
+os.makedirs(FIGDIR, exist_ok=True)
 rng = np.random.default_rng(0)
 q, forget, budgets = default_instance()
 N = 100 if QUICK else 1000
@@ -110,11 +109,27 @@ axes[2].scatter(ex[:, 0], ex[:, 1], s=2, label="exact tilt")
 axes[2].scatter(sur.x[:, 0], sur.x[:, 1], s=2, label="surrogate (PF-ODE)")
 axes[2].scatter(q.means[:, 0], q.means[:, 1], marker="x", c="r")
 axes[2].set_title(f"RU lam = {lam_show}")
+
+
+def clip_view(ax, ref, *others):
+    """View clipped to the reference samples' support (0.5-99.5 percentiles plus a margin); the
+    points of every set outside the view are counted in the title."""
+    lo_v, hi_v = np.percentile(ref, 0.5, axis=0) - 0.5, np.percentile(ref, 99.5, axis=0) + 0.5
+    ax.set_xlim(lo_v[0], hi_v[0])
+    ax.set_ylim(lo_v[1], hi_v[1])
+    out = [int((~np.all((z >= lo_v) & (z <= hi_v), axis=1)).sum()) for z in (ref,) + others]
+    ax.set_title(ax.get_title() + f"\n(outside the view: {', '.join(map(str, out))} points)", fontsize=9)
+    ax.set_xlabel("x_1")
+    ax.set_ylabel("x_2")
+
+
+clip_view(axes[2], ex, sur.x)
 axes[2].legend()
 ex_lu = likelihood_target(q, forget, lam_lu).sample(300 if QUICK else 1500, rng)
 axes[3].scatter(ex_lu[:, 0], ex_lu[:, 1], s=2, label="exact LU tilt")
 axes[3].scatter(lu_sur.x[:, 0], lu_sur.x[:, 1], s=2, label="LU plug-in surrogate (PF-ODE)")
 axes[3].set_title(f"LU lam* = {lam_lu[0]:.3g}")
+clip_view(axes[3], ex_lu, lu_sur.x)
 axes[3].legend()
 fig.tight_layout()
 fig.savefig(os.path.join(FIGDIR, "04_surrogate_gap.png"), dpi=80)

@@ -301,7 +301,9 @@ def calibrate_concept(cfg, models, trainable, acc, draws: int = 1) -> dict:
 
         out["quantity"] = f"E_p[g] ({cfg.lu_constraint}) at the pretrained model"
         out["scale"], out["scale_se"] = out["step0"], out["step0_se"]
-        lo = float(lu_weight(torch.tensor([-1e9]), cfg.lu_constraint, cfg.lu_log_ratio_max)[0][0])
+        # g = r is clamped below at exp(-lu_log_ratio_max); g = log r is unclamped and unbounded below
+        lo = (float(lu_weight(torch.tensor([-1e9]), cfg.lu_constraint, cfg.lu_log_ratio_max)[0][0])
+              if cfg.lu_constraint == "likelihood_ratio" else -math.inf)
         out["achievable"] = [[lo, float(v)] for v in out["step0"]]
         out["direction"] = "upper"  # E_p[g] <= budget
         return out

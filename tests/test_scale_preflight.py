@@ -218,7 +218,8 @@ def test_budget_that_cannot_be_met_is_refused(tiny, tmp_path, capsys):
     rc, text, _ = _preflight(capsys, concept_toml(tiny, "[1e9]"), tmp_path / "pf")
     assert rc == 1 and "cannot be met" in text
     # LU with the likelihood ratio: E[r] > 0, so a budget <= 0 is out of reach
-    rc, text, _ = _preflight(capsys, concept_toml(tiny, "[0.0]", method="lu"), tmp_path / "pf2")
+    rc, text, _ = _preflight(capsys, concept_toml(tiny, "[0.0]", method="lu", extra='lu_constraint = "likelihood_ratio"'),
+                             tmp_path / "pf2")
     assert rc == 1 and "cannot be met" in text
     # FU: a forget loss of 1.5 is above the zero predictor's 1 (the pretrained losses are below 1 here)
     rc, text, rec = _preflight(capsys, data_toml(tiny, "budgets = [1.5]"), tmp_path / "pf3")

@@ -12,6 +12,8 @@ For each run (``toy.verify.checks_for``):
   floors (noise floor = distance between two independent target samples of the same size).
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -46,6 +48,7 @@ def test_fu_primal_dual_converges_to_lam_star_meets_budget_and_matches_target(tm
     _assert_checks(s)
 
 
+@pytest.mark.slow  # seed 0 of test_lu_primal_dual_meets_its_checks_at_five_seeds (default suite), run alone
 def test_lu_primal_dual_converges_to_lam_star_meets_budget_and_matches_target(tmp_path, pretrained_path):
     s = _run(tmp_path, pretrained_path, problem="likelihood")
     assert s["target"] == "reweighted" and s["lam_reference_source"] == "lam_star"
@@ -145,3 +148,186 @@ def test_fu_primal_dual_on_a_finite_set_respects_lam_le_one_over_n(tmp_path):
     res = finite_set_experiment(pts, [0], ab, tmp_path / "fs", seed=0, steps=60, batch=64, algorithm="primal_dual",
                                 budgets=[1e6], lr_dual=1e-3, pretrained=EpsMLP(2, 16, 2, 8, 100))
     assert res.lam[0] == pytest.approx(1 / 8, abs=1e-12) and res.upper[0] == 1 / 8
+
+
+# ---------------------------------------------------------------- fast, default-suite checks
+
+def _ar1(rng, n, tau, sd, reps):
+    """AR(1) noise of correlation time tau (phi = 1 - 1/tau) and stationary sd, (reps, n)."""
+    phi = 1.0 - 1.0 / tau
+    e = rng.normal(0.0, sd * np.sqrt(1 - phi ** 2), (reps, n))
+    x = np.empty((reps, n))
+    x[:, 0] = rng.normal(0.0, sd, reps)
+    for i in range(1, n):
+        x[:, i] = phi * x[:, i - 1] + e[:, i]
+    return x
+
+
+def test_lam_window_is_derived_from_the_gain_and_its_drift_error_matches_monte_carlo():
+    """The window after 3 tau (tau = 1/gain), and the drift's standard error ``sd sqrt(8 tau / W)``
+    against the spread of the drift over 400 independent AR(1) trajectories of correlation time tau
+    (the dual iterates' noise model): ratio within [0.7, 1.4] (400 replications: the sample sd's
+    relative error is 1/sqrt(800) = 3.5%, the formula's approximation of finite-W AR(1) sums the rest);
+    at most 3% of stationary trajectories flagged unsettled (nominal 0.3% at 3 se); an expected
+    drift of 6 se always flagged. (With the default LU loop, tau = 31 and W = 57 dual steps, so
+    se = 2.1 sd: the check only sees drifts of several sd; the window is short against tau.)"""
+    from toy.algorithms import lam_window
+    rng = np.random.default_rng(0)
+    n, gain, sd = 150, 0.032, 1.5
+    tau = 1 / gain
+    x = 20.0 + _ar1(rng, n, tau, sd, 400)
+    wins = [lam_window(xi[:, None], gain) for xi in x]
+    assert wins[0]["length"] == n - int(np.ceil(3 * tau)) and wins[0]["start"] == int(np.ceil(3 * tau))
+    drifts = np.array([w["drift"][0] for w in wins])
+    ses = np.array([w["drift_se"][0] for w in wins])
+    assert 0.7 <= drifts.std() / ses.mean() <= 1.4, (drifts.std(), ses.mean())
+    assert np.mean([not w["settled"] for w in wins]) <= 0.03
+    # a linear rise of 12 se across the window: expected drift (half-mean difference) 6 se, 3 se above
+    # the threshold, itself noisy with sd 1 se -> flagged but for a 3-sigma fluke (none in 50)
+    start, W = wins[0]["start"], wins[0]["length"]
+    se = sd * np.sqrt(8 * tau / W)
+    ramp = x[:50] + np.clip(np.arange(n) - start, 0, None)[None, :] * (12 * se / W)
+    assert all(not lam_window(r[:, None], gain)["settled"] for r in ramp)
+    np.testing.assert_allclose(wins[0]["mean"], x[0, wins[0]["start"]:].mean())
+    with pytest.raises(ValueError, match="gain must be > 0, got 0"):
+        lam_window(x[0][:, None], 0)
+
+
+def test_ru_primal_targets_are_the_composed_surrogate_at_eta_of_lam():
+    """The regression target the RU primal step trains towards (single run and ensemble), checked
+    against theory's surrogate eps at lam (``reverse_kl_target(...).surrogate_eps``, the composed
+    score with eta = lam / (1 - lam)): with exact mixture scores in place of the frozen network, a
+    network equal to theory's surrogate has loss 0 (to float32), one at another multiplier does not.
+    Training towards lam instead of eta (lam = 0.2: eta = 0.25) fails this."""
+    from theory.diffusion import alphas_cumprod_for_schedule
+    from theory.gmm import reverse_kl_target
+    from toy.algorithms import ru_primal_loss
+    from toy.models import MixtureEps
+    from toy.objectives import eta_from_lam
+    inst = default_instance()
+    ab = torch.tensor(alphas_cumprod_for_schedule(100, 1e-3, 0.2), dtype=torch.float32)
+    qe = MixtureEps.from_mixture(inst.q, ab)
+    fe = [MixtureEps.from_mixture(f, ab) for f in inst.forget]
+    lam = 0.2
+
+    def theory_net(lam_net):
+        th = reverse_kl_target(inst.q, list(inst.forget), [lam_net])
+
+        def f(x, t):
+            return torch.as_tensor(np.stack([th.surrogate_eps(x[i:i + 1].double().numpy(), float(ab[t[i]]))[0]
+                                             for i in range(len(t))]), dtype=torch.float32)
+        return f
+
+    x0 = torch.as_tensor(inst.q.sample(64, np.random.default_rng(1)), dtype=torch.float32)
+    eta = eta_from_lam(torch.tensor([lam], dtype=torch.float64)).float()
+    exact = ru_primal_loss(theory_net(lam), qe, fe, x0, ab, torch.Generator().manual_seed(0), eta)
+    other = ru_primal_loss(theory_net(0.25), qe, fe, x0, ab, torch.Generator().manual_seed(0), eta)
+    assert float(exact) <= 1e-10 and float(other) > 1e-4, (float(exact), float(other))
+
+
+@pytest.mark.parametrize("how", ["single", "ensemble"])
+def test_ru_training_loops_pass_eta_of_lam_to_the_composed_target(tmp_path, monkeypatch, how):
+    """The callers of ``composed_eps_target`` (the single-run loop and the ensemble) hand it
+    eta = lam / (1 - lam) of the current multiplier (0.25 at lam = 0.2, written out here), and ESD's
+    fixed eta unchanged; a loop that passes lam itself trains towards the wrong surrogate."""
+    import toy.algorithms as alg
+    import toy.ensemble as ens
+    from toy.ensemble import run_ensemble
+    tiny = dict(hidden=8, layers=1, time_dim=4, pretrain_steps=5, pretrain_batch=16, steps=2, batch=16, dual_every=20,
+                pool_every=2, dual_batch=8, checkpoint_every=10, n_eval=50, n_constraint=50, n_reference=50,
+                figure=False, surrogate_reference=False)
+    seen = []
+
+    def spy(eps_q, eps_forget, eta):
+        seen.append(float(eta.reshape(-1)[0]))
+        return alg.__dict__["_real_composed"](eps_q, eps_forget, eta)
+
+    alg.__dict__.setdefault("_real_composed", alg.composed_eps_target)
+    monkeypatch.setattr(alg, "composed_eps_target", spy)
+    monkeypatch.setattr(ens, "composed_eps_target", spy)
+    cfgs = [ToyConfig(problem="reverse_kl", lam_init=(0.2,), lr_dual=0.0, out=str(tmp_path / "pd"), **tiny),
+            ToyConfig(problem="reverse_kl", algorithm="esd", eta=1.5, out=str(tmp_path / "esd"), **tiny)]
+    if how == "single":
+        for c in cfgs:
+            run(c)
+    else:
+        run_ensemble(cfgs, tmp_path / "ens")
+    assert 0.25 in [round(v, 6) for v in seen] and 1.5 in [round(v, 6) for v in seen]
+    assert 0.2 not in [round(v, 6) for v in seen]
+
+
+# ---------------------------------------------------------------- seed ensembles
+
+#: the default suite's ensemble: a smaller network and schedule (hidden 64, 1000 steps). Every
+#: tolerance is derived from the run's own estimates (the network's error at p = q, standard
+#: errors, noise floors), so the checks keep their meaning at this size. FU passes them at five
+#: seeds; LU and RU do not at 1000 steps (measured: LU misses the constraint at 3 of 5 seeds — its
+#: dual loop needs 3 tau ~ 1900 steps to settle; RU one seed each), so LU runs at the default size
+#: below (five seeds, one ensemble) and RU's five-seed ensemble is slow (it fails at two seeds).
+SMALL = dict(hidden=64, pretrain_steps=1500, steps=1000, n_eval=1000, n_constraint=4000, n_reference=1000,
+             checkpoint_every=1000)
+SEEDS = (0, 1, 2, 3, 4)
+
+
+def _default_budgets(problems):
+    inst = default_instance()
+    return {p: [float(inst.budgets[p][0])] for p in problems}
+
+
+@pytest.fixture(scope="module")
+def small_ensemble(tmp_path_factory):
+    """FU primal-dual at the default budget over five seeds, plus ESD, SISS and RU dual-only at
+    seed 0 (sharing its pretraining), trained as one ensemble each."""
+    from toy.sweep import run_sweep
+    out = tmp_path_factory.mktemp("seed-ensemble")
+    base = ToyConfig(**SMALL)
+    res = run_sweep(out / "fu", base, problems=("forward_kl",), budgets=_default_budgets(["forward_kl"]), seeds=SEEDS,
+                    baselines=False, figure=False)
+    bl = run_sweep(out / "bl", replace(base, pretrained=str(out / "fu" / "pretrained-seed0.pt")),
+                   problems=("reverse_kl", "forward_kl"), budgets=_default_budgets(["reverse_kl", "forward_kl"]),
+                   seeds=(0,), baselines=True, figure=False)
+    return res["records"] + [r for r in bl["records"] if r["algorithm"] != "primal_dual"]
+
+
+def test_fu_primal_dual_meets_its_checks_at_five_seeds(small_ensemble):
+    """lam within its derived tolerance of lam*, the constraint within 3 se, the distance within
+    the noise bound, at every one of five seeds (each with its own pretrained network)."""
+    rs = [r for r in small_ensemble if r["problem"] == "forward_kl" and r["algorithm"] == "primal_dual"]
+    assert sorted(r["seed"] for r in rs) == list(SEEDS)
+    failed = {r["seed"]: r["verdict"]["failed"] for r in rs if not r["verdict"]["passed"]}
+    assert not failed, failed
+
+
+@pytest.mark.parametrize("algorithm", ["esd", "siss", "dual_only"])
+def test_baselines_land_on_the_law_their_target_defines(small_ensemble, algorithm):
+    """ESD: the frozen network's composed chain at eta = 1; SISS: the signed mixture at lam = 0.30;
+    dual-only: lam = lam* (1e-6) and the exact-score surrogate's law at lam*."""
+    (r,) = [r for r in small_ensemble if r["algorithm"] == algorithm]
+    assert r["verdict"]["passed"], r["verdict"]["failed"]
+
+
+def test_lu_primal_dual_meets_its_checks_at_five_seeds(tmp_path_factory):
+    """LU at the default configuration over five seeds (each its own pretrained network), one
+    ensemble: lam within its derived tolerance and settled over its window, the constraint within
+    3 se, the distance within the noise bound, at every seed."""
+    from toy.sweep import run_sweep
+    res = run_sweep(tmp_path_factory.mktemp("seeds-lu"), ToyConfig(), problems=("likelihood",),
+                    budgets=_default_budgets(["likelihood"]), seeds=SEEDS, baselines=False, figure=False)
+    assert sorted(r["seed"] for r in res["records"]) == list(SEEDS)
+    failed = {r["seed"]: r["verdict"]["failed"] for r in res["records"] if not r["verdict"]["passed"]}
+    assert not failed, failed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["reweighted", "composed"])
+def test_ru_primal_dual_meets_its_checks_at_five_seeds(tmp_path_factory, target):
+    """RU at the default configuration over five seeds, one ensemble (both targets). Measured: RU
+    does not pass — composed misses the constraint by 4.5 se (and its distance) at seed 4,
+    reweighted the constraint by 6 se at seed 3 and the distance at seed 4: RU's seed-to-seed spread
+    is wider than the per-run tolerances derived at seed 0 (docs/toy.md)."""
+    from toy.sweep import run_sweep
+    res = run_sweep(tmp_path_factory.mktemp(f"seeds-ru-{target}"), ToyConfig(), problems=("reverse_kl",),
+                    budgets=_default_budgets(["reverse_kl"]), seeds=SEEDS, baselines=False, figure=False)
+    rs = [r for r in res["records"] if r["target"] == target]
+    failed = {r["seed"]: r["verdict"]["failed"] for r in rs if not r["verdict"]["passed"]}
+    assert not failed, failed

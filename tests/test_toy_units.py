@@ -91,10 +91,15 @@ def test_exact_score_samplers_reproduce_the_mixture(inst):
 
 
 def test_unachievable_budgets_are_refused_with_the_range(inst):
-    with pytest.raises(ValueError, match=r"achievable range \[1\.15.*, 11\.0"):
+    """The refusal names theory's answer, not the toy grid's: beyond the achievable range (FU: the
+    constraint at the dual domain's edge lam_max = 0.3 is 11.17 < 50), or achievable by theory with a
+    KKT certificate but not representable on the toy's fixed grid (RU 1000: lam* = 0.916)."""
+    with pytest.raises(ValueError, match=r"beyond the achievable range of forward_kl .*KL\(q_1\|\|p\) = 11\.17"):
         check_budgets("forward_kl", inst.q, list(inst.forget), [50.0])
-    with pytest.raises(ValueError, match="achievable range"):
-        check_budgets("likelihood", inst.q, list(inst.forget), [1e-9])
+    with pytest.raises(ValueError, match=r"achievable \(theory.gmm.solve: lam\* = 0\.916.*kkt\), but the toy cannot"):
+        check_budgets("reverse_kl", inst.q, list(inst.forget), [1000.0])
+    with pytest.raises(ValueError, match=r"likelihood: budgets\[0\] = 0 cannot be met"):
+        check_budgets("likelihood", inst.q, list(inst.forget), [0.0])
 
 
 def test_pretrained_model_saves_and_reloads(tmp_path):

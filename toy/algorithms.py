@@ -393,3 +393,40 @@ def averaged_lam(hist: dict, dual: DualState, frac: float) -> np.ndarray:
         return dual.lam.numpy().copy()
     k = max(1, int(round(frac * lam.shape[0])))
     return lam[-k:].mean(0)
+
+
+def lam_window(lam_hist, gain: float) -> dict:
+    """The averaging window of a dual trajectory, derived from the dual loop's time constant, and
+    whether lam has settled in it (docs/toy.md, "LU's multiplier window").
+
+    A Newton-scaled dual ascent of gain k is an integral loop: an error decays by (1 - k) per dual
+    step, time constant ``tau = 1/k`` dual steps, and the iterates' noise is correlated over about
+    ``tau``. The window starts after the transient, ``3 tau`` (e^-3 = 5% of the initial distance
+    left), and runs to the end; it keeps at least ``tau`` steps (or the whole run when shorter). lam is
+    the window's mean. *Settled*: the drift, the mean of the window's second half minus its first,
+    is within 3 of its own standard errors, ``sd sqrt(8 tau / W)`` for noise of correlation time
+    tau (each half holds ~W / (4 tau) independent values; sd of the residuals about a straight line
+    through the window, so a trend does not inflate it). ``lam_hist``: (n, m) dual iterates.
+    Returns start, length, tau, mean (m,), drift (m,), drift_se (m,), settled (bool)."""
+    lam = np.asarray(lam_hist, dtype=np.float64)
+    if lam.ndim != 2 or lam.shape[0] < 2:
+        raise ValueError(f"lam_hist needs at least 2 dual iterates (n, m), got shape {lam.shape}")
+    if not gain > 0:
+        raise ValueError(f"gain must be > 0, got {gain}")
+    n = lam.shape[0]
+    tau = 1.0 / min(gain, 1.0)
+    length = max(int(np.ceil(tau)), n - int(np.ceil(3 * tau)))
+    length = min(max(length, 2), n)
+    w = lam[n - length:]
+    half = length // 2
+    first, second = w[:half], w[length - half:]
+    drift = second.mean(0) - first.mean(0)
+    # the noise level: residuals about a straight line through the window (a trend does not inflate it)
+    s_ = np.arange(length, dtype=np.float64) - 0.5 * (length - 1)
+    slope = (s_[:, None] * (w - w.mean(0))).sum(0) / max((s_ * s_).sum(), 1e-300)
+    resid = w - w.mean(0) - s_[:, None] * slope
+    sd = np.sqrt((resid ** 2).sum(0) / max(length - 2, 1))
+    drift_se = sd * np.sqrt(8.0 * max(tau, 1.0) / length)
+    settled = bool(np.all(np.abs(drift) <= 3.0 * drift_se + 1e-12))
+    return {"start": n - length, "length": length, "tau": tau, "mean": w.mean(0), "drift": drift,
+            "drift_se": drift_se, "settled": settled}

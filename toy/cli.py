@@ -4,6 +4,11 @@
     dualunlearn toy --problem reverse_kl --out runs/toy-ru
     dualunlearn toy --problem forward_kl --algorithm siss --set siss_lam=0.15 --out runs/toy-siss
     dualunlearn toy --problem likelihood --budget 0.004 --config toy.toml --out runs/toy-lu
+    dualunlearn toy sweep --seeds 5 --out runs/toy-sweep
+
+Every run ends with a verdict line per check (PASS/FAIL, as ``dualunlearn verify`` prints) and exits
+with status 1 on a failed check unless ``--no-check``. ``--threads`` sets torch's intra-op threads
+(default 1: the fastest for these small networks, and robust to other busy processes).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ def register(subparsers) -> None:
     algs = sorted({a for v in ALGORITHMS.values() for a in v})
     p = subparsers.add_parser("toy", help="unlearn a small score network on the 2-D mixture and compare with theory",
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--problem", required=True, choices=PROBLEMS)
+    p.add_argument("--problem", choices=PROBLEMS, help="the problem (required unless 'toy sweep')")
     p.add_argument("--algorithm", choices=algs, default=None,
                    help="primal_dual (default), dual_only or esd (reverse_kl), siss (forward_kl)")
     p.add_argument("--budget", type=float, action="append", default=None,
@@ -32,19 +37,49 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key with a TOML literal, e.g. --set steps=2000, --set 'variant=\"likelihood_ratio\"'")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--out", required=True,
-                   help="run directory (an earlier run of the same config there is resumed; docs/runs.md)")
+    p.add_argument("--out", default=None,
+                   help="run directory, required (an earlier run of the same config there is resumed; docs/runs.md)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out (only with an identical config; also the default)")
     p.add_argument("--overwrite", action="store_true", help="delete the run in --out and start afresh there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=main)
+    _common(p)
+    p.set_defaults(func=main, toy_command=None)
+    sub = p.add_subparsers(dest="toy_command", metavar="{sweep}")
+    sw = sub.add_parser("sweep", help="budget sweep / seed ensemble trained as one vectorised run, with verdicts",
+                        description="Train a sweep's members as one ensemble; writes sweep.json and sweep.png.")
+    sw.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
+    sw.add_argument("--budgets", nargs="+", type=float, default=None,
+                    help="budgets to train (one problem only); default: the instance's and two more on the dual path")
+    sw.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1, each with its own pretrained network")
+    sw.add_argument("--no-baselines", action="store_true", help="primal-dual members only (no ESD, SISS, dual-only)")
+    sw.add_argument("--config", default=None, help="TOML file with ToyConfig keys shared by every member")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--out", required=True, help="output directory (sweep.json, sweep.png, member-*/)")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(sw)
+    sw.set_defaults(func=main_sweep)
+
+
+def _common(p) -> None:
+    p.add_argument("--no-check", action="store_true", help="exit 0 even when a check fails (the verdicts still print)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+
+
+def print_verdicts(checks) -> bool:
+    """One line per check, ``PASS``/``FAIL name: measured (expected)``, then the overall verdict."""
+    for c in checks:
+        print(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.measured} ({c.expected})")
+    ok = all(c.passed for c in checks)
+    n_pass = sum(c.passed for c in checks)
+    print(f"{'PASS' if ok else 'FAIL'}: {n_pass}/{len(checks)} checks passed")
+    return ok
 
 
 def config_from_args(args):
     from toy.run import ToyConfig
 
-    flags = {"problem": args.problem, "out": args.out}
+    flags = {"problem": args.problem, "out": args.out, "threads": args.threads}
     if args.algorithm is not None:
         flags["algorithm"] = args.algorithm
     if args.budget:
@@ -63,8 +98,14 @@ def config_from_args(args):
 
 
 def main(args) -> int:
+    from toy.models import torch_threads
     from toy.run import run
+    from toy.verify import member_checks
 
+    if args.problem is None:
+        raise ValueError("dualunlearn toy needs --problem (one of reverse_kl, forward_kl, likelihood) or the 'sweep' command")
+    if args.out is None:
+        raise ValueError("dualunlearn toy needs --out DIR")
     cfg = config_from_args(args)
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
@@ -72,10 +113,42 @@ def main(args) -> int:
     if args.overwrite:  # the run's files go; a config file or model kept inside it stays
         from toy.core.runs import clear_run_dir
         clear_run_dir(cfg.out, keep=(args.config or "", cfg.pretrained))
-    summary = run(cfg, progress=not args.no_progress, resume=True if args.resume else None)
+    with torch_threads(cfg.threads):
+        summary = run(cfg, progress=not args.no_progress, resume=True if args.resume else None)
     keys = ("problem", "algorithm", "budgets", "lam", "lam_star", "lam_reference", "constraint_values",
             "constraint_stderr", "distance_to_target", "distance_noise_floor", "figure")
     from toy.core.runs import jsonable
     print(json.dumps(jsonable({k: summary.get(k) for k in keys}), indent=1))
     print(f"summary written to {cfg.out}/summary.json")
-    return 0
+    ok = print_verdicts(member_checks(summary, f"{cfg.problem} {cfg.algorithm}"))
+    return 0 if ok or args.no_check else 1
+
+
+def main_sweep(args) -> int:
+    from dataclasses import replace
+
+    from toy.models import torch_threads
+    from toy.run import ToyConfig
+    from toy.sweep import run_sweep
+
+    if args.budgets and len(args.problems) != 1:
+        raise ValueError(f"--budgets needs exactly one problem (--problems P), got {len(args.problems)}: {args.problems}")
+    if args.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
+    base = load_config(ToyConfig, args.config, args.overrides) if (args.config or args.overrides) else ToyConfig()
+    base = replace(base, threads=args.threads)
+    torch_threads(base.threads)
+    budgets = {args.problems[0]: list(args.budgets)} if args.budgets else None
+    res = run_sweep(args.out, base, tuple(args.problems), budgets, tuple(range(args.seeds)),
+                    baselines=not args.no_baselines, progress=not args.no_progress)
+    for r in res["records"]:
+        v = r["verdict"]
+        tol = r["lam_tolerance_interval"]
+        tol_s = f" in [{tol[0]:.4g}, {tol[1]:.4g}]" if tol else ""
+        print(f"{'PASS' if v['passed'] else 'FAIL'}  {r['problem']} {r['algorithm']} ({r['target']}) seed {r['seed']} "
+              f"b={r['budgets'][0]:.4g}: lam {r['lam'][0]:.4g}{tol_s}"
+              + ("" if v["passed"] else f"; failed: {', '.join(v['failed'])}"))
+    n_pass = sum(r["verdict"]["passed"] for r in res["records"])
+    print(f"{'PASS' if res['passed'] else 'FAIL'}: {n_pass}/{res['members']} members passed; "
+          f"{res['seconds']:.1f} s; {args.out}/sweep.json, {res.get('figure')}")
+    return 0 if res["passed"] or args.no_check else 1

@@ -238,3 +238,33 @@ class GibbsTiltEps:
             log_q = self.q.log_prob(x_t, t) if self.q is not None else None
             g = torch.stack([constraint_function(self.variant, f.log_prob(x_t, t), log_q) for f in self.forget])
         return gibbs_tilt_eps_target(eps_q, eps_f, g, self.lam, self.variant).to(x_t.dtype)
+
+
+class torch_threads:
+    """Context manager (and plain setter) for the thread count of toy work: torch's intra-op
+    threads and, when ``threadpoolctl`` is installed (it comes with scikit-learn), the BLAS/OpenMP
+    pools numpy and scipy use (the theory tier's quadratures, energy distances):
+    ``with torch_threads(1): ...``. Networks of this tier (128-wide MLPs on a few hundred rows) run
+    fastest on one thread, and several threads fight any other busy process for the cores
+    (docs/toy.md, "Threads"). Restores the previous counts on exit."""
+
+    def __init__(self, n: int):
+        if int(n) != n or n < 1:
+            raise ValueError(f"threads must be a positive integer, got {n}")
+        self.n = int(n)
+        self.previous = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        self._limits = None
+        try:
+            from threadpoolctl import threadpool_limits
+            self._limits = threadpool_limits(limits=self.n)
+        except ImportError:  # pragma: no cover - torch's own count is still set
+            pass
+
+    def __enter__(self) -> "torch_threads":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.set_num_threads(self.previous)
+        if self._limits is not None:
+            self._limits.restore_original_limits()

@@ -56,6 +56,23 @@ def check_budgets(problem: str, q, forget, budgets, variant: str = "likelihood")
         lo, hi = min(v0, v1), max(v0, v1)
         beyond = b < lo if problem == "likelihood" else b > hi
         if beyond:
-            raise ValueError(f"budget {b:.6g} for forget distribution {i} is outside the achievable range "
-                             f"[{lo:.6g}, {hi:.6g}] of {problem} (values of the constraint along the dual path "
-                             f"from lam = 0 to the end of the dual domain)")
+            raise ValueError(_refusal(problem, q, f, i, float(b), lo, hi, variant))
+
+
+def _refusal(problem: str, q, f, i: int, b: float, lo: float, hi: float, variant: str) -> str:
+    """Why a budget beyond the toy quadrature's range is refused: theory's own answer (its solver
+    works on an adaptive grid to the end of the dual domain) decides between "beyond the achievable
+    range" (theory reaches the domain edge with the constraint unmet, and says where) and "theory
+    solves it, but the toy's fixed 2-D grid cannot represent that target"."""
+    toy_range = f"the toy's quadrature grid represents [{lo:.6g}, {hi:.6g}]"
+    try:
+        sol = gmm.solve(problem, q, [f], np.array([b]), variant=variant)
+    except ValueError as exc:
+        return f"budget {b:.6g} for forget distribution {i} of {problem}: theory.gmm.solve refuses it: {exc}"
+    boundary = sol.info.get("boundary")
+    if boundary:
+        return (f"budget {b:.6g} for forget distribution {i} is beyond the achievable range of {problem} "
+                f"(theory.gmm.solve: {boundary})")
+    return (f"budget {b:.6g} for forget distribution {i} of {problem} is achievable (theory.gmm.solve: lam* = "
+            f"{float(np.asarray(sol.lam)[0]):.6g}, certificate {sol.certificate}), but the toy cannot "
+            f"represent its target: {toy_range} (the tilted target's mass leaves the grid)")

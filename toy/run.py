@@ -23,7 +23,7 @@ import torch
 
 from theory.config import config_to_dict
 from theory.diffusion import alphas_cumprod_for_schedule
-from toy.algorithms import ALGORITHMS, LoopConfig, Models, averaged_lam, elbo_constraint_terms, unlearn
+from toy.algorithms import ALGORITHMS, LoopConfig, Models, averaged_lam, elbo_constraint_terms, lam_window, unlearn
 from toy.distances import energy_distance
 from toy.core.dual import DualState, dual_domain
 from toy.models import ComposedEps, EpsMLP, GibbsTiltEps, MixtureEps, constraint_function
@@ -91,6 +91,7 @@ class ToyConfig:
     n_reference: int = 2000  # trajectories per exact-score surrogate evaluation
     surrogate_reference: bool = True
     figure: bool = True
+    threads: int = 1  # torch intra-op threads for toy work (set by the CLI, verify and the notebooks; recorded)
 
 
 def _seed(seed: int, purpose: str) -> int:
@@ -459,21 +460,38 @@ def dual_only_lam(quads: list[Quadrature], budgets, lr_dual: float, sum_max, ste
     return state.lam.numpy().copy()
 
 
-def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models, dual, hist, pmeta, lr_dual, slopes) -> dict:
+def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models, dual, hist, pmeta, lr_dual, slopes,
+             cache: dict | None = None) -> dict:
     ab = schedule(cfg)
     net = models.net.eval()
     lam = averaged_lam(hist, dual, cfg.average_frac)
+    # LU: lam is poorly identified (its constraint is flat near lam*); report the mean over a window
+    # derived from the dual loop's time constant and check that lam settled there (docs/toy.md)
+    step_slopes = slopes / np.asarray(budgets) if violation_scale(cfg) == "log" else slopes
+    gain = float(lr_dual * np.abs(step_slopes).max())
+    window = None
+    if cfg.problem == "likelihood" and cfg.algorithm == "primal_dual" and len(hist["lam"]) >= 2 and gain > 0:
+        window = lam_window(hist["lam"], gain)
+        lam = window["mean"]
     n_c = cfg.n_constraint // 5 if cfg.problem == "reverse_kl" else cfg.n_constraint
     cons, cons_se = final_constraints(cfg.problem, net, models, cfg, n_c)
     # the same estimator on the pretrained model, against the exact value at p = q: how accurately a
     # network of this size represents the constraint functional (the yardstick of the tolerances)
     # (at p = q the constraint functional varies more than at the target: 4x the samples)
-    pre_cons, pre_se = final_constraints(cfg.problem, models.frozen, models, cfg, 4 * n_c)
+    # (both reference estimates depend on the problem, seed and sizes only: an ensemble shares them
+    # through ``cache``; their random streams are the same for every member of one seed)
+    key = (cfg.problem, cfg.seed, n_c, cfg.variant, cfg.lu_estimator, pmeta.get("final_loss"))
+    if cache is not None and key in cache:
+        pre_cons, pre_se, ex_cons, ex_se = cache[key]
+    else:
+        pre_cons, pre_se = final_constraints(cfg.problem, models.frozen, models, cfg, 4 * n_c)
+        ex_cons, ex_se = final_constraints(cfg.problem, models.q_exact, models, cfg, 4 * n_c)
+        if cache is not None:
+            cache[key] = (pre_cons, pre_se, ex_cons, ex_se)
     q_cons = np.array([qd.constraint_values([0.0])[0] for qd in quads])
     # ... split into its two sources, which can cancel at p = q but need not elsewhere: the
     # network's error (pretrained vs exact scores, same sampler) and the estimator's own
     # discretisation bias (exact scores vs the exact x_0 value)
-    ex_cons, ex_se = final_constraints(cfg.problem, models.q_exact, models, cfg, 4 * n_c)
     delta_c = (np.abs(pre_cons - ex_cons) + np.abs(ex_cons - q_cons)
                + 3.0 * np.sqrt(cons_se ** 2 + pre_se ** 2 + ex_se ** 2))
     x_net = ddpm_sample(net, cfg.n_eval, ab, _gen(cfg.seed, "eval-net"))
@@ -491,6 +509,7 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
         "pretrained_constraint_values": pre_cons, "pretrained_constraint_stderr": pre_se,
         "q_constraint_values": q_cons, "exact_score_constraint_values": ex_cons, "constraint_tolerance": delta_c,
         "constraint_violation": _violation(cfg.problem, cons, budgets),
+        "lam_window": window, "dual_gain": gain, "threads": cfg.threads,
         "steps": cfg.steps, "dual_steps": len(hist["lam"]), "constraint_estimator": estimate_kind(cfg),
         "pool_every": cfg.pool_every, "pool_chains": pool_chains(cfg), "violation_scale": violation_scale(cfg),
         "estimate_delay_dual_steps": estimate_delay(cfg),
@@ -603,42 +622,66 @@ def _objective_mc(problem, quad: Quadrature, x) -> float | None:
 
 
 def draw_figure(path: Path, cfg: ToyConfig, q, quads, summary: dict, hist: dict) -> Path:
-    """Learned samples over the target density, and the lam trajectory against lam*."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Learned samples over the target density (view clipped to the target's support, the samples
+    outside it counted), and the lam trajectory over the whole run against lam*, with the derived
+    tolerance band and, for LU, the averaging window. Drawn on a ``matplotlib.figure.Figure``: no
+    backend is forced on the caller."""
+    from matplotlib.figure import Figure
 
     quad = quads[0]
     x = np.load(Path(cfg.out) / "samples.npy")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    fig = Figure(figsize=(12, 4.8))
+    axes = fig.subplots(1, 2)
     ax = axes[0]
     g = quad.grid
     lam_t = summary.get("target_lam", summary["lam_star"])
     dens = np.exp(quad.log_target(lam_t)).reshape(len(g.ys), len(g.xs))
     qd = np.exp(quad.log_q).reshape(len(g.ys), len(g.xs))
     ax.contour(g.xs, g.ys, qd, levels=6, colors="0.6", linewidths=0.8)
-    ax.contour(g.xs, g.ys, dens, levels=8, cmap="viridis")
-    ax.scatter(x[:800, 0], x[:800, 1], s=2, c="tab:red", alpha=0.5, label="learned samples")
-    lo = np.percentile(x, 0.5, axis=0) - 1
-    hi = np.percentile(x, 99.5, axis=0) + 1
-    ax.set_xlim(min(lo[0], -4), max(hi[0], 4))
-    ax.set_ylim(min(lo[1], -3), max(hi[1], 4))
+    cs = ax.contour(g.xs, g.ys, dens, levels=8, cmap="viridis")
+    fig.colorbar(cs, ax=ax, label=f"x_0 target density at lam = {float(np.asarray(lam_t).reshape(-1)[0]):.4g}")
+    # the view: where the target has mass (density above 1e-4 of its peak), plus a margin
+    ys_m, xs_m = np.nonzero(dens > 1e-4 * dens.max())
+    x_lo, x_hi = g.xs[xs_m.min()] - 0.5, g.xs[xs_m.max()] + 0.5
+    y_lo, y_hi = g.ys[ys_m.min()] - 0.5, g.ys[ys_m.max()] + 0.5
+    inside = (x[:, 0] >= x_lo) & (x[:, 0] <= x_hi) & (x[:, 1] >= y_lo) & (x[:, 1] <= y_hi)
+    ax.scatter(x[inside, 0], x[inside, 1], s=2, c="tab:red", alpha=0.4,
+               label=f"learned samples ({int((~inside).sum())} of {len(x)} outside this view)")
+    ax.set_xlim(x_lo, x_hi)
+    ax.set_ylim(y_lo, y_hi)
+    ax.set_xlabel("x_1")
+    ax.set_ylabel("x_2")
     ax.set_title(f"{cfg.problem} {cfg.algorithm}: learned (red) vs target (contours), q (grey)", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     ax = axes[1]
-    lam_hist = np.asarray(hist["lam"]) if hist["lam"] else np.tile(np.asarray(summary["lam"]), (2, 1))
-    every = max(1, cfg.steps // max(len(lam_hist), 1))
-    steps = np.arange(len(lam_hist)) * every
+    if hist["lam"]:
+        lam_hist = np.asarray(hist["lam"])
+        every = cfg.steps / len(lam_hist)  # dual steps are evenly spaced over the run
+        steps = np.arange(len(lam_hist)) * every
+    else:  # fixed multipliers: the whole run at one value
+        lam_hist = np.tile(np.asarray(summary["lam"]), (2, 1))
+        every, steps = cfg.steps / 2, np.array([0, cfg.steps])
     for i in range(lam_hist.shape[1]):
-        ax.plot(steps, lam_hist[:, i], label=f"lam_{i} learned")
+        ax.plot(steps, lam_hist[:, i], label=f"lam_{i} learned" if hist["lam"] else f"lam_{i} (fixed)")
         ax.axhline(np.asarray(summary["lam_star"])[i], color="k", ls="--", label="lam* (theory, x_0)")
         if summary.get("lam_surrogate") is not None:
             ax.axhline(np.asarray(summary["lam_surrogate"])[i], color="tab:orange", ls=":", label="exact-score surrogate")
+        if summary.get("lam_tolerance_interval") is not None and i == 0:
+            lo_t, hi_t = summary["lam_tolerance_interval"]
+            top = min(hi_t, 2 * max(np.max(lam_hist), lo_t))
+            ax.axhspan(lo_t, top, color="tab:green", alpha=0.12, label="derived tolerance band")
+        win = summary.get("lam_window")
+        if win is not None and i == 0:
+            a0 = win["start"] * every
+            ax.axvspan(a0, cfg.steps, color="0.5", alpha=0.15,
+                       label=f"window: last {win['length']} dual steps (after 3 tau = {3 * win['tau']:.0f})")
+            ax.hlines(np.asarray(win["mean"])[i], a0, cfg.steps, color="k", lw=2,
+                      label=f"window mean {np.asarray(win['mean'])[i]:.4g}")
+    ax.set_xlim(0, cfg.steps)
     ax.set_xlabel("step")
     ax.set_ylabel("lam")
     ax.legend(fontsize=8)
     ax.set_title("multiplier trajectory", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

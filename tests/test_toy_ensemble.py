@@ -1,0 +1,149 @@
+"""The ensemble (``toy.ensemble``): stacked networks equal their members, an ensemble member equals
+its single run (``toy.run.run``) to float rounding whatever else trains beside it, pretraining
+together equals pretraining alone, and ``dualunlearn toy sweep`` writes its records and verdicts.
+
+Float rounding, not bit identity: the batched matmul sums in another order than ``nn.Linear``
+(measured differences ~6e-8 per evaluation). Over the tiny runs here (40 steps) that moves the
+multipliers by 1e-9 to 1e-7 relative; the tolerance 1e-5 leaves room, while a mismatched random
+draw (FU's forget noise drawn before the retain noise), another member's multiplier, or another
+noise stream in pretraining each fail these tests.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toy.ensemble import StackedEpsMLP, pretrain_ensemble, run_ensemble
+from toy.models import EpsMLP
+from toy.problems import default_instance
+from toy.run import ToyConfig, pretrain_on_mixture, run
+
+TINY = dict(hidden=16, layers=2, time_dim=8, pretrain_steps=150, pretrain_batch=128, steps=40, batch=64,
+            forget_batch=32, dual_every=6, pool_every=2, dual_batch=16, checkpoint_every=10, n_eval=200, n_constraint=400,
+            n_reference=200, figure=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_pretrained(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-ens") / "pretrained.pt"
+    pretrain_on_mixture(default_instance().q, ToyConfig(**TINY), "pretrain", path)
+    return path
+
+
+def test_stacked_network_equals_its_members_and_slices_back_exactly():
+    torch.manual_seed(0)
+    nets = [EpsMLP(2, 16, 2, 8, 100) for _ in range(3)]
+    st = StackedEpsMLP(nets)
+    x, t = torch.randn(3, 50, 2), torch.randint(0, 100, (3, 50))
+    out = st(x, t)
+    sub = st(x[[2, 0]], t[[2, 0]], [2, 0])
+    for i, n in enumerate(nets):
+        ref = n(x[i], t[i])
+        assert torch.allclose(out[i], ref, atol=1e-6, rtol=1e-6)
+        assert torch.allclose(st.view(i)(x[i], t[i]), ref, atol=1e-6, rtol=1e-6)
+        back = st.member(i)
+        assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), n.state_dict().values()))
+    assert torch.equal(sub[0], out[2]) and torch.equal(sub[1], out[0])
+    with pytest.raises(ValueError, match="one architecture"):
+        StackedEpsMLP([EpsMLP(2, 16, 2, 8, 100), EpsMLP(2, 8, 2, 8, 100)])
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 100\), got \[0, 100\]"):
+        st(x, torch.full((3, 50), 100).index_fill_(1, torch.tensor([0]), 0))
+
+
+MEMBERS = [dict(problem="forward_kl"), dict(problem="likelihood"), dict(problem="reverse_kl", target="composed"),
+           dict(problem="reverse_kl", target="reweighted"), dict(problem="reverse_kl", algorithm="esd"),
+           dict(problem="forward_kl", algorithm="siss", seed=0)]
+
+
+def test_every_member_of_an_ensemble_reproduces_its_single_run(tmp_path, tiny_pretrained):
+    """Six members of every kind trained together, each against ``toy.run.run`` of its own config:
+    the same dual trajectory and the same end-of-run estimates (relative 1e-5). Covers the random
+    draws' order, the per-member multipliers, pools and targets, and that members do not interact."""
+    cfgs = [ToyConfig(out=str(tmp_path / f"single-{i}"), pretrained=str(tiny_pretrained), surrogate_reference=False,
+                      **TINY, **kw) for i, kw in enumerate(MEMBERS)]
+    singles = [run(c) for c in cfgs]
+    hists = [torch.load(tmp_path / f"single-{i}" / "checkpoint.pt", weights_only=False)["hist"] for i in range(len(cfgs))]
+    ens = run_ensemble(cfgs, tmp_path / "ens")
+    ck = torch.load(tmp_path / "ens" / "ensemble-checkpoint.pt", weights_only=False)
+    for i, (s, e, h) in enumerate(zip(singles, ens, hists)):
+        he = ck["members"][i]["hist"]
+        assert len(he["lam"]) == len(h["lam"]), MEMBERS[i]
+        np.testing.assert_allclose(np.asarray(he["lam"]), np.asarray(h["lam"]), rtol=1e-5, atol=1e-9, err_msg=str(MEMBERS[i]))
+        np.testing.assert_allclose(np.asarray(he["measured"]), np.asarray(h["measured"]), rtol=1e-5, err_msg=str(MEMBERS[i]))
+        for key in ("lam", "constraint_values", "distance_to_target"):
+            np.testing.assert_allclose(np.asarray(e[key]), np.asarray(s[key]), rtol=1e-5, atol=1e-9,
+                                       err_msg=f"{MEMBERS[i]} {key}")
+
+
+def test_pretraining_together_equals_pretraining_alone(tmp_path):
+    from toy.pretrain import load_model
+    cfgs = [ToyConfig(seed=s, **TINY) for s in (0, 3)]
+    paths = pretrain_ensemble(cfgs, tmp_path)
+    for c, p in zip(cfgs, paths):
+        alone, _ = pretrain_on_mixture(default_instance().q, c, "pretrain", tmp_path / f"alone-{c.seed}.pt")
+        together, meta = load_model(p)
+        for a, b in zip(alone.state_dict().values(), together.state_dict().values()):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert meta["ensemble"] == 2
+
+
+def test_toy_sweep_cli_writes_records_with_verdicts_and_exits_on_failure(tmp_path, tiny_pretrained, capsys):
+    from scale.cli import main
+    over = [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in TINY.items() if k != "figure"]
+    sets = sum((["--set", o] for o in over), [])
+    args = ["toy", "sweep", "--problems", "forward_kl", "--budgets", "10.5", "--out", str(tmp_path / "sw"), "--no-progress",
+            "--set", "lr_dual=0.0"] + sets
+    rc = main(args)
+    res = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert res["members"] == 2 and (tmp_path / "sw" / "sweep.png").stat().st_size > 0
+    kinds = {(r["problem"], r["algorithm"]) for r in res["records"]}
+    assert kinds == {("forward_kl", "primal_dual"), ("forward_kl", "siss")}
+    for r in res["records"]:
+        for key in ("budgets", "seed", "lam", "lam_star", "constraint_values", "constraint_stderr",
+                    "distance_to_reference", "distance_noise_floor", "verdict"):
+            assert key in r
+        assert r["verdict"]["passed"] == all(c["passed"] for c in r["checks"])
+        assert r["verdict"]["failed"] == [c["name"] for c in r["checks"] if not c["passed"]]
+    out = capsys.readouterr().out
+    assert rc == (0 if res["passed"] else 1)
+    assert ("PASS:" if res["passed"] else "FAIL:") in out
+    # with the dual step off (lr_dual = 0) lam stays 0, where KL(q_1||p) = 5.8 +- 1.1 < 10.5: the constraint check fails
+    pd = next(r for r in res["records"] if r["algorithm"] == "primal_dual")
+    assert pd["lam"] == [0.0] and "forward_kl primal_dual: constraint holds within estimation error" in pd["verdict"]["failed"]
+    assert not res["passed"]
+    assert main(args + ["--no-check"]) == 0
+    run_json = json.loads((tmp_path / "sw" / "member-000" / "run.json").read_text())
+    assert run_json["config"]["threads"] == 1
+    assert main(["toy", "sweep", "--problems", "forward_kl", "likelihood", "--budgets", "1", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_torch_threads_sets_and_restores_the_intra_op_thread_count():
+    from toy.models import torch_threads
+    before = torch.get_num_threads()
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import scipy.linalg  # noqa: F401  (loads scipy's BLAS pool)
+    blas_before = [d["num_threads"] for d in threadpoolctl.threadpool_info()]
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+        assert all(d["num_threads"] == 1 for d in threadpoolctl.threadpool_info())
+    assert torch.get_num_threads() == before
+    assert [d["num_threads"] for d in threadpoolctl.threadpool_info()] == blas_before
+    with pytest.raises(ValueError, match="threads must be a positive integer, got 0"):
+        torch_threads(0)
+
+
+def test_toy_cli_prints_a_verdict_per_check_and_exits_1_on_failure(tmp_path, tiny_pretrained, capsys):
+    """With the dual step off (lr_dual = 0) FU stays at lam = 0, where KL(q_1||p) = 5.8 +- 1.1 is far
+    below the budget 10.5: the constraint check fails, the exit status is 1, and 0 with --no-check."""
+    from scale.cli import main
+    over = [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in TINY.items() if k != "figure"]
+    args = ["toy", "--problem", "forward_kl", "--budget", "10.5", "--out", str(tmp_path / "cli"), "--no-progress",
+            "--set", f'pretrained="{tiny_pretrained}"', "--set", "lr_dual=0.0"] + sum((["--set", o] for o in over), [])
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  forward_kl primal_dual: constraint holds within estimation error" in out
+    assert "PASS  forward_kl primal_dual: lam in tolerance" in out or "FAIL  forward_kl primal_dual: lam in tolerance" in out
+    assert out.strip().splitlines()[-1].startswith("FAIL: ")
+    assert main(args + ["--no-check"]) == 0
