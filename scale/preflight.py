@@ -555,7 +555,9 @@ def _initial_lam(kind: str, cfg, m: int, n: int) -> tuple[np.ndarray, float, np.
         d = initial_dual(cfg)
         return d.lam.numpy(), d.lr_dual, None, d.sum_max
     if cfg.method == "fu":
-        return np.zeros(m), cfg.lr_dual / n, np.full(m, 1.0 / n), None
+        from toy.core.dual import dual_domain
+
+        return np.zeros(m), cfg.lr_dual / n, np.asarray(dual_domain("forward_kl", m, n_train=n).upper), None
     return np.full(m, cfg.siss_weight / n), 0.0, None, None
 
 

@@ -203,7 +203,7 @@ def test_ru_primal_targets_are_the_composed_surrogate_at_eta_of_lam():
     from theory.gmm import reverse_kl_target
     from toy.algorithms import ru_primal_loss
     from toy.models import MixtureEps
-    from toy.objectives import eta_from_lam
+    from toy.core.objectives import eta_from_lam
     inst = default_instance()
     ab = torch.tensor(alphas_cumprod_for_schedule(100, 1e-3, 0.2), dtype=torch.float32)
     qe = MixtureEps.from_mixture(inst.q, ab)

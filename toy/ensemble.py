@@ -33,13 +33,14 @@ from torch import nn
 from theory.config import config_to_dict
 from toy.algorithms import LoopConfig, Models, averaged_lam, elbo_constraint_terms, lu_constraint_exact, \
     tilt_log_weights
-from toy.dual import DualState
+from toy.core.dual import DualState, dual_domain
 from toy.models import EpsMLP, MixtureEps
-from toy.objectives import composed_eps_target, eta_from_lam, lam_from_eta, reverse_step_kl_weights
-from toy.pretrain import MixtureData, noised, save_model
+from toy.core.diffusion import noised, reverse_step_kl_weights
+from toy.core.objectives import composed_eps_target, eta_from_lam, lam_from_eta
+from toy.pretrain import MixtureData, save_model
 from toy.problems import check_budgets, default_instance, lam_star
 from toy.reference import Quadrature
-from toy.runs import RunDir, atomic_torch_save
+from toy.core.runs import RunDir, atomic_torch_save
 from toy.sampling import TrajectoryPool, ddpm_sample
 
 log = logging.getLogger(__name__)
@@ -246,11 +247,9 @@ def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Member:
         at = surrogate_constraint_fn(cfg.problem, q, forget, cfg, cfg.variant)
         hi = min(4.0 * max(float(lam_th[0]), 1e-3), 0.95)
         lam_sur = np.array([surrogate_lam(at, float(budgets[0]), False, hi)])
-    upper, sum_max = None, None
-    if cfg.problem == "reverse_kl":
-        sum_max = 0.95
-    elif cfg.problem == "forward_kl":
-        upper = [qd.lam_max() for qd in quads]
+    domain = dual_domain(cfg.problem, len(budgets),
+                         upper=[qd.lam_max() for qd in quads] if cfg.problem == "forward_kl" else None)
+    upper, sum_max = domain.upper, domain.sum_max
     slopes = np.array([_slope(qd, lam_i) for qd, lam_i in zip(quads, lam_th)])
     vscale = violation_scale(cfg)
     step_slopes = slopes / budgets if vscale == "log" else slopes

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toy.runs import atomic_write_json
+from toy.core.runs import atomic_write_json
 
 log = logging.getLogger(__name__)
 
