@@ -11,7 +11,7 @@
 # ---
 
 # %% [markdown]
-# # Duality gaps on finite distributions (MATH.md §3)
+# # Duality gaps on finite distributions (docs/math.md §3, eqs. 20-22)
 #
 # RU, `min KL(p||q) s.t. KL(p||q_1) >= b`, on three atoms: `q = (0.05, 0.5, 0.45)`,
 # `q_1 = (0.02, 0.08, 0.9)`. The tilt path `p_lam ∝ q (q/q_1)^(lam/(1-lam))` concentrates on

@@ -14,13 +14,13 @@
 # # The three unlearning targets on a 2-D mixture of three Gaussians
 #
 # `q` is `theory.gmm.default_instance()`: weights (0.35, 0.35, 0.30), the third (top) mode is
-# to be unlearned. For each problem (MATH.md §2) we pick the multiplier whose target leaves the
+# to be unlearned. For each problem (docs/math.md §2) we pick the multiplier whose target leaves the
 # **same mass, 0.03, on the forget mode** (a tenth of its 0.30; mass = `E_p[r_3]` with `r_3`
 # q's responsibility of mode 3), read off the budget that multiplier certifies, and measure how
 # far each target moves the two retained modes (centroid `E_p[r_j x] / E_p[r_j]` vs the same
 # under q, Euclidean and in q's Mahalanobis metric of that mode).
 #
-# Claim under test (paper, MATH.md §5): *RU/ESD pushes the retained modes away; LU barely moves them.*
+# Claim under test (paper, docs/math.md §6): *RU/ESD pushes the retained modes away; LU barely moves them.*
 
 # %%
 import os

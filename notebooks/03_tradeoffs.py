@@ -15,10 +15,10 @@
 #
 # On `default_instance()` (2-D, three modes, the third forgotten). Every multiplier lam on the
 # dual path certifies the budget `b(lam)` = constraint value of its target, with `lam*(b) = lam`
-# and `P*(b)` = the objective at the target (zero duality gap, MATH.md §3; checked below by
+# and `P*(b)` = the objective at the target (zero duality gap, docs/math.md §3; checked below by
 # `solve` at a few budgets). Fixed-multiplier methods sit at one point each:
 #
-# - **ESD** with guidance eta is RU at `lam = eta / (1 + eta)` (MATH.md §4): eta = 1 -> lam = 1/2,
+# - **ESD** with guidance eta is RU at `lam = eta / (1 + eta)` (eq. 8): eta = 1 -> lam = 1/2,
 #   eta = 2 -> lam = 2/3.
 # - **SISS** (data unlearning) uses the fixed weight `lam = n_forget / n`: with the forget mode
 #   being a fraction `w_3 = 0.30` of the data, `lam = 0.30`, exactly retraining without the mode

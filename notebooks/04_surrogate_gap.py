@@ -16,7 +16,7 @@
 # RU's target at x_0 is the tilt `p_lam ∝ q^(1+eta) q_1^(-eta)`. A diffusion model is trained on
 # noise predictions at every t, and the noised tilt is not the tilt of the noised laws, so ESD-style
 # training uses the **composed** prediction `eps_q - eta (eps_{q_1} - eps_q)` at every t
-# (MATH.md §4). Here we generate from that surrogate with an accurate probability-flow ODE
+# (docs/math.md §4). Here we generate from that surrogate with an accurate probability-flow ODE
 # (DOP853, rtol 1e-9) that also integrates the exact change of log-density (closed-form score
 # divergence), so `KL(surrogate || exact tilt) = E[log p_sur - log p_lam]` is a Monte Carlo mean
 # with exact densities on both sides. The sampler is validated first: with q's exact eps it must

@@ -1,5 +1,5 @@
 """Concept unlearning on a text-to-image diffusion model (Stable Diffusion layout): RU primal-dual,
-RU dual-only, ESD (RU at a fixed multiplier) and LU primal-dual (MATH.md §2, §4).
+RU dual-only, ESD (RU at a fixed multiplier) and LU primal-dual (docs/math.md eqs. 6-9, 15, 26, 29, 30).
 
 Every method trains the model *under the concept prompts* towards an ESD-form noise target built
 from the frozen reference (the same UNet with its adapters disabled):

@@ -1,4 +1,4 @@
-"""Data unlearning on a DDPM (MATH.md §2 FU, §4): FU primal-dual with one multiplier per forget
+"""Data unlearning on a DDPM (docs/math.md eqs. 11-14, 28, 31): FU primal-dual with one multiplier per forget
 image, and the SISS baselines (fixed weight without importance sampling; with importance sampling,
 its weights in log space).
 

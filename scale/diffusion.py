@@ -32,7 +32,7 @@ def siss_log_weights(x_t: torch.Tensor, x0: torch.Tensor, a0: torch.Tensor, alph
 
 
 def lu_weight(log_ratio: torch.Tensor, constraint: str, clamp: float = 30.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """LU constraint function ``g`` and the weight ``c(x)`` of its tilt (MATH.md §4).
+    """LU constraint function ``g`` and the weight ``c(x)`` of its tilt (eq. 29).
 
     ``p ∝ q exp(-lam g)`` has score ``score_q - lam grad g``; for ``g = r = q_i/q``,
     ``grad g = r (score_i - score_q)`` and for ``g = log r``, ``grad g = score_i - score_q``. In noise

@@ -1,5 +1,5 @@
 """Loading diffusers models from a path or hub id, with clear errors before any training, and the
-trainable parameters of an unlearning run (MATH.md §5: LoRA on the cross-attention layers, ESD-x).
+trainable parameters of an unlearning run (docs/math.md §6: LoRA on the cross-attention layers, ESD-x).
 
 The frozen pretrained model is never a second copy of the UNet: with LoRA the reference is the
 same UNet with its adapters disabled; with full cross-attention fine-tuning only the original

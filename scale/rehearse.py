@@ -401,7 +401,7 @@ def calibrate_ru_budget(cfg: RehearseConfig, model: Path, out: Path, steps: int 
 
 
 def _retain_prompts(cfg: RehearseConfig) -> tuple[str, ...]:
-    """The prompts the concept runs keep (MATH.md §4, docs/scale.md "Retain prompts"): the other nine
+    """The prompts the concept runs keep (docs/math.md §4, docs/scale.md "Retain prompts"): the other nine
     digits (and the null prompt with ``retain_null``); none when ``retain_weight = 0``."""
     if cfg.retain_weight <= 0:
         return ()

@@ -1,4 +1,4 @@
-"""Frozen-dataclass configuration loaded from TOML with unknown keys rejected (STYLE.md).
+"""Frozen-dataclass configuration loaded from TOML with unknown keys rejected.
 
 ``load_config(cls, path, overrides)`` builds ``cls`` from an optional TOML file and ``key=value``
 overrides (values must be TOML literals: ``lr=1e-3``, ``budgets=[0.5, 1.0]``, ``name="x"``; a bare

@@ -1,5 +1,5 @@
 """The unlearning algorithms, written once against the model contract ``model(x_t, t) -> eps``
-(MATH.md §4). Each algorithm is a *primal step* (a loss for the trainable network at the current
+(docs/math.md §4). Each algorithm is a *primal step* (a loss for the trainable network at the current
 multipliers, and optionally the constraint estimates that come for free with it) plus, for the
 primal-dual variants, a *constraint estimator* feeding ``toy.core.dual.DualState``; ``unlearn`` runs
 either with checkpoints, metrics and resumption. Nothing here knows about mixtures except where an
@@ -168,7 +168,7 @@ def lu_constraint_exact(net, forget_exact, q_exact, n, ab, gen, variant,
 
 @torch.no_grad()
 def diffusion_classifier_log_ratio(x0, model_c, model_ref, ab, gen, n_t: int | None = None) -> torch.Tensor:
-    """``log q_c(x0)/q_ref(x0)`` (B,) from denoising-loss differences (MATH.md §4,
+    """``log q_c(x0)/q_ref(x0)`` (B,) from denoising-loss differences (eq. 32,
     ``toy.core.objectives.log_ratio_from_denoising_losses``), summed over every timestep (n_t None) with
     one shared noise draw per (sample, t)."""
     ab = torch.as_tensor(ab, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""FU on a finite training set (MATH.md §2, data unlearning): q is the empirical law of n points,
+"""FU on a finite training set (eq. 14): q is the empirical law of n points,
 the forget distributions are single points ``delta(a_i)``, the dual domain is ``lam_i <= 1/n``,
 and at ``lam_i = 1/n`` the signed objective is exactly ``(n-k)/n`` times the retain-set loss, so
 unlearning there must reproduce retraining without the forgotten points.

@@ -1,11 +1,11 @@
-"""Noise-prediction models of the toy tier, all behind one contract (STYLE.md, k-diffusion's
+"""Noise-prediction models of the toy tier, all behind one contract (k-diffusion's
 "one shared model contract with adapters at the edge"):
 
     model(x_t: (B, d) tensor, t: (B,) long tensor of 0-based timesteps) -> eps (B, d)
 
 - ``EpsMLP``: a small MLP with a sinusoidal time embedding (the learned model).
 - ``MixtureEps``: the exact ``E[z | x_t]`` of a Gaussian mixture (or of a finite point set, a
-  mixture of zero-covariance atoms) noised by the DDPM schedule, in torch (MATH.md §4) — a port of
+  mixture of zero-covariance atoms) noised by the DDPM schedule, in torch (docs/math.md §4) — a port of
   ``theory.gmm.GaussianMixture.eps`` that runs inside training loops; tested equal to it.
 - ``ComposedEps``: the RU/ESD composed target ``eps_q - sum eta_i (eps_{q_i} - eps_q)`` of any models.
 - ``SignedMixtureEps``: the FU target, exact at every t: the noise prediction of
@@ -82,7 +82,7 @@ class EpsMLP(nn.Module):
 
 
 class MixtureEps:
-    """Exact noise prediction of ``sum_k w_k N(mu_k, Sigma_k)`` under the VP process (MATH.md §4).
+    """Exact noise prediction of ``sum_k w_k N(mu_k, Sigma_k)`` under the VP process (eqs. 23-24).
 
     At ``alpha_bar`` the mixture is ``N(sqrt(ab) mu_k, U_k diag(ab s_k + 1 - ab) U_k^T)``; eigenvalues
     ``s_k`` may be 0 (atoms: a finite training set), which is fine for every ``alpha_bar < 1``.
@@ -150,7 +150,7 @@ class MixtureEps:
 
 
 class ComposedEps:
-    """RU composed target ``eps_q - sum_i eta_i (eps_{q_i} - eps_q)`` (MATH.md §4) of any models;
+    """RU composed target ``eps_q - sum_i eta_i (eps_{q_i} - eps_q)`` (eq. 26) of any models;
     ``eta`` (m,). Exact for the x_0 tilt only at t = 0; a surrogate at t > 0."""
 
     def __init__(self, base, forget: list, eta):
@@ -167,7 +167,7 @@ class ComposedEps:
 
 
 class SignedMixtureEps:
-    """FU target ``(q_t - sum lam_i q_{i,t}) / (1 - Lam)``, exact at every t (MATH.md §4):
+    """FU target ``(q_t - sum lam_i q_{i,t}) / (1 - Lam)``, exact at every t (eq. 28):
     ``eps = (eps_q - sum_i lam_i rho_i eps_i) / (1 - sum_i lam_i rho_i)``, ``rho_i = q_{i,t}/q_t``.
     ``q`` and ``forget`` are ``MixtureEps`` (densities needed)."""
 
@@ -190,7 +190,7 @@ class SignedMixtureEps:
 
 def gibbs_tilt_eps_target(eps_q: torch.Tensor, eps_forget: torch.Tensor, g_forget: torch.Tensor,
                           lam: torch.Tensor, variant: str) -> torch.Tensor:
-    """LU noise target at the Gibbs tilt ``q exp(-sum lam_i g_i)`` (MATH.md §4), evaluated with the
+    """LU noise target at the Gibbs tilt ``q exp(-sum lam_i g_i)`` (eq. 29), evaluated with the
     noised quantities at t (the surrogate; exact at t = 0 where the tilt is defined).
 
     score = s_q - sum lam_i grad g_i with
@@ -211,7 +211,7 @@ def gibbs_tilt_eps_target(eps_q: torch.Tensor, eps_forget: torch.Tensor, g_forge
 
 
 def constraint_function(variant: str, log_q_forget: torch.Tensor, log_q: torch.Tensor | None) -> torch.Tensor:
-    """LU ``g_i(x)`` from log densities: ``q_i``, ``q_i/q`` or ``log q_i`` (MATH.md §1)."""
+    """LU ``g_i(x)`` from log densities: ``q_i``, ``q_i/q`` or ``log q_i`` (eq. 4)."""
     if variant == "likelihood":
         return log_q_forget.exp()
     if variant == "likelihood_ratio":

@@ -1,4 +1,4 @@
-"""Pretraining by denoising score matching (MATH.md §4): ``min E_{x0, t, z} ||z - eps_theta(x_t, t)||^2``
+"""Pretraining by denoising score matching (docs/math.md §4, eq. 23): ``min E_{x0, t, z} ||z - eps_theta(x_t, t)||^2``
 with ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) z``, t uniform on 0..T-1, on samples of a Gaussian
 mixture (fresh every step) or of a finite training set (minibatches of its points); save / load.
 """

@@ -1,12 +1,12 @@
 """Exact references for the toy runs on 2-D mixtures, computed without networks:
 
-1. **x_0 targets by quadrature** (MATH.md §2): on a fine grid, the RU tilt ``q prod (q/q_i)^eta_i``,
+1. **x_0 targets by quadrature** (eqs. 7, 12, 15): on a fine grid, the RU tilt ``q prod (q/q_i)^eta_i``,
    the FU signed mixture ``(q - sum lam_i q_i)/(1 - Lam)`` and the LU Gibbs tilt
    ``q exp(-sum lam_i g_i)``, their constraint values and objectives, the dual solution lam* of a
    single constraint by bisection on the (monotone) constraint value, the achievable range of the
    budget, and samples of the target (grid cell drawn by mass, uniform jitter inside it). This is
    an independent recomputation used to cross-check ``theory.gmm.solve`` and to refuse budgets.
-2. **surrogate fixed points** (MATH.md §4): RU and LU networks are trained towards noise targets
+2. **surrogate fixed points** (eqs. 26, 29): RU and LU networks are trained towards noise targets
    that are exact only at t = 0, so a perfect network generates the *surrogate* law, not the x_0
    target. Running the same dual iteration with exact mixture scores in place of networks gives
    the multiplier the learned run converges to; ``surrogate_lam`` finds it by bisection with

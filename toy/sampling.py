@@ -6,7 +6,7 @@ mixtures alike), on a DDPM schedule ``alphas_cumprod`` (0-based t, diffusers' co
 - ``ddim_sample``: deterministic DDIM (eta = 0), the probability-flow discretisation, on a strided
   subset of timesteps.
 - ``path_kl_to_models``: path-wise KL(P_model || P_other_i) along the model's own ancestral
-  trajectories (MATH.md §4), together with the trajectories' end points.
+  trajectories (eq. 30), together with the trajectories' end points.
 - ``TrajectoryPool``: the same path KL and model samples amortised into training: a persistent
   pool of chains staggered over t, advanced one step per training step.
 """

@@ -1,4 +1,4 @@
-"""The dual side of every primal-dual algorithm (MATH.md §2, "All three"), shared by toy and scale.
+"""The dual side of every primal-dual algorithm (docs/math.md eqs. 17-18, 33-36), shared by toy and scale.
 
 Vocabulary (cooper): a constraint's *violation* is ``measured - budget`` oriented so that
 ``violation <= 0`` is feasible. By Danskin the dual gradient at lam is the violation at the

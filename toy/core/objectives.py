@@ -1,4 +1,4 @@
-"""Score-space targets, losses and constraint estimators of MATH.md §4, shared by toy and scale.
+"""Score-space targets, losses and constraint estimators of docs/math.md §4 (eqs. 26-32), shared by toy and scale.
 
 All functions take torch tensors, keep the inputs' device, and compute losses, KLs and
 multiplier arithmetic in float32 or wider (network outputs are cast up first).
@@ -16,7 +16,7 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 
 
 def eta_from_lam(lam: torch.Tensor) -> torch.Tensor:
-    """RU tilt exponents ``eta_i = lam_i / (1 - sum lam)`` (MATH.md §2); needs ``sum lam < 1``."""
+    """RU tilt exponents ``eta_i = lam_i / (1 - sum lam)`` (eq. 7); needs ``sum lam < 1``."""
     lam = torch.as_tensor(lam)
     Lam = lam.sum()
     if not float(Lam) < 1.0:
@@ -33,7 +33,7 @@ def lam_from_eta(eta: torch.Tensor) -> torch.Tensor:
 
 
 def composed_eps_target(eps_q: torch.Tensor, eps_forget: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-    """RU composed noise target ``eps* = eps_q - sum_i eta_i (eps_{q_i} - eps_q)`` (MATH.md §4).
+    """RU composed noise target ``eps* = eps_q - sum_i eta_i (eps_{q_i} - eps_q)`` (eq. 26).
 
     eps_q: (B, *S); eps_forget: (m, B, *S); eta: (m,) or (m, B) (per-sample weights).
     ESD is m = 1 with a fixed eta. Exact for the x_0 tilt's score only at t = 0; a surrogate at t > 0.
@@ -55,7 +55,7 @@ def denoising_loss(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
 
 def signed_denoising_objective(loss_retain: torch.Tensor, loss_forget: torch.Tensor,
                                lam: torch.Tensor) -> torch.Tensor:
-    """FU Lagrangian in denoising form: ``E_q[l] - sum_i lam_i E_{q_i}[l]`` (MATH.md §4).
+    """FU Lagrangian in denoising form: ``E_q[l] - sum_i lam_i E_{q_i}[l]`` (eq. 28).
 
     loss_retain: scalar estimate of E_q[l_theta]; loss_forget: (m,) estimates of E_{q_i}[l_theta];
     lam: (m,). Its minimiser over scores is the signed mixture ``(q - sum lam_i q_i)/(1 - Lam)`` at
@@ -80,7 +80,7 @@ def path_kl_estimate(eps_p: torch.Tensor, eps_q: torch.Tensor, weights: torch.Te
 
 def log_ratio_from_denoising_losses(loss_cond: torch.Tensor, loss_ref: torch.Tensor,
                                     weights_t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
-    """Diffusion-classifier estimate of ``log q_c(x0) / q(x0)`` (MATH.md §4).
+    """Diffusion-classifier estimate of ``log q_c(x0) / q(x0)`` (eq. 32).
 
     With ``-log p(x0) ~= sum_t w_t E||eps - eps_theta(x_t, t)||^2 + C`` (ELBO, shared C), the log
     ratio is ``sum_t w_t (l_ref,t - l_cond,t)``. Given losses (B,) at timesteps drawn uniformly
