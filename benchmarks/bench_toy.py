@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from theory.gmm import default_instance
-from toy.run import ToyConfig, pretrain_on_mixture, run
+from toy.config import ToyConfig
+from toy.run import pretrain_on_mixture, run
 
 
 def _per_step_ms(out: Path) -> dict:

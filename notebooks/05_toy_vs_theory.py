@@ -40,7 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from toy.models import torch_threads
-from toy.run import ToyConfig
+from toy.config import ToyConfig
 from toy.sweep import run_sweep, sweep_figure
 
 torch_threads(1)  # small networks: one intra-op thread is fastest and robust to other busy processes

@@ -55,7 +55,7 @@ def _assert_one_line(err: str, code: int, expected: int, *must: str) -> str:
 
 def _classes() -> dict:
     from scale.commands import _config_classes
-    from toy.run import ToyConfig
+    from toy.config import ToyConfig
 
     return {**_config_classes(), "toy": ToyConfig}
 

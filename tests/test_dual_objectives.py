@@ -187,7 +187,7 @@ def test_delay_limited_gain_keeps_the_delayed_dual_ascent_stable_where_the_undel
     """The rule behind ``toy.run.delay_limited_gain``: integral control of gain k with a pure delay
     of D steps has phase margin pi/2 - k D; k D = pi/6 converges without sustained oscillation,
     while the undelayed gain 0.3 at D = 16 is unstable (simulated, not derived)."""
-    from toy.run import DUAL_GAIN
+    from toy.config import DUAL_GAIN
     d = 16
     lam_ok, lam_star = _delayed_dual_run((np.pi / 6) / d, d)
     assert abs(lam_ok[-100:] - lam_star).max() < 0.01 * lam_star
@@ -200,7 +200,7 @@ def test_delay_limited_gain_keeps_the_delayed_dual_ascent_stable_where_the_undel
 
 
 def test_lu_pool_gain_follows_the_estimate_delay():
-    from toy.run import DUAL_GAIN, ToyConfig, delay_limited_gain, estimate_delay, pool_chains
+    from toy.config import DUAL_GAIN, ToyConfig, delay_limited_gain, estimate_delay, pool_chains
     lu = ToyConfig(problem="likelihood")
     assert pool_chains(lu) == 2 * lu.num_timesteps
     # chain life T x pool_every / 2 = 200 steps, plus half the 128-end-point window at k = 2 per advance

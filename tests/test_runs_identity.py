@@ -28,7 +28,8 @@ TINY = dict(hidden=16, layers=2, time_dim=8, pretrain_steps=150, pretrain_batch=
 @pytest.fixture(scope="module")
 def tiny_pretrained(tmp_path_factory):
     from toy.problems import default_instance
-    from toy.run import ToyConfig, pretrain_on_mixture
+    from toy.config import ToyConfig
+    from toy.run import pretrain_on_mixture
 
     path = tmp_path_factory.mktemp("tiny") / "pretrained.pt"
     pretrain_on_mixture(default_instance().q, ToyConfig(**TINY), "pretrain", path)
@@ -53,7 +54,8 @@ def test_toy_rerun_with_another_budget_is_refused_and_an_identical_one_resumes(t
     naming the key and --resume/--overwrite) and keep run.json; rerun at 0.004 it resumes from the
     last checkpoint (step 10 of 20) and says so."""
     from scale.cli import main
-    from toy.run import ToyConfig, run
+    from toy.config import ToyConfig
+    from toy.run import run
 
     out = tmp_path / "lu"
     cfg = ToyConfig(problem="likelihood", budgets=(0.004,), out=str(out), pretrained=str(tiny_pretrained), **TINY)

@@ -18,7 +18,8 @@ import torch
 from toy.ensemble import StackedEpsMLP, pretrain_ensemble, run_ensemble
 from toy.models import EpsMLP
 from toy.problems import default_instance
-from toy.run import ToyConfig, pretrain_on_mixture, run
+from toy.config import ToyConfig
+from toy.run import pretrain_on_mixture, run
 
 TINY = dict(hidden=16, layers=2, time_dim=8, pretrain_steps=150, pretrain_batch=128, steps=40, batch=64,
             forget_batch=32, dual_every=6, pool_every=2, dual_batch=16, checkpoint_every=10, n_eval=200, n_constraint=400,

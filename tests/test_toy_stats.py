@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from toy.run import ToyConfig, dual_only_lam, pretrain_on_mixture, run
+from toy.config import ToyConfig
+from toy.run import dual_only_lam, pretrain_on_mixture, run
 from toy.problems import default_instance, lam_star
 from toy.reference import Quadrature
 from toy.verify import DISTANCE_FLOOR_MULTIPLE, checks_for
@@ -72,9 +73,9 @@ def test_ru_dual_only_ascent_finds_theory_lam_star():
     inst = default_instance()
     b = inst.budgets["reverse_kl"]
     quad = Quadrature("reverse_kl", inst.q, list(inst.forget))
-    from toy.run import _slope
+    from toy.run import dual_slope
     ls, _ = lam_star("reverse_kl", inst.q, inst.forget, b)
-    lam = dual_only_lam([quad], b, 0.3 / abs(_slope(quad, float(ls[0]))), 0.95)
+    lam = dual_only_lam([quad], b, 0.3 / abs(dual_slope(quad, float(ls[0]))), 0.95)
     assert abs(lam[0] - ls[0]) <= 1e-6 * ls[0]
 
 

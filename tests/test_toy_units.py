@@ -120,7 +120,8 @@ TINY = dict(hidden=16, layers=2, time_dim=8, pretrain_steps=150, pretrain_batch=
 
 @pytest.fixture(scope="module")
 def tiny_pretrained(tmp_path_factory):
-    from toy.run import ToyConfig, pretrain_on_mixture
+    from toy.config import ToyConfig
+    from toy.run import pretrain_on_mixture
     path = tmp_path_factory.mktemp("tiny") / "pretrained.pt"
     pretrain_on_mixture(default_instance().q, ToyConfig(**TINY), "pretrain", path)
     return path
@@ -131,7 +132,8 @@ def tiny_pretrained(tmp_path_factory):
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_pretrained, problem, estimate):
     """Every estimator's state resumes exactly: RU and LU's trajectory pool (positions, partial sums,
     end points) as well as fresh trajectories."""
-    from toy.run import ToyConfig, run
+    from toy.config import ToyConfig
+    from toy.run import run
     kw = dict(TINY, problem=problem, pretrained=str(tiny_pretrained), surrogate_reference=False, estimate=estimate)
     full = run(ToyConfig(out=str(tmp_path / "full"), **kw))
     part = run(ToyConfig(out=str(tmp_path / "part"), **kw), stop_after=25)
@@ -150,7 +152,8 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tin
     """A non-finite constraint estimate, or multipliers driven past lam_max, stop the run at the
     dual step where it happens; the checkpoint of step 10 (the last before) stays as it was."""
     import toy.algorithms as alg
-    from toy.run import ToyConfig, run
+    from toy.config import ToyConfig
+    from toy.run import run
     real = alg.lu_constraint_exact
     calls = {"n": 0}
 
@@ -240,7 +243,8 @@ def test_lu_network_estimator_runs_on_the_pool_end_points_with_the_log_scale_ste
     """The diffusion-classifier estimate of the ratio variant (forget network against the
     pretrained one) at the pool's end points: at p = q the ratio's mean is above the budget, so the
     log-scale dual step must raise lam from 0 (the path otherwise only runs in docs/toy.md's study)."""
-    from toy.run import ToyConfig, run
+    from toy.config import ToyConfig
+    from toy.run import run
     s = run(ToyConfig(out=str(tmp_path / "net"), problem="likelihood", variant="likelihood_ratio",
                       lu_estimator="network", pretrained=str(tiny_pretrained), surrogate_reference=False, **TINY))
     assert s["constraint_estimator"] == "pool" and s["violation_scale"] == "log"

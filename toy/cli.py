@@ -77,7 +77,7 @@ def print_verdicts(checks) -> bool:
 
 
 def config_from_args(args):
-    from toy.run import ToyConfig
+    from toy.config import ToyConfig
 
     flags = {"problem": args.problem, "out": args.out, "threads": args.threads}
     if args.algorithm is not None:
@@ -128,7 +128,7 @@ def main_sweep(args) -> int:
     from dataclasses import replace
 
     from toy.models import torch_threads
-    from toy.run import ToyConfig
+    from toy.config import ToyConfig
     from toy.sweep import run_sweep
 
     if args.budgets and len(args.problems) != 1:

@@ -20,7 +20,6 @@ another order than ``nn.Linear``; tested on the lam trajectory and the final wei
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,7 @@ import torch
 from torch import nn
 
 from theory.config import config_to_dict
-from toy.algorithms import LoopConfig, Models, averaged_lam, elbo_constraint_terms, lu_constraint_exact, \
+from toy.algorithms import LoopConfig, Models, elbo_constraint_terms, lu_constraint_exact, \
     tilt_log_weights
 from toy.core.dual import DualState, dual_domain
 from toy.models import EpsMLP, MixtureEps
@@ -122,7 +121,8 @@ def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None) -> list[Path]:
     with purpose "pretrain", and ``torch.optim.Adam`` on stacked parameters is the members' own
     Adams (elementwise). Saves ``out_dir / pretrained-seed{seed}.pt`` (reused when present)."""
     from toy.distances import energy_distance
-    from toy.run import _gen, _seed, schedule
+    from toy.core.seeding import seeded_generator, derive_seed
+    from toy.config import schedule
 
     out_dir = Path(out_dir)
     paths = [out_dir / f"pretrained-seed{c.seed}.pt" for c in cfgs]
@@ -138,12 +138,12 @@ def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None) -> list[Path]:
     q = default_instance().q
     nets = []
     for i in todo:
-        torch.manual_seed(_seed(cfgs[i].seed, "pretrain:init"))
+        torch.manual_seed(derive_seed(cfgs[i].seed, "pretrain:init"))
         nets.append(EpsMLP(q.dim, cfg0.hidden, cfg0.layers, cfg0.time_dim, cfg0.num_timesteps))
     stacked = StackedEpsMLP(nets)
     ab = schedule(cfg0)
-    data = [MixtureData(q, _seed(cfgs[i].seed, "pretrain:data")) for i in todo]
-    gens = [_gen(cfgs[i].seed, "pretrain:noise") for i in todo]
+    data = [MixtureData(q, derive_seed(cfgs[i].seed, "pretrain:data")) for i in todo]
+    gens = [seeded_generator(cfgs[i].seed, "pretrain:noise") for i in todo]
     opt = torch.optim.Adam(stacked.parameters(), lr=cfg0.pretrain_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg0.pretrain_steps, 1), eta_min=cfg0.pretrain_lr * 0.05)
     t0 = time.perf_counter()
@@ -166,8 +166,8 @@ def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None) -> list[Path]:
     for j, i in enumerate(todo):
         c = cfgs[i]
         net = stacked.member(j)
-        x = ddpm_sample(net, c.n_eval, ab, _gen(c.seed, "pretrain:eval"))
-        rng = np.random.default_rng(_seed(c.seed, "pretrain:eval-ref"))
+        x = ddpm_sample(net, c.n_eval, ab, seeded_generator(c.seed, "pretrain:eval"))
+        rng = np.random.default_rng(derive_seed(c.seed, "pretrain:eval-ref"))
         meta = {"purpose": "pretrain", "weights": q.weights.tolist(), "means": q.means.tolist(), "covs": q.covs.tolist(),
                 "steps": c.pretrain_steps, "final_loss": float(losses[-100:, j].mean()), "seconds": seconds,
                 "n_eval": c.n_eval, "distance_to_data": energy_distance(x, q.sample(c.n_eval, rng)),
@@ -217,8 +217,10 @@ def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Member:
     """Everything ``toy.run.run`` sets up before its loop, for one member (same seeds, same dual
     domain, step size and initial multipliers). Raises ``ValueError`` for what the ensemble does
     not train: fresh-trajectory estimates, the LU network estimator, LU's composed target."""
-    from toy.run import (_gen, _seed, _slope, delay_limited_gain, dual_only_lam, estimate_kind, pool_chains,
-                         primal_target, schedule, surrogate_constraint_fn, validate, violation_scale)
+    from toy.core.seeding import seeded_generator, derive_seed
+    from toy.run import dual_slope, dual_only_lam
+    from toy.config import delay_limited_gain, estimate_kind, pool_chains, primal_target, schedule, validate, violation_scale
+    from toy.evaluation import surrogate_constraint_fn
     from toy.reference import surrogate_lam
 
     validate(cfg)
@@ -239,8 +241,8 @@ def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Member:
     ab = schedule(cfg)
     forget_exact = [MixtureEps.from_mixture(f, ab) for f in forget]
     models = Models(net=None, frozen=frozen, forget=forget_exact,
-                    retain_data=MixtureData(q, _seed(cfg.seed, "retain")),
-                    forget_data=[MixtureData(f, _seed(cfg.seed, f"forget{i}")) for i, f in enumerate(forget)],
+                    retain_data=MixtureData(q, derive_seed(cfg.seed, "retain")),
+                    forget_data=[MixtureData(f, derive_seed(cfg.seed, f"forget{i}")) for i, f in enumerate(forget)],
                     alphas_cumprod=ab, forget_exact=forget_exact, q_exact=MixtureEps.from_mixture(q, ab), dim=q.dim)
     lam_sur = None
     if cfg.problem != "forward_kl" and primal_target(cfg) == "composed" and cfg.surrogate_reference and len(forget) == 1:
@@ -250,7 +252,7 @@ def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Member:
     domain = dual_domain(cfg.problem, len(budgets),
                          upper=[qd.lam_max() for qd in quads] if cfg.problem == "forward_kl" else None)
     upper, sum_max = domain.upper, domain.sum_max
-    slopes = np.array([_slope(qd, lam_i) for qd, lam_i in zip(quads, lam_th)])
+    slopes = np.array([dual_slope(qd, lam_i) for qd, lam_i in zip(quads, lam_th)])
     vscale = violation_scale(cfg)
     step_slopes = slopes / budgets if vscale == "log" else slopes
     gain = cfg.dual_gain if cfg.dual_gain >= 0 else delay_limited_gain(cfg)
@@ -270,7 +272,7 @@ def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Member:
                       pool_frac=cfg.pool_frac if (cfg.problem == "reverse_kl" and primal_target(cfg) == "composed") else 0.0,
                       estimate="pool", pool_chains=pool_chains(cfg), pool_every=cfg.pool_every)
     m = Member(cfg, loop, budgets, lam_th, lam_source, lam_sur, quads, models, dual, lr_dual, slopes, pmeta,
-               _gen(cfg.seed, "unlearn"))
+               seeded_generator(cfg.seed, "unlearn"))
     if (cfg.problem == "reverse_kl" and loop.pool_frac > 0) or m.pool_estimates:
         m.pool = TrajectoryPool(ab, loop.pool_chains or loop.pool_every * int(ab.shape[0]), loop.dual_batch, models.dim)
         if m.pool_estimates and cfg.problem == "reverse_kl":
@@ -457,7 +459,7 @@ def unlearn_ensemble(members: list[Member], ckpt_path: Path | None = None, progr
 def evaluate_members(members: list[Member], net: StackedEpsMLP) -> list[dict]:
     """``toy.run.evaluate`` for every member on its extracted network (summary, samples.npy in the
     member's ``out``). Returns the summaries."""
-    from toy.run import evaluate
+    from toy.evaluation import evaluate
 
     out = []
     inst = default_instance()
@@ -475,11 +477,11 @@ def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False) -> lis
     """Pretrain (one network per seed, together), train every config as one ensemble, evaluate
     each member into ``out_dir / member-{i}`` (its ``cfg.out`` is replaced). Returns the summaries."""
     from toy.pretrain import load_model
-    from toy.run import _check_pretrained_meta, _progress
+    from toy.run import check_pretrained_meta, progress_bar
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bar = _progress(progress)
+    bar = progress_bar(progress)
     seeds = sorted({c.seed for c in cfgs})
     by_seed = {s: next(c for c in cfgs if c.seed == s) for s in seeds}
     given = {c.seed: c.pretrained for c in cfgs if c.pretrained}
@@ -493,7 +495,7 @@ def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False) -> lis
     frozen = {}
     for s, p in paths.items():
         f, meta = load_model(p)
-        _check_pretrained_meta(meta, default_instance().q, by_seed[s])
+        check_pretrained_meta(meta, default_instance().q, by_seed[s])
         frozen[s] = (f.eval().requires_grad_(False), meta)
     members = []
     for i, c in enumerate(cfgs):

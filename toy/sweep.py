@@ -103,7 +103,7 @@ def run_sweep(out: str | Path, base=None, problems=PROBLEMS, budgets: dict | Non
     """Train a sweep as one ensemble into ``out``; write ``sweep.json`` (and ``sweep.png``). Returns
     ``{"records": [...], "seconds": ..., "passed": bool}``."""
     from toy.ensemble import run_ensemble
-    from toy.run import ToyConfig
+    from toy.config import ToyConfig
 
     t0 = time.perf_counter()
     base = replace(base or ToyConfig(), figure=False)

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from theory.report import Check, Section
-from toy.run import ToyConfig, run
+from toy.config import ToyConfig
+from toy.run import run
 
 log = logging.getLogger(__name__)
 
