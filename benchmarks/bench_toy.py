@@ -81,7 +81,9 @@ def bench_sweep(steps: int, pretrain_steps: int) -> None:
     print(f"| process CPU s | {c_ens:.1f} | {c_seq:.1f} (pretraining {c_pre:.1f}) | {c_seq / c_ens:.2f}x |")
     print(f"\nverdicts: {sum(r['verdict']['passed'] for r in res['records'])}/{res['members']} members passed")
     # the ensemble's step split (each member's history holds an equal share of every ensemble step)
-    ck = torch.load(work / "ensemble" / "ensemble-checkpoint.pt", weights_only=False)
+    from toy.core.runs import CheckpointStore
+
+    ck = CheckpointStore(work / "ensemble" / "ensemble-checkpoint").load()[0]
     tot = {k: 1e3 * sum(float(np.mean(m["hist"][f"{k}_seconds"])) for m in ck["members"]) for k in ("step", "pool", "dual")}
     print(f"ensemble step (ms, mean per step, all members): primal {tot['step']:.1f}, pool advances {tot['pool']:.2f}, "
           f"dual steps incl. estimates {tot['dual']:.2f} ({100 * tot['dual'] / tot['step']:.1f}% of the primal step; "

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from toy.core.runs import CheckpointStore
 from toy.ensemble import StackedEpsMLP, pretrain_ensemble, run_ensemble
 from toy.models import EpsMLP
 from toy.problems import default_instance
@@ -65,9 +66,9 @@ def test_every_member_of_an_ensemble_reproduces_its_single_run(tmp_path, tiny_pr
     cfgs = [ToyConfig(out=str(tmp_path / f"single-{i}"), pretrained=str(tiny_pretrained), surrogate_reference=False,
                       **TINY, **kw) for i, kw in enumerate(MEMBERS)]
     singles = [run(c) for c in cfgs]
-    hists = [torch.load(tmp_path / f"single-{i}" / "checkpoint.pt", weights_only=False)["hist"] for i in range(len(cfgs))]
+    hists = [CheckpointStore(tmp_path / f"single-{i}" / "checkpoint").load()[0]["hist"] for i in range(len(cfgs))]
     ens = run_ensemble(cfgs, tmp_path / "ens")
-    ck = torch.load(tmp_path / "ens" / "ensemble-checkpoint.pt", weights_only=False)
+    ck = CheckpointStore(tmp_path / "ens" / "ensemble-checkpoint").load()[0]
     for i, (s, e, h) in enumerate(zip(singles, ens, hists)):
         he = ck["members"][i]["hist"]
         assert len(he["lam"]) == len(h["lam"]), MEMBERS[i]

@@ -39,7 +39,7 @@ from toy.core.objectives import composed_eps_target, eta_from_lam, lam_from_eta
 from toy.pretrain import MixtureData, save_model
 from toy.problems import check_budgets, default_instance, lam_star
 from toy.reference import Quadrature
-from toy.core.runs import RunDir, atomic_torch_save
+from toy.core.runs import CheckpointStore, RunDir
 from toy.sampling import TrajectoryPool, ddpm_sample
 
 log = logging.getLogger(__name__)
@@ -348,8 +348,10 @@ def unlearn_ensemble(members: list[Member], ckpt_path: Path | None = None, progr
         m.models.net = net.view(i)
     opt = torch.optim.Adam(net.parameters(), lr=loop0.lr)
     start = 0
-    if ckpt_path is not None and Path(ckpt_path).exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    store = None if ckpt_path is None else CheckpointStore(ckpt_path)
+    loaded = None if store is None else store.load()
+    if loaded is not None:
+        ck = loaded[0]
         net.load_state_dict(ck["net"])
         opt.load_state_dict(ck["opt"])
         for m, s in zip(members, ck["members"]):
@@ -444,13 +446,13 @@ def unlearn_ensemble(members: list[Member], ckpt_path: Path | None = None, progr
             progress.update(1)
         done_here += 1
         last = step + 1 == loop0.steps
-        if ckpt_path is not None and ((step + 1) % loop0.checkpoint_every == 0 or last):
-            atomic_torch_save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+        if store is not None and ((step + 1) % loop0.checkpoint_every == 0 or last):
+            store.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step + 1,
                                "members": [{"dual": m.dual.state_dict(), "gen": m.gen.get_state(),
                                             "retain_data": m.models.retain_data.state(),
                                             "forget_data": [d.state() for d in m.models.forget_data],
                                             "hist": m.hist, "pool": None if m.pool is None else m.pool.state_dict()}
-                                           for m in members]}, ckpt_path)
+                                           for m in members]})
         if stop_after is not None and done_here >= stop_after:
             break
     return net
@@ -503,6 +505,6 @@ def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False) -> lis
         RunDir(c.out, config_to_dict(c), c.seed)
         members.append(prepare_member(c, *frozen[c.seed]))
     b = bar(total=members[0].loop.steps, desc=f"ensemble of {len(members)}")
-    net = unlearn_ensemble(members, out_dir / "ensemble-checkpoint.pt", b)
+    net = unlearn_ensemble(members, out_dir / "ensemble-checkpoint", b)
     b.close()
     return evaluate_members(members, net)

@@ -32,7 +32,7 @@ PROBLEMS = ("reverse_kl", "forward_kl", "likelihood")
 
 def default_budgets(problem: str) -> list[float]:
     """The instance's default budget and the budgets ``b(lam)`` certified by ``SWEEP_LAMS``."""
-    from theory.gmm_analysis import sweep as theory_sweep
+    from theory.gmm import sweep as theory_sweep
     from toy.problems import default_instance
 
     inst = default_instance()
@@ -136,7 +136,7 @@ def sweep_figure(records: list[dict]):
     noise bound (RU's composed surrogate sits visibly above it, the reweighted target at it)."""
     from matplotlib.figure import Figure
 
-    from theory.gmm_analysis import sweep as theory_sweep
+    from theory.gmm import sweep as theory_sweep
     from toy.problems import default_instance
     from toy.verify import DISTANCE_FLOOR_MULTIPLE
 
