@@ -184,7 +184,7 @@ def _delayed_dual_run(gain, delay, steps=600, seed=0, noise=0.0):
 
 
 def test_delay_limited_gain_keeps_the_delayed_dual_ascent_stable_where_the_undelayed_gain_is_not():
-    """The rule behind ``toy.run.delay_limited_gain``: integral control of gain k with a pure delay
+    """The rule behind ``toy.config.delay_limited_gain``: integral control of gain k with a pure delay
     of D steps has phase margin pi/2 - k D; k D = pi/6 converges without sustained oscillation,
     while the undelayed gain 0.3 at D = 16 is unstable (simulated, not derived)."""
     from toy.config import DUAL_GAIN

@@ -38,7 +38,7 @@ def tiny_pretrained(tmp_path_factory):
 
 def _toy_args(out, budget, pretrained):
     over = sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TINY.items()), [])
-    return ["toy", "--problem", "likelihood", "--budget", str(budget), "--no-progress", "--out", str(out),
+    return ["toy", "--problem", "likelihood", "--budget", str(budget), "--no-progress", "--no-check", "--out", str(out),
             "--set", f'pretrained="{pretrained}"', *over]
 
 

@@ -459,7 +459,7 @@ def unlearn_ensemble(members: list[Member], ckpt_path: Path | None = None, progr
 
 
 def evaluate_members(members: list[Member], net: StackedEpsMLP) -> list[dict]:
-    """``toy.run.evaluate`` for every member on its extracted network (summary, samples.npy in the
+    """``toy.evaluation.evaluate`` for every member on its extracted network (summary, samples.npy in the
     member's ``out``). Returns the summaries."""
     from toy.evaluation import evaluate
 
