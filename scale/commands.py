@@ -6,7 +6,6 @@ calls the module's ``run(cfg)`` (which tests call directly).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
@@ -118,29 +117,3 @@ def register(subparsers) -> None:
     from scale.preflight import register as register_preflight
 
     register_preflight(sub)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """A parser with only the ``scale`` commands (for tests and ``python -m scale.commands``)."""
-    parser = argparse.ArgumentParser(prog="dualunlearn")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    return parser
-
-
-def main(argv=None) -> int:
-    """The ``scale`` commands alone, with the ``dualunlearn`` CLI's error handling."""
-    import sys
-
-    from scale.cli import run_command
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("toy.core.runs").setLevel(logging.INFO)
-    return run_command(args.func, args, argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

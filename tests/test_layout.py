@@ -76,3 +76,68 @@ def test_the_layout_rules_catch_planted_violations(tmp_path):
     (tmp_path / "scale" / "bad.py").write_text("from toy.run import run\nfrom toy.core.runs import _private\n")
     assert _scale_violations(tmp_path) == [("scale/bad.py", "toy.run")]
     assert _private_violations(tmp_path) == [("scale/bad.py", "toy.core.runs", "_private")]
+
+
+def _module_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the project modules it imports anywhere in its body (function-level imports too);
+    ``from pkg import sub`` counts as importing ``pkg.sub`` when that is a module, else ``pkg``."""
+    mods = {}
+    for package in ("theory", "toy", "scale"):
+        for path in (root / package).rglob("*.py"):
+            name = ".".join(path.relative_to(root).with_suffix("").parts)
+            mods[name.removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in mods.items():
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                out |= {a.name for a in node.names if a.name in mods}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module in mods:
+                subs = {f"{node.module}.{a.name}" for a in node.names} & mods.keys()
+                out |= subs if len(subs) == len(node.names) else subs | {node.module}
+        graph[name] = out - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, comps, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                comps.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return comps
+
+
+def test_no_import_cycles_anywhere_in_the_three_packages():
+    assert _cycles(_module_graph()) == []
+
+
+def test_cycle_finder_sees_a_function_level_cycle(tmp_path):
+    (tmp_path / "scale").mkdir()
+    (tmp_path / "scale" / "a.py").write_text("from scale.b import f\n")
+    (tmp_path / "scale" / "b.py").write_text("def f():\n    from scale.a import g\n")
+    (tmp_path / "scale" / "c.py").write_text("import scale.a\n")
+    assert _cycles(_module_graph(tmp_path)) == [["scale.a", "scale.b"]]

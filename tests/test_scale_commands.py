@@ -14,7 +14,7 @@ from tests.scale_fixtures import ddpm_setup
 
 
 def test_cli_dry_run_prints_the_resolved_config_and_rejects_unknown_keys(tmp_path, capsys):
-    from scale.commands import main
+    from scale.cli import main
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('model = "m"\nconcepts = ["a photo of the digit 3"]\nbudgets = [2.0]\n[train]\nsteps = 7\n')
@@ -30,7 +30,7 @@ def test_cli_dry_run_prints_the_resolved_config_and_rejects_unknown_keys(tmp_pat
 
 
 def test_cli_data_run_writes_metrics_summary_and_sample_evaluate(ddpm_setup, tmp_path, capsys):
-    from scale.commands import main
+    from scale.cli import main
 
     model, imgs, _ = ddpm_setup
     out = tmp_path / "run"
@@ -76,7 +76,7 @@ class _Brightness(torch.nn.Module):
 def test_example_configs_resolve(name, command, capsys):
     from pathlib import Path
 
-    from scale.commands import main
+    from scale.cli import main
 
     path = Path(__file__).resolve().parents[1] / "configs" / name
     assert main(["scale", command, "--config", str(path), "--dry-run"]) == 0

@@ -144,8 +144,8 @@ def solve(problem: str, q: ArrayLike, forget: ArrayLike, budgets: ArrayLike, *, 
         certificate, p = "kkt", p_dual
         primal_value = objective_value(problem, inst.q, p)
     elif certify:
-        from theory.discrete import global_primal as discrete_global  # cvxpy and the enumeration load on demand
-        from theory.discrete import oracles as discrete_oracles
+        import theory.discrete.global_primal as discrete_global  # cvxpy and the enumeration load on demand
+        import theory.discrete.oracles as discrete_oracles
 
         s = int(inst.on.sum())
         m = inst.budgets.shape[0]
