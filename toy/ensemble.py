@@ -32,7 +32,7 @@ from torch import nn
 from theory.config import config_to_dict
 from toy.algorithms import LoopConfig, Models, elbo_constraint_terms, lu_constraint_exact, \
     tilt_log_weights
-from toy.core.dual import DualState, dual_domain
+from toy.core.dual import DualState
 from toy.models import EpsMLP, MixtureEps
 from toy.core.diffusion import noised, reverse_step_kl_weights
 from toy.core.objectives import composed_eps_target, eta_from_lam, lam_from_eta
@@ -218,8 +218,8 @@ def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Member:
     domain, step size and initial multipliers). Raises ``ValueError`` for what the ensemble does
     not train: fresh-trajectory estimates, the LU network estimator, LU's composed target."""
     from toy.core.seeding import seeded_generator, derive_seed
-    from toy.run import dual_slope, dual_only_lam
-    from toy.config import delay_limited_gain, estimate_kind, pool_chains, primal_target, schedule, validate, violation_scale
+    from toy.run import initial_dual, loop_config
+    from toy.config import estimate_kind, primal_target, schedule, validate
     from toy.evaluation import surrogate_constraint_fn
     from toy.reference import surrogate_lam
 
@@ -249,28 +249,8 @@ def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Member:
         at = surrogate_constraint_fn(cfg.problem, q, forget, cfg, cfg.variant)
         hi = min(4.0 * max(float(lam_th[0]), 1e-3), 0.95)
         lam_sur = np.array([surrogate_lam(at, float(budgets[0]), False, hi)])
-    domain = dual_domain(cfg.problem, len(budgets),
-                         upper=[qd.lam_max() for qd in quads] if cfg.problem == "forward_kl" else None)
-    upper, sum_max = domain.upper, domain.sum_max
-    slopes = np.array([dual_slope(qd, lam_i) for qd, lam_i in zip(quads, lam_th)])
-    vscale = violation_scale(cfg)
-    step_slopes = slopes / budgets if vscale == "log" else slopes
-    gain = cfg.dual_gain if cfg.dual_gain >= 0 else delay_limited_gain(cfg)
-    lr_dual = cfg.lr_dual if cfg.lr_dual >= 0 else float(gain / max(np.abs(step_slopes).max(), 1e-12))
-    fixed = cfg.algorithm != "primal_dual"
-    lam_init = np.asarray(cfg.lam_init, dtype=np.float64) if cfg.lam_init else None
-    if cfg.algorithm == "esd":
-        lam_init = lam_from_eta(torch.tensor([cfg.eta], dtype=torch.float64)).numpy()
-    elif cfg.algorithm == "siss":
-        lam_init = np.array([cfg.siss_lam if cfg.siss_lam >= 0 else 0.5 * u for u in upper])
-    elif cfg.algorithm == "dual_only":
-        lam_init = dual_only_lam(quads, budgets, lr_dual, sum_max)
-    dual = DualState(cfg.problem, budgets, 0.0 if fixed else lr_dual, lam_init, upper, sum_max, cfg.lam_max,
-                     violation_scale=vscale)
-    loop = LoopConfig(cfg.steps, cfg.batch, cfg.forget_batch, cfg.lr, cfg.dual_every, cfg.dual_batch,
-                      cfg.checkpoint_every, cfg.average_frac, lr_final_frac=cfg.lr_final_frac, target=primal_target(cfg),
-                      pool_frac=cfg.pool_frac if (cfg.problem == "reverse_kl" and primal_target(cfg) == "composed") else 0.0,
-                      estimate="pool", pool_chains=pool_chains(cfg), pool_every=cfg.pool_every)
+    dual, lr_dual, slopes = initial_dual(cfg, quads, lam_th, budgets)
+    loop = loop_config(cfg)
     m = Member(cfg, loop, budgets, lam_th, lam_source, lam_sur, quads, models, dual, lr_dual, slopes, pmeta,
                seeded_generator(cfg.seed, "unlearn"))
     if (cfg.problem == "reverse_kl" and loop.pool_frac > 0) or m.pool_estimates:

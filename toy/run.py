@@ -147,31 +147,8 @@ def _run(cfg: ToyConfig, progress: bool, stop_after: int | None, resume: bool | 
             lam_sur = np.array([surrogate_lam(at, float(budgets[0]), cfg.problem == "likelihood", hi)])
             atomic_write_json(sur_path, {"lam": lam_sur})
 
-    # dual domain and step size
-    domain = dual_domain(cfg.problem, len(budgets),
-                         upper=[qd.lam_max() for qd in quads] if cfg.problem == "forward_kl" else None)
-    upper, sum_max = domain.upper, domain.sum_max
-    slopes = np.array([dual_slope(qd, lam_i) for qd, lam_i in zip(quads, lam_th)])
-    vscale = violation_scale(cfg)
-    # d log C / d lam = slope / C, and C = budget at lam*
-    step_slopes = slopes / budgets if vscale == "log" else slopes
-    gain = cfg.dual_gain if cfg.dual_gain >= 0 else delay_limited_gain(cfg)
-    lr_dual = cfg.lr_dual if cfg.lr_dual >= 0 else float(gain / max(np.abs(step_slopes).max(), 1e-12))
-    fixed = cfg.algorithm != "primal_dual"
-    lam_init = np.asarray(cfg.lam_init, dtype=np.float64) if cfg.lam_init else None
-    if cfg.algorithm == "esd":
-        lam_init = lam_from_eta(torch.tensor([cfg.eta], dtype=torch.float64)).numpy()
-    elif cfg.algorithm == "siss":
-        lam_init = np.array([cfg.siss_lam if cfg.siss_lam >= 0 else 0.5 * u for u in upper])
-    elif cfg.algorithm == "dual_only":
-        lam_init = dual_only_lam(quads, budgets, lr_dual, sum_max)
-    dual = DualState(cfg.problem, budgets, 0.0 if fixed else lr_dual, lam_init, upper, sum_max, cfg.lam_max,
-                     violation_scale=vscale)
-
-    loop = LoopConfig(cfg.steps, cfg.batch, cfg.forget_batch, cfg.lr, cfg.dual_every, cfg.dual_batch,
-                      cfg.checkpoint_every, cfg.average_frac, lr_final_frac=cfg.lr_final_frac, target=primal_target(cfg),
-                      pool_frac=cfg.pool_frac if (cfg.problem == "reverse_kl" and primal_target(cfg) == "composed") else 0.0,
-                      estimate="fresh" if estimate_kind(cfg) == "fresh" else "pool", pool_chains=pool_chains(cfg), pool_every=cfg.pool_every)
+    dual, lr_dual, slopes = initial_dual(cfg, quads, lam_th, budgets)
+    loop = loop_config(cfg)
     bar_un = bar(total=cfg.steps, desc=f"{cfg.problem} {cfg.algorithm}")
     ckpt = rd.load_checkpoint()
     if ckpt is not None:
@@ -222,3 +199,40 @@ def dual_only_lam(quads: list[Quadrature], budgets, lr_dual: float, sum_max, ste
     for _ in range(steps):
         state.step([qd.constraint_values([float(state.lam[i])])[0] for i, qd in enumerate(quads)])
     return state.lam.numpy().copy()
+
+
+def initial_dual(cfg: ToyConfig, quads: list[Quadrature], lam_th, budgets) -> tuple[DualState, float, np.ndarray]:
+    """The dual side of one run: the problem's domain (``dual_domain``), the Newton-scaled step size
+    ``gain / |d constraint / d lam|`` at theory's lam* (the violation's scale and the delay-limited gain,
+    eq. 36, from the config), and the initial multipliers of each algorithm (ESD: eq. 8; SISS: half the
+    FU domain unless set; dual-only: lam* of the explicit tilt). Returns ``(dual, lr_dual, slopes)``."""
+    domain = dual_domain(cfg.problem, len(budgets),
+                         upper=[qd.lam_max() for qd in quads] if cfg.problem == "forward_kl" else None)
+    upper, sum_max = domain.upper, domain.sum_max
+    slopes = np.array([dual_slope(qd, lam_i) for qd, lam_i in zip(quads, lam_th)])
+    vscale = violation_scale(cfg)
+    # d log C / d lam = slope / C, and C = budget at lam*
+    step_slopes = slopes / budgets if vscale == "log" else slopes
+    gain = cfg.dual_gain if cfg.dual_gain >= 0 else delay_limited_gain(cfg)
+    lr_dual = cfg.lr_dual if cfg.lr_dual >= 0 else float(gain / max(np.abs(step_slopes).max(), 1e-12))
+    fixed = cfg.algorithm != "primal_dual"
+    lam_init = np.asarray(cfg.lam_init, dtype=np.float64) if cfg.lam_init else None
+    if cfg.algorithm == "esd":
+        lam_init = lam_from_eta(torch.tensor([cfg.eta], dtype=torch.float64)).numpy()
+    elif cfg.algorithm == "siss":
+        lam_init = np.array([cfg.siss_lam if cfg.siss_lam >= 0 else 0.5 * u for u in upper])
+    elif cfg.algorithm == "dual_only":
+        lam_init = dual_only_lam(quads, budgets, lr_dual, sum_max)
+    dual = DualState(cfg.problem, budgets, 0.0 if fixed else lr_dual, lam_init, upper, sum_max, cfg.lam_max,
+                     violation_scale=vscale)
+    return dual, lr_dual, slopes
+
+
+def loop_config(cfg: ToyConfig) -> LoopConfig:
+    """The unlearning loop's settings from the run's config (pool only for RU's composed target)."""
+    composed_ru = cfg.problem == "reverse_kl" and primal_target(cfg) == "composed"
+    return LoopConfig(cfg.steps, cfg.batch, cfg.forget_batch, cfg.lr, cfg.dual_every, cfg.dual_batch,
+                      cfg.checkpoint_every, cfg.average_frac, lr_final_frac=cfg.lr_final_frac, target=primal_target(cfg),
+                      pool_frac=cfg.pool_frac if composed_ru else 0.0,
+                      estimate="fresh" if estimate_kind(cfg) == "fresh" else "pool", pool_chains=pool_chains(cfg),
+                      pool_every=cfg.pool_every)
