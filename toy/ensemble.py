@@ -37,7 +37,7 @@ from toy.models import EpsMLP, MixtureEps
 from toy.core.diffusion import noised, reverse_step_kl_weights
 from toy.core.objectives import composed_eps_target, eta_from_lam, lam_from_eta
 from toy.pretrain import MixtureData, save_model
-from toy.problems import check_budgets, default_instance, lam_star
+from toy.problems import default_instance, lam_star
 from toy.reference import Quadrature
 from toy.core.runs import CheckpointStore, RunDir
 from toy.sampling import TrajectoryPool, ddpm_sample
@@ -218,7 +218,7 @@ def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Member:
     domain, step size and initial multipliers). Raises ``ValueError`` for what the ensemble does
     not train: fresh-trajectory estimates, the LU network estimator, LU's composed target."""
     from toy.core.seeding import seeded_generator, derive_seed
-    from toy.run import initial_dual, loop_config
+    from toy.run import initial_dual, instance_and_budgets, loop_config
     from toy.config import estimate_kind, primal_target, schedule, validate
     from toy.evaluation import surrogate_constraint_fn
     from toy.reference import surrogate_lam
@@ -230,12 +230,7 @@ def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Member:
         raise ValueError(f"the ensemble trains the exact LU estimator only, got lu_estimator={cfg.lu_estimator!r}")
     if cfg.problem == "likelihood" and primal_target(cfg) != "reweighted":
         raise ValueError("the ensemble trains LU's reweighted target only, got target='composed'")
-    inst = default_instance()
-    q, forget = inst.q, list(inst.forget)
-    budgets = np.asarray(cfg.budgets, dtype=np.float64) if cfg.budgets else inst.budgets[cfg.problem]
-    if budgets.shape[0] != len(forget):
-        raise ValueError(f"{len(forget)} forget distribution(s) but {budgets.shape[0]} budget(s) {budgets.tolist()}")
-    check_budgets(cfg.problem, q, forget, budgets, cfg.variant)
+    q, forget, budgets = instance_and_budgets(cfg)
     lam_th, lam_source = lam_star(cfg.problem, q, forget, budgets, cfg.variant)
     quads = [Quadrature(cfg.problem, q, [f], cfg.variant) for f in forget]
     ab = schedule(cfg)

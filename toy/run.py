@@ -95,12 +95,7 @@ def run(cfg: ToyConfig, progress: bool = False, stop_after: int | None = None, r
 
 def _run(cfg: ToyConfig, progress: bool, stop_after: int | None, resume: bool | None, stack: ExitStack) -> dict:
     t_start = time.perf_counter()
-    inst = default_instance()
-    q, forget = inst.q, list(inst.forget)
-    budgets = np.asarray(cfg.budgets, dtype=np.float64) if cfg.budgets else inst.budgets[cfg.problem]
-    if budgets.shape[0] != len(forget):
-        raise ValueError(f"{len(forget)} forget distribution(s) but {budgets.shape[0]} budget(s) {budgets.tolist()}")
-    check_budgets(cfg.problem, q, forget, budgets, cfg.variant)
+    q, forget, budgets = instance_and_budgets(cfg)
     out = Path(cfg.out)
     rd = stack.enter_context(RunDir(out, config_to_dict(cfg), cfg.seed, resume=resume))
     lam_th, lam_source = lam_star(cfg.problem, q, forget, budgets, cfg.variant)
@@ -236,3 +231,15 @@ def loop_config(cfg: ToyConfig) -> LoopConfig:
                       pool_frac=cfg.pool_frac if composed_ru else 0.0,
                       estimate="fresh" if estimate_kind(cfg) == "fresh" else "pool", pool_chains=pool_chains(cfg),
                       pool_every=cfg.pool_every)
+
+
+def instance_and_budgets(cfg: ToyConfig) -> tuple:
+    """``(q, forget, budgets)``: the default instance and the run's budgets (the instance's own when
+    the config gives none), refused here when theory says they cannot be met."""
+    inst = default_instance()
+    q, forget = inst.q, list(inst.forget)
+    budgets = np.asarray(cfg.budgets, dtype=np.float64) if cfg.budgets else inst.budgets[cfg.problem]
+    if budgets.shape[0] != len(forget):
+        raise ValueError(f"{len(forget)} forget distribution(s) but {budgets.shape[0]} budget(s) {budgets.tolist()}")
+    check_budgets(cfg.problem, q, forget, budgets, cfg.variant)
+    return q, forget, budgets
