@@ -32,19 +32,24 @@ def concept_path(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def ddpm_setup(tmp_path_factory):
+def tiny_ddpm_folder(root, n_images: int = 12, image_seed: int = 0):
+    """A tiny DDPM saved in ``root/model`` and ``n_images`` random 8x8 grey PNGs in ``root/imgs``."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("ddpm")
     builders.save_ddpm(root / "model", builders.build_uncond_unet(seed=3),
                        builders.build_scheduler(T, beta_start=2e-3, beta_end=0.4))
     imgs = root / "imgs"
     imgs.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
+    rng = np.random.default_rng(image_seed)
+    for i in range(n_images):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(imgs / f"{i:03d}.png")
-    return str(root / "model"), str(imgs), root
+    return str(root / "model"), imgs, root
+
+
+@pytest.fixture(scope="module")
+def ddpm_setup(tmp_path_factory):
+    model, imgs, root = tiny_ddpm_folder(tmp_path_factory.mktemp("ddpm"))
+    return model, str(imgs), root
 
 
 def concept_cfg(path, out, **kw):

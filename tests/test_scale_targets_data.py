@@ -28,6 +28,7 @@ import torch
 
 from scale import builders
 from scale.engine import Slice, TrainConfig, load_checkpoint, make_accelerator, step_generator
+from tests.scale_fixtures import tiny_ddpm_folder
 
 T = 50
 N_IMG = 12
@@ -38,17 +39,7 @@ B = 6
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("targets")
-    builders.save_ddpm(root / "model", builders.build_uncond_unet(seed=3),
-                       builders.build_scheduler(T, beta_start=2e-3, beta_end=0.4))
-    imgs = root / "imgs"
-    imgs.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(N_IMG):
-        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(imgs / f"{i:03d}.png")
-    return str(root / "model"), imgs, root
+    return tiny_ddpm_folder(tmp_path_factory.mktemp("targets"), N_IMG, image_seed=1)
 
 
 def _images(imgs) -> torch.Tensor:
