@@ -212,6 +212,7 @@ def test_forward_kl_with_several_constraints_has_zero_gap_unless_q_is_a_mixture_
 
 @settings(max_examples=15)
 @given(st.integers(3, 6), st.integers(0, 2**32 - 1))
+@example(n=6, seed=1945)  # ill-conditioned (Hessian eigenvalue 8e-4): Armijo on F alone stalled at 1.5e-9
 def test_forward_kl_two_active_enumeration_finds_points_on_both_sides_of_sum_mu_one(n, seed):
     """For p = (mu·Q - q)/(sum mu - 1) > 0 (the region sum mu > 1, which the dual never visits) and
     for p = (q - mu·Q)/(1 - sum mu) > 0 with mu of any sign, b = KL(q_i||p) makes p a both-active

@@ -457,9 +457,13 @@ def _fu_two_active(qs, Qs, b):
             except np.linalg.LinAlgError:
                 break
             t, nxt = 1.0, None
+            g_norm = float(np.linalg.norm(g))
             while t > 1e-18:
                 cand = parts(mu + t * d)
-                if cand is not None and cand[0] <= F + 1e-4 * t * float(g @ d) + 1e-15 * abs(F):
+                # Armijo on F; near the root F's decrease drops below its rounding (F sums terms of
+                # both signs), so a step that shrinks the gradient (the constraint residual) is taken too
+                if cand is not None and (cand[0] <= F + 1e-4 * t * float(g @ d) + 1e-15 * abs(F)
+                                         or float(np.linalg.norm(cand[1])) <= (1.0 - 1e-4 * t) * g_norm):
                     nxt = cand
                     break
                 t *= 0.5
