@@ -83,6 +83,13 @@ def image_grid(path: str | Path, rows: Sequence[torch.Tensor], row_labels: Seque
         axes[k, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,12 +138,7 @@ def curves_png(path: str | Path, rows: list[dict], budgets: Sequence[float] | No
         ax.set_xlabel("step")
     if 0 < m <= 8:
         axes[2].legend(fontsize=6)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------- samples

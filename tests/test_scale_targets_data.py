@@ -130,6 +130,23 @@ def _sgd_update(setup, out):
 # ------------------------------------------------------------------ FU and SISS (project form)
 
 
+def _fu_step0_losses(model, x, ab, m: int, K: int):
+    """Step 0's draws of the FU/SISS (project form) step in their documented order (retain batch:
+    indices, t, noise; then K draws per forget image), and the per-sample denoising losses of a fresh
+    copy of the reference. Returns ``(ref, l_retain, l_forget, forget_image_of_each_draw)``."""
+    g = step_generator(SEED, 0)
+    idx = torch.randint(0, N_IMG, (B,), generator=g)
+    t = torch.randint(0, T, (B,), generator=g)
+    eps = torch.randn((B, 1, 8, 8), generator=g)
+    f_img = torch.arange(m).repeat(K)
+    f_t = torch.randint(0, T, (m * K,), generator=g)
+    f_eps = torch.randn((m * K, 1, 8, 8), generator=g)
+    ref = _fresh_unet(model)
+    l_r = ((ref(_noised(x[idx], eps, ab[t]), t).sample - eps) ** 2).mean((1, 2, 3))
+    l_f = ((ref(_noised(x[list(FORGET)][f_img], f_eps, ab[f_t]), f_t).sample - f_eps) ** 2).mean((1, 2, 3))
+    return ref, l_r, l_f, f_img
+
+
 def test_fu_step_gradient_is_the_signed_denoising_objective_written_out(setup, tmp_path):
     """FU at multipliers lam = (0.3, 0.8)/n: ``grad [ (1/B) sum_b l(x_b) - sum_i lam_i (1/K) sum_k l(a_i, k) ]``."""
     from scale.data import DataTask, TrainingImages, list_images
@@ -153,17 +170,7 @@ def test_fu_step_gradient_is_the_signed_denoising_objective_written_out(setup, t
     # independent: the draws of step 0 in their documented order, then the formula
     x = _images(imgs)
     ab = _ab(model)
-    g = step_generator(SEED, 0)
-    idx = torch.randint(0, N_IMG, (B,), generator=g)
-    t = torch.randint(0, T, (B,), generator=g)
-    eps = torch.randn((B, 1, 8, 8), generator=g)
-    f_img = torch.arange(m).repeat(K)
-    f_t = torch.randint(0, T, (m * K,), generator=g)
-    f_eps = torch.randn((m * K, 1, 8, 8), generator=g)
-    ref = _fresh_unet(model)
-    l_r = ((ref(_noised(x[idx], eps, ab[t]), t).sample - eps) ** 2).mean((1, 2, 3))
-    a = x[list(FORGET)][f_img]
-    l_f = ((ref(_noised(a, f_eps, ab[f_t]), f_t).sample - f_eps) ** 2).mean((1, 2, 3))
+    ref, l_r, l_f, f_img = _fu_step0_losses(model, x, ab, m, K)
     E_q = l_r.mean()
     E_qi = torch.stack([l_f[f_img == i].mean() for i in range(m)])
     want = _grads(E_q - (lam.float() * E_qi).sum(), ref)
@@ -182,16 +189,7 @@ def test_siss_project_form_trains_fu_at_the_fixed_weight(setup, tmp_path):
     run(_cfg(setup, tmp_path / "s", method="siss", siss_form="project", siss_weight=w))
     got, w1 = _sgd_update(setup, tmp_path / "s")
     x, ab, m, K = _images(imgs), _ab(model), len(FORGET), 2
-    g = step_generator(SEED, 0)
-    idx = torch.randint(0, N_IMG, (B,), generator=g)
-    t = torch.randint(0, T, (B,), generator=g)
-    eps = torch.randn((B, 1, 8, 8), generator=g)
-    f_img = torch.arange(m).repeat(K)
-    f_t = torch.randint(0, T, (m * K,), generator=g)
-    f_eps = torch.randn((m * K, 1, 8, 8), generator=g)
-    ref = _fresh_unet(model)
-    l_r = ((ref(_noised(x[idx], eps, ab[t]), t).sample - eps) ** 2).mean((1, 2, 3))
-    l_f = ((ref(_noised(x[list(FORGET)][f_img], f_eps, ab[f_t]), f_t).sample - f_eps) ** 2).mean((1, 2, 3))
+    ref, l_r, l_f, f_img = _fu_step0_losses(model, x, ab, m, K)
     want = _grads(l_r.mean() - (w / N_IMG) * sum(l_f[f_img == i].mean() for i in range(m)), ref)
     _assert_grads_close(got, want, w1)
 
