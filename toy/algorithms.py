@@ -214,20 +214,24 @@ def has_mode_dependent_layers(net) -> bool:
 
 @dataclass(frozen=True)
 class LoopConfig:
-    steps: int = 1500
+    """The unlearning loop's settings: the ``train`` section of ``toy.config.ToyConfig`` (these are its
+    defaults). ``None`` means "derived from the rest of the run's config": ``toy.config.resolve``
+    fills it in before a run, so ``unlearn`` always sees concrete values."""
+
+    steps: int = 3000
     batch: int = 512
     forget_batch: int = 256
     lr: float = 1e-3
-    dual_every: int = 10
-    dual_batch: int = 128
+    dual_every: int = 20
+    dual_batch: int = 128  # model samples behind each LU estimate / own x_0 kept for the composed target
     checkpoint_every: int = 250
     average_frac: float = 0.25
-    lr_final_frac: float = 1.0  # cosine decay of the primal learning rate to lr * this (1: constant)
-    pool_frac: float = 0.0  # RU composed target: fraction of x_0 drawn from the model's own samples
-    target: str = "composed"  # RU/LU primal target: composed-score surrogate or reweighted DSM (exact)
-    estimate: str = "pool"  # RU/LU constraint: "pool" (TrajectoryPool, one step per step) or "fresh"
-    pool_chains: int = 0  # TrajectoryPool chains (a multiple of T; 0: pool_every * T, one end point per step)
-    pool_every: int = 1  # advance the pool every this many steps (dual_every must be a multiple)
+    lr_final_frac: float = 0.1  # cosine decay of the primal learning rate to lr * this (1: constant)
+    pool_frac: float = 0.5  # RU composed target: fraction of x_0 drawn from the model's own samples (else 0)
+    target: str | None = None  # RU/LU primal target: composed-score surrogate or reweighted DSM (exact); None: LU reweighted, else composed
+    estimate: str | None = None  # RU/LU constraint: "pool" (TrajectoryPool, amortised) or "fresh"; None: pool
+    pool_chains: int | None = None  # TrajectoryPool chains (a multiple of T); None: LU 2 T, else pool_every * T
+    pool_every: int = 4  # advance the pool every this many steps (dual_every must be a multiple)
 
 
 def _measure_every(problem: str, algorithm: str, cfg: LoopConfig) -> int:
