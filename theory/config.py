@@ -66,8 +66,9 @@ def _coerce(value: Any, hint, where: str) -> Any:
                 return _coerce(value, arm, where)
             except ValueError:
                 continue
-        raise ValueError(f"{where} must be {' or '.join(_describe(a) for a in typing.get_args(hint))}, "
-                         f"got {_show(value)}")
+        arms = [a for a in typing.get_args(hint) if a is not type(None)]
+        unset = " (or unset)" if len(arms) < len(typing.get_args(hint)) else ""
+        raise ValueError(f"{where} must be {' or '.join(_describe(a) for a in arms)}{unset}, got {_show(value)}")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where} must be {_describe(hint)} (e.g. [{_show(value)}]), got {_show(value)}")
