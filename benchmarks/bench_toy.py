@@ -12,7 +12,7 @@ is fastest for these 128-wide MLPs on a 2-core machine):
   update, plus the pool when the baseline has none (LU: no fixed-multiplier baseline, so it is
   compared with its own primal step; RU: ESD's composed target also draws half its x_0 from the
   pool, so the pool is primal work in both);
-- for comparison, the same primal-dual run with ``estimate=fresh`` (T sequential network
+- for comparison, the same primal-dual run with ``train.estimate=fresh`` (T sequential network
   evaluations on ``dual_batch`` fresh trajectories every ``dual_every`` steps, the previous design;
   for LU also the previous default), and RU with the pool advanced every step.
 
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from theory.gmm import default_instance
-from toy.config import ToyConfig
+from toy.config import ToyConfig, override
 from toy.run import pretrain_on_mixture, run
 
 
@@ -58,7 +58,7 @@ def bench_sweep(steps: int, pretrain_steps: int) -> None:
     from toy.sweep import run_sweep, sweep_configs
 
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
-    base = ToyConfig(figure=False, steps=steps, pretrain_steps=pretrain_steps)
+    base = override(ToyConfig(figure=False), {"train.steps": steps, "pretrain.steps": pretrain_steps})
     w0, c0 = time.perf_counter(), time.process_time()
     res = run_sweep(work / "ensemble", base, figure=False)
     w_ens, c_ens = time.perf_counter() - w0, time.process_time() - c0
@@ -147,7 +147,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-toy-"))
     base = ToyConfig(figure=False)
     if args.quick:
-        base = replace(base, pretrain_steps=300, steps=200, n_eval=300, n_constraint=1000, n_reference=300)
+        base = override(base, {"pretrain.steps": 300, "train.steps": 200, "evaluation.n_eval": 300,
+                               "evaluation.n_constraint": 1000, "evaluation.n_reference": 300})
     q, _, _ = default_instance()
     t0 = time.perf_counter()
     pretrain_on_mixture(q, base, "pretrain", work / "pretrained.pt")
@@ -155,7 +156,7 @@ def main() -> None:
     base = replace(base, pretrained=str(work / "pretrained.pt"))
     rows, lams = [], []
     for problem, baseline in (("reverse_kl", "esd"), ("forward_kl", "siss"), ("likelihood", None)):
-        cfg = replace(base, problem=problem, surrogate_reference=False)
+        cfg = override(base, {"problem": problem, "evaluation.surrogate_reference": False})
         t0 = time.perf_counter()
         s = run(replace(cfg, out=str(work / problem)))
         t_un = time.perf_counter() - t0
@@ -170,20 +171,20 @@ def main() -> None:
             machinery = pd["estimate"] + pd["dual"] + pd["pool"]
         rows.append((problem, baseline or "own primal step", t_pre, t_un, pd, bl, ref, machinery, "default: " + s["constraint_estimator"]))
         lams.append((problem, "default: " + s["constraint_estimator"], s["lam"][0], s["lam_star"][0]))
-        extra = {"reverse_kl": (("pool, every 1", dict(pool_every=1)), ("fresh", dict(estimate="fresh"))),
-                 "likelihood": (("fresh", dict(estimate="fresh")),)}.get(problem, ())
+        extra = {"reverse_kl": (("pool, every 1", {"train.pool_every": 1}), ("fresh", {"train.estimate": "fresh"})),
+                 "likelihood": (("fresh", {"train.estimate": "fresh"}),)}.get(problem, ())
         for name, kw in extra:
             tag = name.replace(", ", "-").replace(" ", "")
-            sf = run(replace(cfg, out=str(work / f"{problem}-{tag}"), **kw))
+            sf = run(override(cfg, {"out": str(work / f"{problem}-{tag}"), **kw}))
             fr = _per_step_ms(work / f"{problem}-{tag}")
             ref_fr, m_fr = ref, fr["estimate"] + fr["dual"] + (fr["pool"] if bl is None else 0.0)
-            if bl is not None and "pool_every" in kw:  # the baseline with the same pool schedule
-                run(replace(cfg, algorithm=baseline, out=str(work / f"{problem}-{baseline}-{tag}"), **kw))
+            if bl is not None and "train.pool_every" in kw:  # the baseline with the same pool schedule
+                run(override(cfg, {"algorithm": baseline, "out": str(work / f"{problem}-{baseline}-{tag}"), **kw}))
                 ref_fr = sum(_per_step_ms(work / f"{problem}-{baseline}-{tag}").values())
             rows.append((problem, baseline or "own primal step", t_pre, float("nan"), fr, bl, ref_fr, m_fr, name))
             lams.append((problem, name, sf["lam"][0], sf["lam_star"][0]))
-    print(f"\ntoy benchmark, torch threads = {torch.get_num_threads()}, steps = {base.steps}, "
-          f"pretrain_steps = {base.pretrain_steps}, dual_every = {base.dual_every}; ms are means per step\n")
+    print(f"\ntoy benchmark, torch threads = {torch.get_num_threads()}, steps = {base.train.steps}, "
+          f"pretrain_steps = {base.pretrain.steps}, dual_every = {base.train.dual_every}; ms are means per step\n")
     print("| problem | estimate | pretrain s | unlearn s | primal ms | pool ms | estimate ms | update ms "
           "| baseline total ms (which) | dual machinery ms | overhead |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

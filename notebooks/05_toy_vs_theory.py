@@ -40,7 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from toy.models import torch_threads
-from toy.config import ToyConfig
+from toy.config import ToyConfig, override
 from toy.sweep import run_sweep, sweep_figure
 
 torch_threads(1)  # small networks: one intra-op thread is fastest and robust to other busy processes
@@ -51,8 +51,11 @@ os.makedirs(FIGDIR, exist_ok=True)
 WORK = Path(tempfile.mkdtemp(prefix="toy05-"))
 
 if QUICK:
-    base = ToyConfig(hidden=32, layers=2, pretrain_steps=600, steps=300, dual_every=10, pool_every=2, dual_batch=64,
-                     n_eval=400, n_constraint=800, n_reference=300, checkpoint_every=1000)
+    # section keys as in a TOML file or --set (docs/toy.md, "Configuration")
+    base = override(ToyConfig(), {"model.hidden": 32, "model.layers": 2, "pretrain.steps": 600, "train.steps": 300,
+                                  "train.dual_every": 10, "train.pool_every": 2, "train.dual_batch": 64,
+                                  "train.checkpoint_every": 1000, "evaluation.n_eval": 400,
+                                  "evaluation.n_constraint": 800, "evaluation.n_reference": 300})
     budgets = {p: None for p in ("reverse_kl", "forward_kl", "likelihood")}
     from toy.problems import default_instance
     budgets = {p: [float(b) for b in default_instance().budgets[p]] for p in budgets}

@@ -82,9 +82,10 @@ OUT_OF_RANGE = {
     "data": [("train.steps", "-3"), ("train.lr", "-1.0"), ("siss_weight", "-1.0"), ("siss_mix", "1.0"),
              ("siss_mix", "0.0"), ("forget_draws", "0"), ("method", '"retrain"')],
     "sample": [("num_per_prompt", "0"), ("num_steps", "0"), ("kind", '"gan"')],
-    "toy": [("steps", "0"), ("steps", "-5"), ("batch", "0"), ("dual_every", "0"), ("checkpoint_every", "0"),
-            ("problem", '"xyz"'), ("variant", '"nope"'), ("estimate", '"later"'), ("violation_scale", '"cubic"'),
-            ("pool_chains", "-100"), ("target", '"other"')],
+    "toy": [("train.steps", "0"), ("train.steps", "-5"), ("train.batch", "0"), ("train.dual_every", "0"),
+            ("train.checkpoint_every", "0"), ("problem", '"xyz"'), ("variant", '"nope"'), ("train.estimate", '"later"'),
+            ("dual.violation_scale", '"cubic"'), ("train.pool_chains", "-100"), ("train.pool_chains", "0"),
+            ("train.target", '"other"'), ("dual.lr", "-1.0"), ("dual.gain", "-0.5"), ("siss_lam", "-1.0")],
 }
 
 LETTERS = string.ascii_letters
@@ -109,7 +110,10 @@ def _fields(command: str) -> list[tuple[str, typing.Any]]:
 
 
 def _wrong_literal(hint) -> st.SearchStrategy[str]:
-    """TOML literals of another type than ``hint``."""
+    """TOML literals of another type than ``hint`` (``T | None``: another type than T; TOML has no None)."""
+    arms = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)) and len(arms) == 1:
+        hint = arms[0]
     quoted = st.text(LETTERS, min_size=1, max_size=6).map(json.dumps)
     ints = st.integers(-5, 5).map(str)
     floats = st.floats(-10, 10, allow_nan=False).filter(lambda x: x != int(x)).map(repr)
@@ -147,7 +151,7 @@ def bad_config(draw):
         override, must = f"{key}={value}", key.split(".")[-1]
     elif kind == "unknown":
         name = "zz" + draw(st.text(LETTERS + "_", max_size=6))
-        nested = command in ("concept", "data") and draw(st.booleans())
+        nested = command in ("concept", "data", "toy") and draw(st.booleans())
         key = f"train.{name}" if nested else name
         override, must = f"{key}={draw(st.integers(0, 9))}", "unknown config key"
     else:  # not a TOML literal: a bare word, a number with a letter in it, an unclosed list or string
@@ -233,9 +237,10 @@ def test_exit_codes_divergence_checkpoint_internal_and_interrupt(tmp_path, monke
     _assert_one_line(err, code, 2, "--resume and --overwrite exclude each other")
 
 
-TOY_SET = dict(hidden=16, layers=2, time_dim=8, pretrain_steps=40, pretrain_batch=64, steps=20, batch=32,
-               forget_batch=16, dual_batch=16, checkpoint_every=5, n_eval=100, n_constraint=200, n_reference=100,
-               figure=False)
+TOY_SET = {"model.hidden": 16, "model.layers": 2, "model.time_dim": 8, "pretrain.steps": 40, "pretrain.batch": 64,
+           "train.steps": 20, "train.batch": 32, "train.forget_batch": 16, "train.dual_batch": 16,
+           "train.checkpoint_every": 5, "evaluation.n_eval": 100, "evaluation.n_constraint": 200,
+           "evaluation.n_reference": 100, "figure": False}
 
 
 def test_ctrl_c_stops_a_real_run_cleanly_and_the_printed_command_resumes_it(tmp_path):
@@ -269,4 +274,4 @@ def test_ctrl_c_stops_a_real_run_cleanly_and_the_printed_command_resumes_it(tmp_
     code, _, err = _run_cli(command[1:])
     assert code == 0, err
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == list(range(TOY_SET["steps"]))
+    assert [r["step"] for r in rows] == list(range(TOY_SET["train.steps"]))

@@ -200,15 +200,18 @@ def test_delay_limited_gain_keeps_the_delayed_dual_ascent_stable_where_the_undel
 
 
 def test_lu_pool_gain_follows_the_estimate_delay():
-    from toy.config import DUAL_GAIN, ToyConfig, delay_limited_gain, estimate_delay, pool_chains
-    lu = ToyConfig(problem="likelihood")
-    assert pool_chains(lu) == 2 * lu.num_timesteps
+    """``resolve`` derives LU's pool (2 T chains) and its delay-limited gain; fresh estimates and RU
+    keep the problem's undelayed gain."""
+    from toy.config import DUAL_GAIN, ToyConfig, estimate_delay, override, resolve
+    lu = resolve(ToyConfig(problem="likelihood"))
+    assert lu.train.pool_chains == 2 * lu.diffusion.num_timesteps
     # chain life T x pool_every / 2 = 200 steps, plus half the 128-end-point window at k = 2 per advance
     d = (100 * 4 / 2 + (128 / 2) * 4 / 2) / 20
     assert estimate_delay(lu) == pytest.approx(d)
-    assert delay_limited_gain(lu) == pytest.approx((np.pi / 6) / d)
-    for cfg in (ToyConfig(problem="likelihood", estimate="fresh"), ToyConfig(problem="reverse_kl")):
-        assert estimate_delay(cfg) == 0 and delay_limited_gain(cfg) == DUAL_GAIN[cfg.problem]
+    assert lu.dual.gain == pytest.approx((np.pi / 6) / d)
+    for cfg in (override(ToyConfig(problem="likelihood"), {"train.estimate": "fresh"}), ToyConfig(problem="reverse_kl")):
+        cfg = resolve(cfg)
+        assert estimate_delay(cfg) == 0 and cfg.dual.gain == DUAL_GAIN[cfg.problem]
 
 
 @pytest.mark.parametrize("n, k", [(5, 1), (7, 3)])

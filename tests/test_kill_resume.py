@@ -23,9 +23,10 @@ from toy.core.runs import CheckpointStore
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
-TOY_SET = dict(hidden=16, layers=2, time_dim=8, pretrain_steps=60, pretrain_batch=64, steps=40, batch=32,
-               forget_batch=16, dual_batch=16, checkpoint_every=10, n_eval=100, n_constraint=200, n_reference=100,
-               figure=False)
+TOY_SET = {"model.hidden": 16, "model.layers": 2, "model.time_dim": 8, "pretrain.steps": 60, "pretrain.batch": 64,
+           "train.steps": 40, "train.batch": 32, "train.forget_batch": 16, "train.dual_batch": 16,
+           "train.checkpoint_every": 10, "evaluation.n_eval": 100, "evaluation.n_constraint": 200,
+           "evaluation.n_reference": 100, "figure": False}
 
 # (pause point @ its n-th occurrence in that attempt); "corrupt" truncates the newest checkpoint instead
 TOY_KILLS = [
@@ -175,10 +176,10 @@ def test_toy_run_killed_at_20_or_more_points_resumes_to_the_uninterrupted_result
 
     assert _summary(cut / "summary.json", cut) == _summary(full / "summary.json", full)
     assert _rows(cut / "metrics.jsonl") == _rows(full / "metrics.jsonl")
-    assert [r["step"] for r in _rows(cut / "metrics.jsonl")] == list(range(TOY_SET["steps"]))
+    assert [r["step"] for r in _rows(cut / "metrics.jsonl")] == list(range(TOY_SET["train.steps"]))
     a, _ = CheckpointStore(full / "checkpoint").load()
     b, _ = CheckpointStore(cut / "checkpoint").load()
-    assert a["step"] == b["step"] == TOY_SET["steps"]
+    assert a["step"] == b["step"] == TOY_SET["train.steps"]
     for name, w in a["net"].items():
         assert torch.equal(w, b["net"][name]), name
     pa = torch.load(full / "pretrained.pt", weights_only=False)["state_dict"]

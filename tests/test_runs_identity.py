@@ -20,19 +20,20 @@ import torch
 from toy.core.runs import (CheckpointError, CheckpointStore, RunDir, RunDirError, atomic_torch_save, check_run_dir,
                       fingerprint, run_identity)
 
-TINY = dict(hidden=16, layers=2, time_dim=8, pretrain_steps=150, pretrain_batch=128, steps=20, batch=64,
-            forget_batch=32, dual_every=6, pool_every=2, dual_batch=16, checkpoint_every=10, n_eval=200,
-            n_constraint=400, n_reference=200, figure=False)
+TINY = {"model.hidden": 16, "model.layers": 2, "model.time_dim": 8, "pretrain.steps": 150, "pretrain.batch": 128,
+        "train.steps": 20, "train.batch": 64, "train.forget_batch": 32, "train.dual_every": 6, "train.pool_every": 2,
+        "train.dual_batch": 16, "train.checkpoint_every": 10, "evaluation.n_eval": 200, "evaluation.n_constraint": 400,
+        "evaluation.n_reference": 200, "figure": False}
 
 
 @pytest.fixture(scope="module")
 def tiny_pretrained(tmp_path_factory):
     from toy.problems import default_instance
-    from toy.config import ToyConfig
+    from toy.config import ToyConfig, override
     from toy.run import pretrain_on_mixture
 
     path = tmp_path_factory.mktemp("tiny") / "pretrained.pt"
-    pretrain_on_mixture(default_instance().q, ToyConfig(**TINY), "pretrain", path)
+    pretrain_on_mixture(default_instance().q, override(ToyConfig(), TINY), "pretrain", path)
     return path
 
 
@@ -54,11 +55,11 @@ def test_toy_rerun_with_another_budget_is_refused_and_an_identical_one_resumes(t
     naming the key and --resume/--overwrite) and keep run.json; rerun at 0.004 it resumes from the
     last checkpoint (step 10 of 20) and says so."""
     from scale.cli import main
-    from toy.config import ToyConfig
+    from toy.config import ToyConfig, override
     from toy.run import run
 
     out = tmp_path / "lu"
-    cfg = ToyConfig(problem="likelihood", budgets=(0.004,), out=str(out), pretrained=str(tiny_pretrained), **TINY)
+    cfg = override(ToyConfig(problem="likelihood", budgets=(0.004,), out=str(out), pretrained=str(tiny_pretrained)), TINY)
     assert run(cfg, stop_after=15) == {"interrupted_at": 10}
     record = (out / "run.json").read_bytes()
 

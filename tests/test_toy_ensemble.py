@@ -19,18 +19,23 @@ from toy.core.runs import CheckpointStore
 from toy.ensemble import StackedEpsMLP, pretrain_ensemble, run_ensemble
 from toy.models import EpsMLP
 from toy.problems import default_instance
-from toy.config import ToyConfig
+from toy.config import ToyConfig, override
 from toy.run import pretrain_on_mixture, run
 
-TINY = dict(hidden=16, layers=2, time_dim=8, pretrain_steps=150, pretrain_batch=128, steps=40, batch=64,
-            forget_batch=32, dual_every=6, pool_every=2, dual_batch=16, checkpoint_every=10, n_eval=200, n_constraint=400,
-            n_reference=200, figure=False)
+TINY = {"model.hidden": 16, "model.layers": 2, "model.time_dim": 8, "pretrain.steps": 150, "pretrain.batch": 128,
+        "train.steps": 40, "train.batch": 64, "train.forget_batch": 32, "train.dual_every": 6, "train.pool_every": 2,
+        "train.dual_batch": 16, "train.checkpoint_every": 10, "evaluation.n_eval": 200, "evaluation.n_constraint": 400,
+        "evaluation.n_reference": 200, "figure": False}
+
+
+def tiny(**values) -> ToyConfig:
+    return override(ToyConfig(), {**TINY, **values})
 
 
 @pytest.fixture(scope="module")
 def tiny_pretrained(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-ens") / "pretrained.pt"
-    pretrain_on_mixture(default_instance().q, ToyConfig(**TINY), "pretrain", path)
+    pretrain_on_mixture(default_instance().q, tiny(), "pretrain", path)
     return path
 
 
@@ -54,17 +59,17 @@ def test_stacked_network_equals_its_members_and_slices_back_exactly():
         st(x, torch.full((3, 50), 100).index_fill_(1, torch.tensor([0]), 0))
 
 
-MEMBERS = [dict(problem="forward_kl"), dict(problem="likelihood"), dict(problem="reverse_kl", target="composed"),
-           dict(problem="reverse_kl", target="reweighted"), dict(problem="reverse_kl", algorithm="esd"),
-           dict(problem="forward_kl", algorithm="siss", seed=0)]
+MEMBERS = [{"problem": "forward_kl"}, {"problem": "likelihood"}, {"problem": "reverse_kl", "train.target": "composed"},
+           {"problem": "reverse_kl", "train.target": "reweighted"}, {"problem": "reverse_kl", "algorithm": "esd"},
+           {"problem": "forward_kl", "algorithm": "siss", "seed": 0}]
 
 
 def test_every_member_of_an_ensemble_reproduces_its_single_run(tmp_path, tiny_pretrained):
     """Six members of every kind trained together, each against ``toy.run.run`` of its own config:
     the same dual trajectory and the same end-of-run estimates (relative 1e-5). Covers the random
     draws' order, the per-member multipliers, pools and targets, and that members do not interact."""
-    cfgs = [ToyConfig(out=str(tmp_path / f"single-{i}"), pretrained=str(tiny_pretrained), surrogate_reference=False,
-                      **TINY, **kw) for i, kw in enumerate(MEMBERS)]
+    cfgs = [tiny(out=str(tmp_path / f"single-{i}"), pretrained=str(tiny_pretrained),
+                 **{"evaluation.surrogate_reference": False}, **kw) for i, kw in enumerate(MEMBERS)]
     singles = [run(c) for c in cfgs]
     hists = [CheckpointStore(tmp_path / f"single-{i}" / "checkpoint").load()[0]["hist"] for i in range(len(cfgs))]
     ens = run_ensemble(cfgs, tmp_path / "ens")
@@ -81,7 +86,7 @@ def test_every_member_of_an_ensemble_reproduces_its_single_run(tmp_path, tiny_pr
 
 def test_pretraining_together_equals_pretraining_alone(tmp_path):
     from toy.pretrain import load_model
-    cfgs = [ToyConfig(seed=s, **TINY) for s in (0, 3)]
+    cfgs = [tiny(seed=s) for s in (0, 3)]
     paths = pretrain_ensemble(cfgs, tmp_path)
     for c, p in zip(cfgs, paths):
         alone, _ = pretrain_on_mixture(default_instance().q, c, "pretrain", tmp_path / f"alone-{c.seed}.pt")
@@ -96,7 +101,7 @@ def test_toy_sweep_cli_writes_records_with_verdicts_and_exits_on_failure(tmp_pat
     over = [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in TINY.items() if k != "figure"]
     sets = sum((["--set", o] for o in over), [])
     args = ["toy", "sweep", "--problems", "forward_kl", "--budgets", "10.5", "--out", str(tmp_path / "sw"), "--no-progress",
-            "--set", "lr_dual=0.0"] + sets
+            "--set", "dual.lr=0.0"] + sets
     rc = main(args)
     res = json.loads((tmp_path / "sw" / "sweep.json").read_text())
     assert res["members"] == 2 and (tmp_path / "sw" / "sweep.png").stat().st_size > 0
@@ -142,7 +147,7 @@ def test_toy_cli_prints_a_verdict_per_check_and_exits_1_on_failure(tmp_path, tin
     from scale.cli import main
     over = [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in TINY.items() if k != "figure"]
     args = ["toy", "--problem", "forward_kl", "--budget", "10.5", "--out", str(tmp_path / "cli"), "--no-progress",
-            "--set", f'pretrained="{tiny_pretrained}"', "--set", "lr_dual=0.0"] + sum((["--set", o] for o in over), [])
+            "--set", f'pretrained="{tiny_pretrained}"', "--set", "dual.lr=0.0"] + sum((["--set", o] for o in over), [])
     assert main(args) == 1
     out = capsys.readouterr().out
     assert "FAIL  forward_kl primal_dual: constraint holds within estimation error" in out

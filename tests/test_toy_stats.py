@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 
-from toy.config import ToyConfig
+from toy.config import ToyConfig, override
 from toy.run import dual_only_lam, pretrain_on_mixture, run
-from toy.problems import default_instance, lam_star
+from toy.problems import default_instance, dual_slope, lam_star
 from toy.reference import Quadrature
 from toy.verify import DISTANCE_FLOOR_MULTIPLE, checks_for
 
@@ -35,7 +35,8 @@ def pretrained_path(tmp_path_factory):
 
 
 def _run(tmp_path, pretrained_path, **kw):
-    return run(ToyConfig(out=str(tmp_path / "run"), pretrained=pretrained_path, figure=False, **kw))
+    """One run of the default config with ``kw`` (dotted keys as ``toy.config.override``'s)."""
+    return run(override(ToyConfig(out=str(tmp_path / "run"), pretrained=pretrained_path, figure=False), kw))
 
 
 def _assert_checks(summary):
@@ -73,7 +74,6 @@ def test_ru_dual_only_ascent_finds_theory_lam_star():
     inst = default_instance()
     b = inst.budgets["reverse_kl"]
     quad = Quadrature("reverse_kl", inst.q, list(inst.forget))
-    from toy.run import dual_slope
     ls, _ = lam_star("reverse_kl", inst.q, inst.forget, b)
     lam = dual_only_lam([quad], b, 0.3 / abs(dual_slope(quad, float(ls[0]))), 0.95)
     assert abs(lam[0] - ls[0]) <= 1e-6 * ls[0]
@@ -90,7 +90,7 @@ def test_ru_primal_dual_reaches_the_surrogate_fixed_point(tmp_path, pretrained_p
 
 @pytest.mark.slow
 def test_ru_primal_dual_with_reweighted_target_reaches_lam_star(tmp_path, pretrained_path):
-    s = _run(tmp_path, pretrained_path, problem="reverse_kl", target="reweighted")
+    s = _run(tmp_path, pretrained_path, problem="reverse_kl", **{"train.target": "reweighted"})
     _assert_checks(s)
 
 
@@ -234,9 +234,10 @@ def test_ru_training_loops_pass_eta_of_lam_to_the_composed_target(tmp_path, monk
     import toy.algorithms as alg
     import toy.ensemble as ens
     from toy.ensemble import run_ensemble
-    tiny = dict(hidden=8, layers=1, time_dim=4, pretrain_steps=5, pretrain_batch=16, steps=2, batch=16, dual_every=20,
-                pool_every=2, dual_batch=8, checkpoint_every=10, n_eval=50, n_constraint=50, n_reference=50,
-                figure=False, surrogate_reference=False)
+    tiny = {"model.hidden": 8, "model.layers": 1, "model.time_dim": 4, "pretrain.steps": 5, "pretrain.batch": 16,
+            "train.steps": 2, "train.batch": 16, "train.dual_every": 20, "train.pool_every": 2, "train.dual_batch": 8,
+            "train.checkpoint_every": 10, "evaluation.n_eval": 50, "evaluation.n_constraint": 50,
+            "evaluation.n_reference": 50, "figure": False, "evaluation.surrogate_reference": False}
     seen = []
 
     def spy(eps_q, eps_forget, eta):
@@ -246,8 +247,10 @@ def test_ru_training_loops_pass_eta_of_lam_to_the_composed_target(tmp_path, monk
     alg.__dict__.setdefault("_real_composed", alg.composed_eps_target)
     monkeypatch.setattr(alg, "composed_eps_target", spy)
     monkeypatch.setattr(ens, "composed_eps_target", spy)
-    cfgs = [ToyConfig(problem="reverse_kl", lam_init=(0.2,), lr_dual=0.0, out=str(tmp_path / "pd"), **tiny),
-            ToyConfig(problem="reverse_kl", algorithm="esd", eta=1.5, out=str(tmp_path / "esd"), **tiny)]
+    cfgs = [override(ToyConfig(), {**tiny, "problem": "reverse_kl", "dual.lam_init": (0.2,), "dual.lr": 0.0,
+                                   "out": str(tmp_path / "pd")}),
+            override(ToyConfig(), {**tiny, "problem": "reverse_kl", "algorithm": "esd", "eta": 1.5,
+                                   "out": str(tmp_path / "esd")})]
     if how == "single":
         for c in cfgs:
             run(c)
@@ -265,8 +268,8 @@ def test_ru_training_loops_pass_eta_of_lam_to_the_composed_target(tmp_path, monk
 #: seeds; LU and RU do not at 1000 steps (measured: LU misses the constraint at 3 of 5 seeds — its
 #: dual loop needs 3 tau ~ 1900 steps to settle; RU one seed each), so LU runs at the default size
 #: below (five seeds, one ensemble) and RU's five-seed ensemble is slow (it fails at two seeds).
-SMALL = dict(hidden=64, pretrain_steps=1500, steps=1000, n_eval=1000, n_constraint=4000, n_reference=1000,
-             checkpoint_every=1000)
+SMALL = {"model.hidden": 64, "pretrain.steps": 1500, "train.steps": 1000, "evaluation.n_eval": 1000,
+         "evaluation.n_constraint": 4000, "evaluation.n_reference": 1000, "train.checkpoint_every": 1000}
 SEEDS = (0, 1, 2, 3, 4)
 
 
@@ -281,7 +284,7 @@ def small_ensemble(tmp_path_factory):
     seed 0 (sharing its pretraining), trained as one ensemble each."""
     from toy.sweep import run_sweep
     out = tmp_path_factory.mktemp("seed-ensemble")
-    base = ToyConfig(**SMALL)
+    base = override(ToyConfig(), SMALL)
     res = run_sweep(out / "fu", base, problems=("forward_kl",), budgets=_default_budgets(["forward_kl"]), seeds=SEEDS,
                     baselines=False, figure=False)
     bl = run_sweep(out / "bl", replace(base, pretrained=str(out / "fu" / "pretrained-seed0.pt")),

@@ -113,32 +113,38 @@ def test_pretrained_model_saves_and_reloads(tmp_path):
 
 # ---------------------------------------------------------------- run machinery on a tiny config
 
-TINY = dict(hidden=16, layers=2, time_dim=8, pretrain_steps=150, pretrain_batch=128, steps=40, batch=64,
-            forget_batch=32, dual_every=6, pool_every=2, dual_batch=16, checkpoint_every=10, n_eval=200, n_constraint=400,
-            n_reference=200, figure=False)
+TINY = {"model.hidden": 16, "model.layers": 2, "model.time_dim": 8, "pretrain.steps": 150, "pretrain.batch": 128,
+        "train.steps": 40, "train.batch": 64, "train.forget_batch": 32, "train.dual_every": 6, "train.pool_every": 2,
+        "train.dual_batch": 16, "train.checkpoint_every": 10, "evaluation.n_eval": 200, "evaluation.n_constraint": 400,
+        "evaluation.n_reference": 200, "figure": False}
+
+
+def tiny(**values):
+    """The tiny config with ``values`` (dotted keys as ``toy.config.override``'s, or top-level ones)."""
+    from toy.config import ToyConfig, override
+    return override(ToyConfig(), {**TINY, **values})
 
 
 @pytest.fixture(scope="module")
 def tiny_pretrained(tmp_path_factory):
-    from toy.config import ToyConfig
     from toy.run import pretrain_on_mixture
     path = tmp_path_factory.mktemp("tiny") / "pretrained.pt"
-    pretrain_on_mixture(default_instance().q, ToyConfig(**TINY), "pretrain", path)
+    pretrain_on_mixture(default_instance().q, tiny(), "pretrain", path)
     return path
 
 
-@pytest.mark.parametrize("problem, estimate", [("forward_kl", "auto"), ("likelihood", "auto"), ("likelihood", "fresh"),
-                                               ("reverse_kl", "auto"), ("reverse_kl", "fresh")])
+@pytest.mark.parametrize("problem, estimate", [("forward_kl", None), ("likelihood", None), ("likelihood", "fresh"),
+                                               ("reverse_kl", None), ("reverse_kl", "fresh")])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_pretrained, problem, estimate):
     """Every estimator's state resumes exactly: RU and LU's trajectory pool (positions, partial sums,
     end points) as well as fresh trajectories."""
-    from toy.config import ToyConfig
     from toy.run import run
-    kw = dict(TINY, problem=problem, pretrained=str(tiny_pretrained), surrogate_reference=False, estimate=estimate)
-    full = run(ToyConfig(out=str(tmp_path / "full"), **kw))
-    part = run(ToyConfig(out=str(tmp_path / "part"), **kw), stop_after=25)
+    kw = {"problem": problem, "pretrained": str(tiny_pretrained), "evaluation.surrogate_reference": False,
+          "train.estimate": estimate}
+    full = run(tiny(out=str(tmp_path / "full"), **kw))
+    part = run(tiny(out=str(tmp_path / "part"), **kw), stop_after=25)
     assert part == {"interrupted_at": 20}
-    resumed = run(ToyConfig(out=str(tmp_path / "part"), **kw))
+    resumed = run(tiny(out=str(tmp_path / "part"), **kw))
     assert resumed["lam"] == pytest.approx(full["lam"], abs=0) or np.array_equal(resumed["lam"], full["lam"])
     np.testing.assert_array_equal(np.load(tmp_path / "part" / "samples.npy"), np.load(tmp_path / "full" / "samples.npy"))
     rows = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
@@ -152,7 +158,6 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tin
     """A non-finite constraint estimate, or multipliers driven past lam_max, stop the run at the
     dual step where it happens; the checkpoint of step 10 (the last before) stays as it was."""
     import toy.algorithms as alg
-    from toy.config import ToyConfig
     from toy.run import run
     real = alg.lu_constraint_exact
     calls = {"n": 0}
@@ -163,8 +168,8 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tin
         return (m, se) if calls["n"] <= 2 else (torch.full_like(m, bad_value), se)
 
     monkeypatch.setattr(alg, "lu_constraint_exact", estimate)
-    cfg = ToyConfig(out=str(tmp_path / "div"), problem="likelihood", pretrained=str(tiny_pretrained),
-                    lr_dual=400.0, lam_max=300.0, **TINY)
+    cfg = tiny(out=str(tmp_path / "div"), problem="likelihood", pretrained=str(tiny_pretrained),
+               **{"dual.lr": 400.0, "dual.lam_max": 300.0})
     with pytest.raises(FloatingPointError, match=message + r".*dual step 2.*last good checkpoint"):
         run(cfg)
     from toy.core.runs import CheckpointStore
@@ -243,9 +248,8 @@ def test_lu_network_estimator_runs_on_the_pool_end_points_with_the_log_scale_ste
     """The diffusion-classifier estimate of the ratio variant (forget network against the
     pretrained one) at the pool's end points: at p = q the ratio's mean is above the budget, so the
     log-scale dual step must raise lam from 0 (the path otherwise only runs in docs/toy.md's study)."""
-    from toy.config import ToyConfig
     from toy.run import run
-    s = run(ToyConfig(out=str(tmp_path / "net"), problem="likelihood", variant="likelihood_ratio",
-                      lu_estimator="network", pretrained=str(tiny_pretrained), surrogate_reference=False, **TINY))
+    s = run(tiny(out=str(tmp_path / "net"), problem="likelihood", variant="likelihood_ratio",
+                 pretrained=str(tiny_pretrained), **{"dual.lu_estimator": "network", "evaluation.surrogate_reference": False}))
     assert s["constraint_estimator"] == "pool" and s["violation_scale"] == "log"
     assert np.all(np.isfinite(s["lam"])) and s["lam"][0] > 0

@@ -1,5 +1,6 @@
 """``dualunlearn toy``: build a ``ToyConfig`` from flags / TOML / ``key=value`` overrides and call
-``toy.run.run``. Flags override the file; ``--set`` overrides both.
+``toy.run.run``. Flags override the file; ``--set`` overrides both. Keys of a section are dotted
+(``--set train.steps=2000``; in a TOML file, a ``[train]`` table); docs/toy.md lists them.
 
     dualunlearn toy --problem reverse_kl --out runs/toy-ru
     dualunlearn toy --problem forward_kl --algorithm siss --set siss_lam=0.15 --out runs/toy-siss
@@ -33,9 +34,10 @@ def register(subparsers) -> None:
                    help="primal_dual (default), dual_only or esd (reverse_kl), siss (forward_kl)")
     p.add_argument("--budget", type=float, action="append", default=None,
                    help="constraint budget (repeat for several forget distributions); default: the instance's")
-    p.add_argument("--config", default=None, help="TOML file with ToyConfig keys")
+    p.add_argument("--config", default=None, help="TOML file with ToyConfig keys ([train], [dual], ... tables)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key with a TOML literal, e.g. --set steps=2000, --set 'variant=\"likelihood_ratio\"'")
+                   help="override a config key with a TOML literal, e.g. --set train.steps=2000, "
+                        "--set 'variant=\"likelihood_ratio\"' (section keys dotted; docs/toy.md)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--out", default=None,
                    help="run directory, required (an earlier run of the same config there is resumed; docs/runs.md)")
@@ -54,7 +56,8 @@ def register(subparsers) -> None:
     sw.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1, each with its own pretrained network")
     sw.add_argument("--no-baselines", action="store_true", help="primal-dual members only (no ESD, SISS, dual-only)")
     sw.add_argument("--config", default=None, help="TOML file with ToyConfig keys shared by every member")
-    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key of every member, e.g. --set train.steps=2000")
     sw.add_argument("--out", required=True, help="output directory (sweep.json, sweep.png, member-*/)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(sw)
@@ -76,25 +79,27 @@ def print_verdicts(checks) -> bool:
     return ok
 
 
+def _literal(value) -> str:
+    """A flag's value as the TOML literal ``--set`` would take (floats by ``repr``: inf stays inf)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_literal(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value)
+    return json.dumps(value)
+
+
 def config_from_args(args):
+    """The run's ``ToyConfig``: the TOML file, then the flags, then ``--set`` (each wins over the one before)."""
     from toy.config import ToyConfig
 
     flags = {"problem": args.problem, "out": args.out, "threads": args.threads}
     if args.algorithm is not None:
         flags["algorithm"] = args.algorithm
     if args.budget:
-        flags["budgets"] = list(args.budget)
+        flags["budgets"] = [float(b) for b in args.budget]
     if args.seed is not None:
         flags["seed"] = args.seed
-    base = load_config(ToyConfig, args.config, args.overrides) if (args.config or args.overrides) else ToyConfig()
-    from dataclasses import replace
-    cfg = replace(base, **{k: tuple(v) if isinstance(v, list) else v for k, v in flags.items()})
-    # --set wins over flags
-    if args.overrides:
-        over = load_config(ToyConfig, None, args.overrides)
-        keys = {o.split("=", 1)[0].strip() for o in args.overrides}
-        cfg = replace(cfg, **{k: getattr(over, k) for k in keys})
-    return cfg
+    return load_config(ToyConfig, args.config, [f"{k}={_literal(v)}" for k, v in flags.items()] + list(args.overrides))
 
 
 def main(args) -> int:
@@ -112,7 +117,7 @@ def main(args) -> int:
     # errors (divergence: exit 3, with the last good checkpoint kept) are reported by scale.cli
     if args.overwrite:  # the run's files go; a config file or model kept inside it stays
         from toy.core.runs import clear_run_dir
-        clear_run_dir(cfg.out, keep=(args.config or "", cfg.pretrained))
+        clear_run_dir(cfg.out, keep=(args.config or "", cfg.pretrained or ""))
     with torch_threads(cfg.threads):
         summary = run(cfg, progress=not args.no_progress, resume=True if args.resume else None)
     keys = ("problem", "algorithm", "budgets", "lam", "lam_star", "lam_reference", "constraint_values",
@@ -135,8 +140,7 @@ def main_sweep(args) -> int:
         raise ValueError(f"--budgets needs exactly one problem (--problems P), got {len(args.problems)}: {args.problems}")
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    base = load_config(ToyConfig, args.config, args.overrides) if (args.config or args.overrides) else ToyConfig()
-    base = replace(base, threads=args.threads)
+    base = replace(load_config(ToyConfig, args.config, args.overrides), threads=args.threads)
     torch_threads(base.threads)
     budgets = {args.problems[0]: list(args.budgets)} if args.budgets else None
     res = run_sweep(args.out, base, tuple(args.problems), budgets, tuple(range(args.seeds)),

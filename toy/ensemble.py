@@ -37,8 +37,7 @@ from toy.models import EpsMLP, MixtureEps
 from toy.core.diffusion import noised, reverse_step_kl_weights
 from toy.core.objectives import composed_eps_target, eta_from_lam, lam_from_eta
 from toy.pretrain import MixtureData, save_model
-from toy.problems import default_instance, lam_star
-from toy.reference import Quadrature
+from toy.problems import Problem, default_instance
 from toy.core.runs import CheckpointStore, RunDir
 from toy.sampling import TrajectoryPool, ddpm_sample
 
@@ -123,6 +122,7 @@ def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None) -> list[Path]:
     from toy.distances import energy_distance
     from toy.core.seeding import seeded_generator, derive_seed
     from toy.config import schedule
+    from toy.run import schedule_key
 
     out_dir = Path(out_dir)
     paths = [out_dir / f"pretrained-seed{c.seed}.pt" for c in cfgs]
@@ -130,26 +130,26 @@ def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None) -> list[Path]:
     if not todo:
         return paths
     cfg0 = cfgs[todo[0]]
+    m0, pre0 = cfg0.model, cfg0.pretrain
     for i in todo:
         c = cfgs[i]
-        if (c.hidden, c.layers, c.time_dim, c.pretrain_steps, c.pretrain_batch, c.pretrain_lr) != \
-                (cfg0.hidden, cfg0.layers, cfg0.time_dim, cfg0.pretrain_steps, cfg0.pretrain_batch, cfg0.pretrain_lr):
+        if (c.model, c.pretrain) != (m0, pre0):
             raise ValueError("members pretrained together need one architecture and pretraining schedule")
     q = default_instance().q
     nets = []
     for i in todo:
         torch.manual_seed(derive_seed(cfgs[i].seed, "pretrain:init"))
-        nets.append(EpsMLP(q.dim, cfg0.hidden, cfg0.layers, cfg0.time_dim, cfg0.num_timesteps))
+        nets.append(EpsMLP(q.dim, m0.hidden, m0.layers, m0.time_dim, cfg0.diffusion.num_timesteps))
     stacked = StackedEpsMLP(nets)
     ab = schedule(cfg0)
     data = [MixtureData(q, derive_seed(cfgs[i].seed, "pretrain:data")) for i in todo]
     gens = [seeded_generator(cfgs[i].seed, "pretrain:noise") for i in todo]
-    opt = torch.optim.Adam(stacked.parameters(), lr=cfg0.pretrain_lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg0.pretrain_steps, 1), eta_min=cfg0.pretrain_lr * 0.05)
+    opt = torch.optim.Adam(stacked.parameters(), lr=pre0.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(pre0.steps, 1), eta_min=pre0.lr * 0.05)
     t0 = time.perf_counter()
     losses = []
-    for step in range(cfg0.pretrain_steps):
-        xs, ts, zs = zip(*[noised(d(cfg0.pretrain_batch), ab, g) for d, g in zip(data, gens)])
+    for step in range(pre0.steps):
+        xs, ts, zs = zip(*[noised(d(pre0.batch), ab, g) for d, g in zip(data, gens)])
         out = stacked(torch.stack(xs), torch.stack(ts))
         per = (out - torch.stack(zs)).pow(2).mean(2).mean(1)  # (M,) each member's denoising loss
         if not torch.all(torch.isfinite(per)):
@@ -166,13 +166,14 @@ def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None) -> list[Path]:
     for j, i in enumerate(todo):
         c = cfgs[i]
         net = stacked.member(j)
-        x = ddpm_sample(net, c.n_eval, ab, seeded_generator(c.seed, "pretrain:eval"))
+        n_eval = c.evaluation.n_eval
+        x = ddpm_sample(net, n_eval, ab, seeded_generator(c.seed, "pretrain:eval"))
         rng = np.random.default_rng(derive_seed(c.seed, "pretrain:eval-ref"))
         meta = {"purpose": "pretrain", "weights": q.weights.tolist(), "means": q.means.tolist(), "covs": q.covs.tolist(),
-                "steps": c.pretrain_steps, "final_loss": float(losses[-100:, j].mean()), "seconds": seconds,
-                "n_eval": c.n_eval, "distance_to_data": energy_distance(x, q.sample(c.n_eval, rng)),
-                "noise_floor": energy_distance(q.sample(c.n_eval, rng), q.sample(c.n_eval, rng)),
-                "schedule": [c.num_timesteps, c.beta_start, c.beta_end, c.schedule], "ensemble": len(todo)}
+                "steps": c.pretrain.steps, "final_loss": float(losses[-100:, j].mean()), "seconds": seconds,
+                "n_eval": n_eval, "distance_to_data": energy_distance(x, q.sample(n_eval, rng)),
+                "noise_floor": energy_distance(q.sample(n_eval, rng), q.sample(n_eval, rng)),
+                "schedule": schedule_key(c), "ensemble": len(todo)}
         save_model(paths[i], net, meta)
     log.info("pretrained %d networks together in %.1f s", len(todo), seconds)
     return paths
@@ -184,17 +185,11 @@ def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None) -> list[Path]:
 class Member:
     """One member's configuration and state (everything ``toy.run.run`` keeps for one run)."""
 
-    cfg: object
-    loop: LoopConfig
-    budgets: np.ndarray
-    lam_th: np.ndarray
-    lam_source: str
-    lam_sur: np.ndarray | None
-    quads: list
+    cfg: object  # resolved ``ToyConfig``
+    loop: LoopConfig  # ``cfg.train``
+    problem: Problem  # with its surrogate reference
     models: Models
     dual: DualState
-    lr_dual: float
-    slopes: np.ndarray
     pmeta: dict
     gen: torch.Generator
     pool: TrajectoryPool | None = None
@@ -214,40 +209,32 @@ class Member:
 
 
 def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Member:
-    """Everything ``toy.run.run`` sets up before its loop, for one member (same seeds, same dual
-    domain, step size and initial multipliers). Raises ``ValueError`` for what the ensemble does
-    not train: fresh-trajectory estimates, the LU network estimator, LU's composed target."""
+    """Everything ``toy.run.run`` sets up before its loop, for one member (same seeds, same resolved
+    config, dual domain, step size and initial multipliers). Raises ``ValueError`` for what the
+    ensemble does not train: fresh-trajectory estimates, the LU network estimator, LU's composed target."""
     from toy.core.seeding import seeded_generator, derive_seed
-    from toy.run import initial_dual, instance_and_budgets, loop_config
-    from toy.config import estimate_kind, primal_target, schedule, validate
-    from toy.evaluation import surrogate_constraint_fn
-    from toy.reference import surrogate_lam
+    from toy.run import initial_dual
+    from toy.config import resolve_problem, schedule
+    from toy.evaluation import surrogate_reference
 
-    validate(cfg)
-    if estimate_kind(cfg) == "fresh":
-        raise ValueError(f"the ensemble trains pool estimates only, got estimate={cfg.estimate!r}")
-    if cfg.lu_estimator != "exact":
-        raise ValueError(f"the ensemble trains the exact LU estimator only, got lu_estimator={cfg.lu_estimator!r}")
-    if cfg.problem == "likelihood" and primal_target(cfg) != "reweighted":
+    cfg, problem = resolve_problem(cfg)
+    if cfg.problem != "forward_kl" and cfg.train.estimate == "fresh":
+        raise ValueError(f"the ensemble trains pool estimates only, got estimate={cfg.train.estimate!r}")
+    if cfg.dual.lu_estimator != "exact":
+        raise ValueError(f"the ensemble trains the exact LU estimator only, got lu_estimator={cfg.dual.lu_estimator!r}")
+    if cfg.problem == "likelihood" and cfg.train.target != "reweighted":
         raise ValueError("the ensemble trains LU's reweighted target only, got target='composed'")
-    q, forget, budgets = instance_and_budgets(cfg)
-    lam_th, lam_source = lam_star(cfg.problem, q, forget, budgets, cfg.variant)
-    quads = [Quadrature(cfg.problem, q, [f], cfg.variant) for f in forget]
+    q, forget = problem.q, list(problem.forget)
     ab = schedule(cfg)
     forget_exact = [MixtureEps.from_mixture(f, ab) for f in forget]
     models = Models(net=None, frozen=frozen, forget=forget_exact,
                     retain_data=MixtureData(q, derive_seed(cfg.seed, "retain")),
                     forget_data=[MixtureData(f, derive_seed(cfg.seed, f"forget{i}")) for i, f in enumerate(forget)],
                     alphas_cumprod=ab, forget_exact=forget_exact, q_exact=MixtureEps.from_mixture(q, ab), dim=q.dim)
-    lam_sur = None
-    if cfg.problem != "forward_kl" and primal_target(cfg) == "composed" and cfg.surrogate_reference and len(forget) == 1:
-        at = surrogate_constraint_fn(cfg.problem, q, forget, cfg, cfg.variant)
-        hi = min(4.0 * max(float(lam_th[0]), 1e-3), 0.95)
-        lam_sur = np.array([surrogate_lam(at, float(budgets[0]), False, hi)])
-    dual, lr_dual, slopes = initial_dual(cfg, quads, lam_th, budgets)
-    loop = loop_config(cfg)
-    m = Member(cfg, loop, budgets, lam_th, lam_source, lam_sur, quads, models, dual, lr_dual, slopes, pmeta,
-               seeded_generator(cfg.seed, "unlearn"))
+    problem = replace(problem, lam_surrogate=surrogate_reference(cfg, problem))
+    dual = initial_dual(cfg, problem)
+    loop = cfg.train
+    m = Member(cfg, loop, problem, models, dual, pmeta, seeded_generator(cfg.seed, "unlearn"))
     if (cfg.problem == "reverse_kl" and loop.pool_frac > 0) or m.pool_estimates:
         m.pool = TrajectoryPool(ab, loop.pool_chains or loop.pool_every * int(ab.shape[0]), loop.dual_batch, models.dim)
         if m.pool_estimates and cfg.problem == "reverse_kl":
@@ -436,17 +423,14 @@ def unlearn_ensemble(members: list[Member], ckpt_path: Path | None = None, progr
 def evaluate_members(members: list[Member], net: StackedEpsMLP) -> list[dict]:
     """``toy.evaluation.evaluate`` for every member on its extracted network (summary, samples.npy in the
     member's ``out``). Returns the summaries."""
-    from toy.evaluation import evaluate
+    from toy.evaluation import Trained, evaluate
 
     out = []
-    inst = default_instance()
     cache: dict = {}  # the pretrained and exact-score reference estimates, once per (problem, seed)
     for i, m in enumerate(members):
         Path(m.cfg.out).mkdir(parents=True, exist_ok=True)
         models = replace(m.models, net=net.member(i))
-        s = evaluate(m.cfg, inst.q, list(inst.forget), m.budgets, m.lam_th, m.lam_source, m.lam_sur, m.quads, models,
-                     m.dual, m.hist, m.pmeta, m.lr_dual, m.slopes, cache)
-        out.append(s)
+        out.append(evaluate(m.cfg, m.problem, Trained(models, m.dual, m.hist, m.pmeta), cache))
     return out
 
 
@@ -465,7 +449,7 @@ def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False) -> lis
     need = [by_seed[s] for s in seeds if s not in given]
     paths = dict(given)
     if need:
-        b = bar(total=need[0].pretrain_steps, desc=f"pretrain x{len(need)}", leave=False)
+        b = bar(total=need[0].pretrain.steps, desc=f"pretrain x{len(need)}", leave=False)
         for c, p in zip(need, pretrain_ensemble(need, out_dir, b)):
             paths[c.seed] = str(p)
         b.close()
@@ -476,9 +460,9 @@ def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False) -> lis
         frozen[s] = (f.eval().requires_grad_(False), meta)
     members = []
     for i, c in enumerate(cfgs):
-        c = replace(c, out=str(out_dir / f"member-{i:03d}"), pretrained=paths[c.seed])
-        RunDir(c.out, config_to_dict(c), c.seed)
-        members.append(prepare_member(c, *frozen[c.seed]))
+        m = prepare_member(replace(c, out=str(out_dir / f"member-{i:03d}"), pretrained=paths[c.seed]), *frozen[c.seed])
+        RunDir(m.cfg.out, config_to_dict(m.cfg), m.cfg.seed)  # the resolved config, as a single run records it
+        members.append(m)
     b = bar(total=members[0].loop.steps, desc=f"ensemble of {len(members)}")
     net = unlearn_ensemble(members, out_dir / "ensemble-checkpoint", b)
     b.close()

@@ -1,29 +1,48 @@
 """Evaluation of a toy run against theory: final constraint values with standard errors, the
 objective estimate, the multiplier's tolerance interval (quadrature and exact-score surrogate), the
-distance to the target against the noise floor, and the summary that ``run`` writes.
+distance to the target against the noise floor, and the summary that ``run`` writes:
+``evaluate(cfg, problem, trained)`` with the resolved config, the run's ``toy.problems.Problem``
+and what training produced (``Trained``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from toy.algorithms import Models, averaged_lam, elbo_constraint_terms, lam_window
+from toy.core.dual import DualState
 from toy.distances import energy_distance
 from toy.models import ComposedEps, GibbsTiltEps, MixtureEps, constraint_function
 from toy.core.objectives import denoising_loss, eta_from_lam
 from toy.core.diffusion import reverse_step_kl_weights
 from toy.pretrain import MixtureData
 from toy.core.diffusion import noised
-from toy.reference import Quadrature
+from toy.problems import Problem
+from toy.reference import Quadrature, surrogate_lam
 from toy.sampling import ddpm_sample, path_kl_to_models
-from toy.config import ToyConfig, estimate_delay, estimate_kind, pool_chains, primal_target, schedule, violation_scale
+from toy.config import ToyConfig, constraint_estimator, estimate_delay, schedule
+from toy.core.runs import atomic_write_json
 from toy.core.seeding import derive_seed, seeded_generator
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Trained:
+    """What one run's training produced: the models (``net`` the unlearned network, ``frozen`` the
+    pretrained one), the final dual state, the history of ``toy.algorithms.unlearn`` and the
+    pretrained model's metadata (its loss and distance to q)."""
+
+    models: Models
+    dual: DualState
+    hist: dict
+    pretrained_meta: dict
 
 
 def surrogate_constraint_fn(problem: str, q, forget, cfg: ToyConfig, variant: str):
@@ -36,17 +55,37 @@ def surrogate_constraint_fn(problem: str, q, forget, cfg: ToyConfig, variant: st
     if problem == "reverse_kl":
         def at(lam):
             model = ComposedEps(q_ex, f_ex, eta_from_lam(torch.tensor([lam], dtype=torch.float64)))
-            kl, _, _ = path_kl_to_models(model, f_ex, cfg.n_reference, ab, seeded_generator(cfg.seed, "surrogate"))
+            kl, _, _ = path_kl_to_models(model, f_ex, cfg.evaluation.n_reference, ab,
+                                         seeded_generator(cfg.seed, "surrogate"))
             return float(kl[0])
     elif problem == "likelihood":
         def at(lam):
             model = GibbsTiltEps(q_ex, f_ex, [lam], variant, q_ex)
-            x0 = ddpm_sample(model, cfg.n_reference, ab, seeded_generator(cfg.seed, "surrogate"))
+            x0 = ddpm_sample(model, cfg.evaluation.n_reference, ab, seeded_generator(cfg.seed, "surrogate"))
             log_q = q_ex.log_prob(x0) if variant == "likelihood_ratio" else None
             return float(constraint_function(variant, f_ex[0].log_prob(x0), log_q).mean())
     else:
         raise ValueError("FU's target is exact at every t: no surrogate")
     return at
+
+
+def surrogate_reference(cfg: ToyConfig, problem: Problem, path: Path | None = None) -> np.ndarray | None:
+    """The exact-score surrogate's fixed point (the multiplier RU/LU primal-dual with the composed
+    target should reach), or ``None`` where there is none to compute (FU, reweighted target,
+    ``evaluation.surrogate_reference`` off, several forget distributions). With ``path``, read from
+    there when present, else computed and written there (a resumed run does not recompute it)."""
+    if (cfg.problem == "forward_kl" or cfg.train.target != "composed" or not cfg.evaluation.surrogate_reference
+            or len(problem.forget) != 1):
+        return None
+    if path is not None and Path(path).exists():
+        return np.asarray(json.loads(Path(path).read_text())["lam"])
+    at = surrogate_constraint_fn(cfg.problem, problem.q, list(problem.forget), cfg, cfg.variant)
+    lam0 = 4.0 * max(float(problem.lam_star[0]), 1e-3)
+    hi = min(lam0, 0.95) if cfg.problem == "reverse_kl" else lam0
+    lam = np.array([surrogate_lam(at, float(problem.budgets[0]), cfg.problem == "likelihood", hi)])
+    if path is not None:
+        atomic_write_json(path, {"lam": lam})
+    return lam
 
 
 def surrogate_model(problem: str, q, forget, lam, cfg: ToyConfig, variant: str):
@@ -86,7 +125,7 @@ def final_constraints(problem: str, net, models: Models, cfg: ToyConfig, n: int)
             ses.append(float(terms.std() / np.sqrt(n)))
         return np.array(vals), np.array(ses)
     from toy.algorithms import lu_constraint_exact, lu_constraint_network
-    if cfg.lu_estimator == "network":
+    if cfg.dual.lu_estimator == "network":
         m, se = lu_constraint_network(net, models.frozen, models.forget_nets, n, ab, gen)
     else:
         m, se = lu_constraint_exact(net, models.forget_exact, models.q_exact, n, ab, gen, cfg.variant)
@@ -101,27 +140,32 @@ def fresh_forget_samples(data, n, cfg):
     return data.points[torch.randint(0, data.points.shape[0], (n,), generator=g)]
 
 
-def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models, dual, hist, pmeta, lr_dual, slopes,
-             cache: dict | None = None) -> dict:
+def evaluate(cfg: ToyConfig, problem: Problem, trained: Trained, cache: dict | None = None) -> dict:
+    """The summary of one run (a resolved ``cfg``): see the module docstring; writes ``samples.npy``
+    into ``cfg.out``. ``cache`` shares the reference estimates of an ensemble's members."""
     ab = schedule(cfg)
+    q, forget, budgets, quads = problem.q, list(problem.forget), problem.budgets, problem.quads
+    lam_th, lam_sur, slopes = problem.lam_star, problem.lam_surrogate, problem.slopes
+    models, dual, hist, pmeta = trained.models, trained.dual, trained.hist, trained.pretrained_meta
+    ev, n_eval = cfg.evaluation, cfg.evaluation.n_eval
     net = models.net.eval()
-    lam = averaged_lam(hist, dual, cfg.average_frac)
+    lam = averaged_lam(hist, dual, cfg.train.average_frac)
     # LU: lam is poorly identified (its constraint is flat near lam*); report the mean over a window
     # derived from the dual loop's time constant and check that lam settled there (docs/toy.md)
-    step_slopes = slopes / np.asarray(budgets) if violation_scale(cfg) == "log" else slopes
-    gain = float(lr_dual * np.abs(step_slopes).max())
+    step_slopes = slopes / np.asarray(budgets) if cfg.dual.violation_scale == "log" else slopes
+    gain = float(cfg.dual.lr * np.abs(step_slopes).max())
     window = None
     if cfg.problem == "likelihood" and cfg.algorithm == "primal_dual" and len(hist["lam"]) >= 2 and gain > 0:
         window = lam_window(hist["lam"], gain)
         lam = window["mean"]
-    n_c = cfg.n_constraint // 5 if cfg.problem == "reverse_kl" else cfg.n_constraint
+    n_c = ev.n_constraint // 5 if cfg.problem == "reverse_kl" else ev.n_constraint
     cons, cons_se = final_constraints(cfg.problem, net, models, cfg, n_c)
     # the same estimator on the pretrained model, against the exact value at p = q: how accurately a
     # network of this size represents the constraint functional (the yardstick of the tolerances)
     # (at p = q the constraint functional varies more than at the target: 4x the samples)
     # (both reference estimates depend on the problem, seed and sizes only: an ensemble shares them
     # through ``cache``; their random streams are the same for every member of one seed)
-    key = (cfg.problem, cfg.seed, n_c, cfg.variant, cfg.lu_estimator, pmeta.get("final_loss"))
+    key = (cfg.problem, cfg.seed, n_c, cfg.variant, cfg.dual.lu_estimator, pmeta.get("final_loss"))
     if cache is not None and key in cache:
         pre_cons, pre_se, ex_cons, ex_se = cache[key]
     else:
@@ -135,24 +179,26 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
     # discretisation bias (exact scores vs the exact x_0 value)
     delta_c = (np.abs(pre_cons - ex_cons) + np.abs(ex_cons - q_cons)
                + 3.0 * np.sqrt(cons_se ** 2 + pre_se ** 2 + ex_se ** 2))
-    x_net = ddpm_sample(net, cfg.n_eval, ab, seeded_generator(cfg.seed, "eval-net"))
+    x_net = ddpm_sample(net, n_eval, ab, seeded_generator(cfg.seed, "eval-net"))
     rng = np.random.default_rng(derive_seed(cfg.seed, "eval-target"))
     quad = quads[0]
     lam_target = lam_th if len(quads) == 1 else None
     summary = {
-        "problem": cfg.problem, "algorithm": cfg.algorithm, "target": primal_target(cfg) if cfg.problem != "forward_kl" else "signed",
+        "problem": cfg.problem, "algorithm": cfg.algorithm, "target": cfg.train.target if cfg.problem != "forward_kl" else "signed",
         "lam_reference": (lam_sur if lam_sur is not None and cfg.algorithm == "primal_dual" else lam_th),
         "lam_reference_source": ("exact-score surrogate fixed point" if lam_sur is not None and cfg.algorithm == "primal_dual" else "lam_star"), "variant": cfg.variant if cfg.problem == "likelihood" else None,
-        "budgets": budgets, "lam": lam, "lam_last": dual.lam.numpy(), "lam_star": lam_th, "lam_star_source": lam_source,
+        "budgets": budgets, "lam": lam, "lam_last": dual.lam.numpy(), "lam_star": lam_th,
+        "lam_star_source": problem.lam_star_source,
         "lam_surrogate": lam_sur, "constraint_values": cons, "constraint_stderr": cons_se,
-        "constraint_slope": slopes, "lr_dual": lr_dual, "n_eval": cfg.n_eval,
+        "constraint_slope": slopes, "lr_dual": cfg.dual.lr, "n_eval": n_eval,
         "pretrained_distance_to_q": pmeta.get("distance_to_data"), "pretrained_noise_floor": pmeta.get("noise_floor"),
         "pretrained_constraint_values": pre_cons, "pretrained_constraint_stderr": pre_se,
         "q_constraint_values": q_cons, "exact_score_constraint_values": ex_cons, "constraint_tolerance": delta_c,
         "constraint_violation": _violation(cfg.problem, cons, budgets),
         "lam_window": window, "dual_gain": gain, "threads": cfg.threads,
-        "steps": cfg.steps, "dual_steps": len(hist["lam"]), "constraint_estimator": estimate_kind(cfg),
-        "pool_every": cfg.pool_every, "pool_chains": pool_chains(cfg), "violation_scale": violation_scale(cfg),
+        "steps": cfg.train.steps, "dual_steps": len(hist["lam"]), "constraint_estimator": constraint_estimator(cfg),
+        "pool_every": cfg.train.pool_every, "pool_chains": cfg.train.pool_chains,
+        "violation_scale": cfg.dual.violation_scale,
         "estimate_delay_dual_steps": estimate_delay(cfg),
         "step_seconds_median": float(np.median(hist["step_seconds"])),
         "dual_seconds_median": float(np.median([s for s in hist["dual_seconds"] if s > 0])) if any(hist["dual_seconds"]) else 0.0,
@@ -161,18 +207,18 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
     }
     if lam_target is not None:
         lam_eval = lam_target if cfg.algorithm == "primal_dual" or cfg.algorithm == "dual_only" else dual.lam.numpy()
-        x_t1 = quad.sample(lam_eval, cfg.n_eval, rng)
-        x_t2 = quad.sample(lam_eval, cfg.n_eval, rng)
+        x_t1 = quad.sample(lam_eval, n_eval, rng)
+        x_t2 = quad.sample(lam_eval, n_eval, rng)
         summary["target_lam"] = lam_eval
         summary["distance_to_target"] = energy_distance(x_net, x_t1)
         summary["distance_noise_floor"] = energy_distance(x_t1, x_t2)
         summary["target_constraint_values"] = quad.constraint_values(lam_eval)
         summary["target_objective"] = quad.objective(lam_eval)
         # the law a perfect network would generate with this target (exact scores, same sampler)
-        if cfg.problem != "forward_kl" and primal_target(cfg) == "composed":
+        if cfg.problem != "forward_kl" and cfg.train.target == "composed":
             lam_s = lam_sur if (lam_sur is not None and cfg.algorithm == "primal_dual") else lam_eval
             sm = surrogate_model(cfg.problem, q, forget, lam_s, cfg, cfg.variant)
-            xs1 = ddpm_sample(sm, cfg.n_eval, ab, seeded_generator(cfg.seed, "eval-sur1"))
+            xs1 = ddpm_sample(sm, n_eval, ab, seeded_generator(cfg.seed, "eval-sur1"))
             summary["distance_to_surrogate"] = energy_distance(x_net, xs1)
             summary["surrogate_distance_to_target"] = energy_distance(xs1, x_t2)
             if cfg.problem == "reverse_kl":
@@ -180,12 +226,12 @@ def evaluate(cfg, q, forget, budgets, lam_th, lam_source, lam_sur, quads, models
                 # (the tilt puts mass in q's tails, where the pretrained network extrapolates)
                 lam_f = dual.lam.numpy() if cfg.algorithm != "primal_dual" else lam
                 fm = ComposedEps(models.frozen, models.forget, eta_from_lam(torch.as_tensor(lam_f, dtype=torch.float64)))
-                xf = ddpm_sample(fm, cfg.n_eval, ab, seeded_generator(cfg.seed, "eval-frozen-composed"))
+                xf = ddpm_sample(fm, n_eval, ab, seeded_generator(cfg.seed, "eval-frozen-composed"))
                 summary["distance_to_frozen_composed"] = energy_distance(x_net, xf)
                 summary["frozen_composed_distance_to_surrogate"] = energy_distance(xf, xs1)
         elif cfg.problem == "forward_kl":
             sm = surrogate_model(cfg.problem, q, forget, lam_eval, cfg, cfg.variant)
-            xs1 = ddpm_sample(sm, cfg.n_eval, ab, seeded_generator(cfg.seed, "eval-sur1"))
+            xs1 = ddpm_sample(sm, n_eval, ab, seeded_generator(cfg.seed, "eval-sur1"))
             summary["exact_score_distance_to_target"] = energy_distance(xs1, x_t2)
         summary["objective_learned_mc"] = _objective_mc(cfg.problem, quad, x_net)
     summary["objective_estimate"], summary["objective_stderr"] = objective_estimate(cfg, net, models, q, n_c)

@@ -48,11 +48,11 @@ def draw_figure(path: Path, cfg: ToyConfig, q, quads, summary: dict, hist: dict)
     ax = axes[1]
     if hist["lam"]:
         lam_hist = np.asarray(hist["lam"])
-        every = cfg.steps / len(lam_hist)  # dual steps are evenly spaced over the run
+        every = cfg.train.steps / len(lam_hist)  # dual steps are evenly spaced over the run
         steps = np.arange(len(lam_hist)) * every
     else:  # fixed multipliers: the whole run at one value
         lam_hist = np.tile(np.asarray(summary["lam"]), (2, 1))
-        every, steps = cfg.steps / 2, np.array([0, cfg.steps])
+        every, steps = cfg.train.steps / 2, np.array([0, cfg.train.steps])
     for i in range(lam_hist.shape[1]):
         ax.plot(steps, lam_hist[:, i], label=f"lam_{i} learned" if hist["lam"] else f"lam_{i} (fixed)")
         ax.axhline(np.asarray(summary["lam_star"])[i], color="k", ls="--", label="lam* (theory, x_0)")
@@ -65,11 +65,11 @@ def draw_figure(path: Path, cfg: ToyConfig, q, quads, summary: dict, hist: dict)
         win = summary.get("lam_window")
         if win is not None and i == 0:
             a0 = win["start"] * every
-            ax.axvspan(a0, cfg.steps, color="0.5", alpha=0.15,
+            ax.axvspan(a0, cfg.train.steps, color="0.5", alpha=0.15,
                        label=f"window: last {win['length']} dual steps (after 3 tau = {3 * win['tau']:.0f})")
-            ax.hlines(np.asarray(win["mean"])[i], a0, cfg.steps, color="k", lw=2,
+            ax.hlines(np.asarray(win["mean"])[i], a0, cfg.train.steps, color="k", lw=2,
                       label=f"window mean {np.asarray(win['mean'])[i]:.4g}")
-    ax.set_xlim(0, cfg.steps)
+    ax.set_xlim(0, cfg.train.steps)
     ax.set_xlabel("step")
     ax.set_ylabel("lam")
     ax.legend(fontsize=8)

@@ -1,5 +1,6 @@
 """The toy instances and the bridge to ``theory``: the default 2-D three-component mixture with one
-mode to unlearn, its default budgets, the dual solution lam* and the budget checks.
+mode to unlearn, its default budgets, the dual solution lam* and the budget checks, and ``Problem``
+(everything of one run that its problem, budgets and variant fix: lam*, quadratures, dual domain).
 
 ``theory.gmm`` owns the instance and the dual solution (``default_instance``, ``solve``); the
 rules every tier shares for budgets are ``theory.validation.check_budgets``.
@@ -15,6 +16,7 @@ import numpy as np
 import theory.gmm as gmm
 from theory.gmm import GaussianMixture
 from theory.validation import check_budgets as check_shared_budget_rules
+from toy.core.dual import dual_domain
 from toy.reference import Quadrature
 
 log = logging.getLogger(__name__)
@@ -76,3 +78,56 @@ def _refusal(problem: str, q, f, i: int, b: float, lo: float, hi: float, variant
     return (f"budget {b:.6g} for forget distribution {i} of {problem} is achievable (theory.gmm.solve: lam* = "
             f"{float(np.asarray(sol.lam)[0]):.6g}, certificate {sol.certificate}), but the toy cannot "
             f"represent its target: {toy_range} (the tilted target's mass leaves the grid)")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The instance side of one run, fixed by its problem, budgets and variant: q and the forget
+    laws, the budgets (m,), theory's lam* and its source, one ``Quadrature`` per forget law, the
+    slopes ``d constraint / d lam`` of the x_0 target at lam* (behind the dual step size), the dual
+    domain (``upper``, ``sum_max``), the FU domain's ends ``fu_upper`` (whatever the problem: SISS's
+    default weight is half of it) and, once the run has it, the exact-score surrogate's fixed point
+    ``lam_surrogate`` (``dataclasses.replace``)."""
+
+    name: str
+    q: GaussianMixture
+    forget: tuple
+    budgets: np.ndarray
+    variant: str
+    lam_star: np.ndarray
+    lam_star_source: str
+    quads: tuple
+    slopes: np.ndarray
+    upper: tuple | None
+    sum_max: float | None
+    fu_upper: tuple
+    lam_surrogate: np.ndarray | None = None
+
+
+def build_problem(problem: str, budgets, variant: str = "likelihood") -> Problem:
+    """``Problem`` of the default instance at ``budgets`` (one per forget distribution), refused
+    here when theory says they cannot be met (``check_budgets``)."""
+    inst = default_instance()
+    q, forget = inst.q, list(inst.forget)
+    budgets = np.asarray(budgets, dtype=np.float64)
+    if budgets.shape[0] != len(forget):
+        raise ValueError(f"{len(forget)} forget distribution(s) but {budgets.shape[0]} budget(s) {budgets.tolist()}")
+    check_budgets(problem, q, forget, budgets, variant)
+    lam_th, source = lam_star(problem, q, forget, budgets, variant)
+    quads = tuple(Quadrature(problem, q, [f], variant) for f in forget)
+    fu_quads = quads if problem == "forward_kl" else [Quadrature("forward_kl", q, [f], variant) for f in forget]
+    fu_upper = tuple(qd.lam_max() for qd in fu_quads)
+    domain = dual_domain(problem, len(budgets), upper=list(fu_upper) if problem == "forward_kl" else None)
+    slopes = np.array([dual_slope(qd, lam_i) for qd, lam_i in zip(quads, lam_th)])
+    return Problem(problem, q, tuple(forget), budgets, variant, lam_th, source, quads, slopes, domain.upper,
+                   domain.sum_max, fu_upper)
+
+
+def dual_slope(quad: Quadrature, lam: float) -> float:
+    """d constraint / d lam of the x_0 target at lam (central difference, one-sided at 0)."""
+    h = 1e-4 * max(1.0, lam) if quad.problem != "reverse_kl" else 1e-4
+    lo = max(lam - h, 0.0)
+    hi = lam + h
+    if quad.problem == "forward_kl":
+        hi = min(hi, quad.lam_max())
+    return float((quad.constraint_values([hi])[0] - quad.constraint_values([lo])[0]) / (hi - lo))

@@ -42,23 +42,28 @@ def default_budgets(problem: str) -> list[float]:
 
 def sweep_configs(base, problems=PROBLEMS, budgets: dict | None = None, seeds=(0,), baselines: bool = True) -> list:
     """The members of a sweep as ``ToyConfig``s (``base`` gives the shared schedule)."""
+    from toy.config import override
+
     cfgs = []
     for seed in seeds:
         for p in problems:
             bs = (budgets or {}).get(p) or default_budgets(p)
             for b in bs:
-                targets = ("composed", "reweighted") if p == "reverse_kl" else ("",)
+                targets = ("composed", "reweighted") if p == "reverse_kl" else (None,)
                 for tgt in targets:
-                    cfgs.append(replace(base, problem=p, algorithm="primal_dual", budgets=(float(b),), target=tgt,
-                                        seed=seed, surrogate_reference=(tgt == "composed")))
+                    cfgs.append(override(base, {"problem": p, "algorithm": "primal_dual", "budgets": (float(b),),
+                                                "train.target": tgt, "seed": seed,
+                                                "evaluation.surrogate_reference": tgt == "composed"}))
             if baselines:
                 if p == "reverse_kl":
-                    cfgs.append(replace(base, problem=p, algorithm="esd", eta=1.0, target="", seed=seed,
-                                        surrogate_reference=False))
-                    cfgs.append(replace(base, problem=p, algorithm="dual_only", budgets=(float(bs[0]),), target="",
-                                        seed=seed, surrogate_reference=False))
+                    cfgs.append(override(base, {"problem": p, "algorithm": "esd", "eta": 1.0, "train.target": None,
+                                                "seed": seed, "evaluation.surrogate_reference": False}))
+                    cfgs.append(override(base, {"problem": p, "algorithm": "dual_only", "budgets": (float(bs[0]),),
+                                                "train.target": None, "seed": seed,
+                                                "evaluation.surrogate_reference": False}))
                 elif p == "forward_kl":
-                    cfgs.append(replace(base, problem=p, algorithm="siss", siss_lam=0.30, target="", seed=seed))
+                    cfgs.append(override(base, {"problem": p, "algorithm": "siss", "siss_lam": 0.30, "train.target": None,
+                                                "seed": seed}))
     return cfgs
 
 
@@ -114,7 +119,7 @@ def run_sweep(out: str | Path, base=None, problems=PROBLEMS, budgets: dict | Non
                zip(cfgs, summaries, [str(out / f"member-{i:03d}") for i in range(len(cfgs))])]
     result = {"members": len(records), "seconds": time.perf_counter() - t0,
               "passed": all(r["verdict"]["passed"] for r in records), "records": records,
-              "config": {"steps": base.steps, "pretrain_steps": base.pretrain_steps, "hidden": base.hidden,
+              "config": {"steps": base.train.steps, "pretrain_steps": base.pretrain.steps, "hidden": base.model.hidden,
                          "seeds": list(seeds), "problems": list(problems)}}
     atomic_write_json(out / "sweep.json", result)
     if figure:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from theory.report import Check, Section
-from toy.config import ToyConfig
+from toy.config import ToyConfig, override
 from toy.run import run
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,10 @@ def member_checks(summary: dict, label: str) -> list[Check]:
 def configs(out_dir: Path, quick: bool, seed: int) -> list[ToyConfig]:
     base = ToyConfig(seed=seed, out=str(out_dir / "toy-fu"), problem="forward_kl")
     if quick:
-        small = replace(base, hidden=64, pretrain_steps=1000, steps=700, n_eval=1000, n_constraint=4000,
-                        checkpoint_every=1000)
+        small = override(base, {"model.hidden": 64, "pretrain.steps": 1000, "train.steps": 700, "evaluation.n_eval": 1000,
+                                "evaluation.n_constraint": 4000, "train.checkpoint_every": 1000})
         return [small]
-    base = replace(base, pretrain_steps=3000, steps=2500)
+    base = override(base, {"pretrain.steps": 3000, "train.steps": 2500})
     lu = replace(base, problem="likelihood", out=str(out_dir / "toy-lu"), pretrained=str(out_dir / "toy-fu" / "pretrained.pt"))
     return [base, lu]
 
