@@ -232,7 +232,6 @@ def test_ru_training_loops_pass_eta_of_lam_to_the_composed_target(tmp_path, monk
     eta = lam / (1 - lam) of the current multiplier (0.25 at lam = 0.2, written out here), and ESD's
     fixed eta unchanged; a loop that passes lam itself trains towards the wrong surrogate."""
     import toy.algorithms as alg
-    import toy.ensemble as ens
     from toy.ensemble import run_ensemble
     tiny = dict(hidden=8, layers=1, time_dim=4, pretrain_steps=5, pretrain_batch=16, steps=2, batch=16, dual_every=20,
                 pool_every=2, dual_batch=8, checkpoint_every=10, n_eval=50, n_constraint=50, n_reference=50,
@@ -245,7 +244,6 @@ def test_ru_training_loops_pass_eta_of_lam_to_the_composed_target(tmp_path, monk
 
     alg.__dict__.setdefault("_real_composed", alg.composed_eps_target)
     monkeypatch.setattr(alg, "composed_eps_target", spy)
-    monkeypatch.setattr(ens, "composed_eps_target", spy)
     cfgs = [ToyConfig(problem="reverse_kl", lam_init=(0.2,), lr_dual=0.0, out=str(tmp_path / "pd"), **tiny),
             ToyConfig(problem="reverse_kl", algorithm="esd", eta=1.5, out=str(tmp_path / "esd"), **tiny)]
     if how == "single":

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from theory.config import config_to_dict
-from toy.algorithms import LoopConfig, Models, unlearn
+from toy.algorithms import LoopConfig, Models
+from toy.loop import unlearn
 from toy.distances import energy_distance
 from toy.core.dual import DualState, dual_domain
 from toy.models import EpsMLP, MixtureEps
@@ -150,7 +151,7 @@ def _run(cfg: ToyConfig, progress: bool, stop_after: int | None, resume: bool | 
         bar_un.update(ckpt["step"])
     try:
         hist = unlearn(cfg.problem, cfg.algorithm, models, dual, loop, rd, seeded_generator(cfg.seed, "unlearn"),
-                       cfg.variant, cfg.lu_estimator, cfg.eta, bar_un, stop_after)
+                       cfg.variant, cfg.lu_estimator, bar_un, stop_after)
     except FloatingPointError as exc:
         raise FloatingPointError(f"{exc}; the run stopped and the last good checkpoint "
                                  f"({rd.checkpoint_path}) was kept") from exc
