@@ -35,6 +35,7 @@ from theory.config import config_to_dict
 from toy.algorithms import Batch, Composed, LoopConfig, Models
 from toy.core.dual import DualState
 from toy.loop import Checkpoints, Member, make_member, train
+from toy.threads import ThreadTuner, available_cores
 from toy.models import EpsMLP, MixtureEps
 from toy.core.diffusion import noised
 from toy.pretrain import MixtureData, save_model
@@ -116,7 +117,7 @@ class MemberView:
 
 # ---------------------------------------------------------------- pretraining, one network per seed
 
-def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None) -> list[Path]:
+def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None, tuner: ThreadTuner | None = None) -> list[Path]:
     """Pretrain one ``EpsMLP`` per config (one per seed) on fresh samples of q, stacked: each member's
     initialisation, data stream and noise generator are those of ``toy.run.pretrain_on_mixture``
     with purpose "pretrain", and ``torch.optim.Adam`` on stacked parameters is the members' own
@@ -149,7 +150,11 @@ def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None) -> list[Path]:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg0.pretrain_steps, 1), eta_min=cfg0.pretrain_lr * 0.05)
     t0 = time.perf_counter()
     losses = []
+    if tuner is not None:
+        tuner.restart("pretrain")
     for step in range(cfg0.pretrain_steps):
+        if tuner is not None:
+            tuner.tick()
         xs, ts, zs = zip(*[noised(d(cfg0.pretrain_batch), ab, g) for d, g in zip(data, gens)])
         out = stacked(torch.stack(xs), torch.stack(ts))
         per = (out - torch.stack(zs)).pow(2).mean(2).mean(1)  # (M,) each member's denoising loss
@@ -188,11 +193,12 @@ class StackedTrainer:
     arithmetic as the trained ones); pools advance batched by pool size; Adam on the stacked
     parameters is every member's own Adam (elementwise)."""
 
-    def __init__(self, frozen: list[EpsMLP], lr: float):
+    def __init__(self, frozen: list[EpsMLP], lr: float, tuner: ThreadTuner | None = None):
         self.net = StackedEpsMLP(frozen).train()
         self.frozen = StackedEpsMLP(frozen).eval().requires_grad_(False)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=lr)
         self.M = len(frozen)
+        self.tuner = tuner
 
     def model(self, i: int) -> MemberView:
         return self.net.view(i)
@@ -201,6 +207,8 @@ class StackedTrainer:
         return None if len(idx) == self.M else idx
 
     def losses(self, batches: list[Batch]) -> list[list[torch.Tensor]]:
+        if self.tuner is not None:
+            self.tuner.tick()  # once per step: the thread count follows the machine's load
         groups: dict[tuple, list[int]] = {}
         for i, b in enumerate(batches):
             groups.setdefault(tuple(seg[0].shape[0] for seg in b.segments), []).append(i)
@@ -336,13 +344,16 @@ def _check_same_schedule(members: list[Prepared]) -> None:
 
 
 def unlearn_ensemble(members: list[Prepared], ckpt_path: Path | None = None, progress=None,
-                     stop_after: int | None = None) -> StackedEpsMLP:
+                     stop_after: int | None = None, tuner: ThreadTuner | None = None) -> StackedEpsMLP:
     """Train every member's network for ``steps`` steps with ``toy.loop.train`` and a
     ``StackedTrainer`` (see the module docstring); the members' histories go to ``member.hist``.
     Checkpoints the whole ensemble (stacked weights, Adam, every member's dual state, generator,
-    data streams and pool) to ``ckpt_path`` every ``checkpoint_every`` steps and resumes from it."""
+    data streams and pool) to ``ckpt_path`` every ``checkpoint_every`` steps and resumes from it.
+    ``tuner`` chooses the thread count as the steps go (``toy.threads``; results do not depend on it)."""
     _check_same_schedule(members)
-    trainer = StackedTrainer([m.models.frozen for m in members], members[0].loop.lr)
+    if tuner is not None:
+        tuner.restart("unlearn")  # another step cost than pretraining's: probe afresh
+    trainer = StackedTrainer([m.models.frozen for m in members], members[0].loop.lr, tuner)
     for i, m in enumerate(members):
         m.models.net = trainer.model(i)
         m.member.ctx.net = trainer.model(i)
@@ -372,13 +383,30 @@ def evaluate_members(members: list[Member], net: StackedEpsMLP) -> list[dict]:
     return out
 
 
-def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False) -> list[dict]:
+def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False, threads: int | str = "auto") -> list[dict]:
     """Pretrain (one network per seed, together), train every config as one ensemble, evaluate
-    each member into ``out_dir / member-{i}`` (its ``cfg.out`` is replaced). Returns the summaries."""
+    each member into ``out_dir / member-{i}`` (its ``cfg.out`` is replaced). Returns the summaries
+    (each with ``threads_chosen``, the tuner's decisions). ``threads``: ``"auto"`` lets a
+    ``ThreadTuner`` choose among 1..the available cores by measurement as the run goes (stacked
+    members are large batched matmuls, faster on two threads on a quiet machine, slower beside a busy
+    process); an integer fixes the count."""
+    from toy.models import torch_threads
+
+    if threads == "auto":
+        tuner, n0 = ThreadTuner(available_cores()), torch.get_num_threads()
+    elif isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1:
+        tuner, n0 = None, threads
+    else:
+        raise ValueError(f"threads must be 'auto' or a positive integer, got {threads!r}")
+    with torch_threads(n0):  # restores the caller's counts on exit
+        return _run_ensemble(cfgs, Path(out_dir), progress, tuner)
+
+
+def _run_ensemble(cfgs: list, out_dir: Path, progress: bool, tuner: ThreadTuner | None) -> list[dict]:
+    from toy.models import torch_threads
     from toy.pretrain import load_model
     from toy.run import check_pretrained_meta, progress_bar
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(progress)
     seeds = sorted({c.seed for c in cfgs})
@@ -388,7 +416,7 @@ def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False) -> lis
     paths = dict(given)
     if need:
         b = bar(total=need[0].pretrain_steps, desc=f"pretrain x{len(need)}", leave=False)
-        for c, p in zip(need, pretrain_ensemble(need, out_dir, b)):
+        for c, p in zip(need, pretrain_ensemble(need, out_dir, b, tuner)):
             paths[c.seed] = str(p)
         b.close()
     frozen = {}
@@ -402,6 +430,13 @@ def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False) -> lis
         RunDir(c.out, config_to_dict(c), c.seed)
         members.append(prepare_member(c, *frozen[c.seed]))
     b = bar(total=members[0].loop.steps, desc=f"ensemble of {len(members)}")
-    net = unlearn_ensemble(members, out_dir / "ensemble-checkpoint", b)
+    net = unlearn_ensemble(members, out_dir / "ensemble-checkpoint", b, tuner=tuner)
     b.close()
-    return evaluate_members(members, net)
+    chosen = [] if tuner is None else [{"phase": ph, "step": st, "threads": n, "median_seconds": med}
+                                       for ph, st, n, med in tuner.history]
+    # the evaluation: large sample batches, at the count the training settled on
+    with torch_threads(tuner.chosen if tuner is not None else torch.get_num_threads()):
+        summaries = evaluate_members(members, net)
+    for s in summaries:
+        s["threads_chosen"] = chosen
+    return summaries
