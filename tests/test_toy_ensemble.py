@@ -152,9 +152,10 @@ def test_toy_cli_prints_a_verdict_per_check_and_exits_1_on_failure(tmp_path, tin
 
 
 def test_thread_tuner_keeps_the_faster_count_and_follows_a_change_of_load():
-    """Steps that take 10 ms at one thread and 2 ms at two (and then the reverse, as when another
-    process takes a core): the tuner picks 2, then 1 after its next probe; max_threads = 1 never
-    probes."""
+    """Steps that take 10 ms at one thread and 2 ms at two, then the reverse (as when another
+    process takes a core): the tuner picks 2, then 1 at its next probe. A count 10x slower than the
+    best is dropped after one timed step (settle + 1 step), and probed half as often afterwards;
+    max_threads = 1 never probes."""
     import time as _time
     from toy.threads import ThreadTuner
     cost = {1: 0.010, 2: 0.002}
@@ -165,9 +166,19 @@ def test_thread_tuner_keeps_the_faster_count_and_follows_a_change_of_load():
         if step == 20:
             cost = {1: 0.002, 2: 0.010}
         _time.sleep(cost[torch.get_num_threads()])
-    tuner.close()
     assert [h[2] for h in tuner.history] == [2, 1], tuner.history
     assert tuner.history[0][0] == "a" and tuner.history[0][3][1] > tuner.history[0][3][2]
+    # 1 thread now; 2 threads 20x slower: each probe spends 2 steps there, and every other probe none
+    cost = {1: 0.001, 2: 0.020}
+    at2 = 0
+    tuner.restart("b")
+    for step in range(100):
+        tuner.tick()
+        at2 += torch.get_num_threads() == 2
+        _time.sleep(cost[torch.get_num_threads()])
+    tuner.close()
+    assert all(h[2] == 1 for h in tuner.history if h[0] == "b")
+    assert at2 <= 2 * 3, (at2, tuner.history)  # probes at steps 0, 20, 40, 60, 80: 2 steps in at most 3 of them
     one = ThreadTuner(1)
     for _ in range(5):
         one.tick()
