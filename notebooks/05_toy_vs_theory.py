@@ -44,6 +44,7 @@ from toy.config import ToyConfig, override
 from toy.sweep import run_sweep, sweep_figure
 
 torch_threads(1)  # small networks: one intra-op thread is fastest and robust to other busy processes
+# (the ensemble itself times 1..the available cores as it runs and keeps the fastest: toy.threads)
 QUICK = os.environ.get("DUALUNLEARN_QUICK") == "1"
 # figures are shown inline in Jupyter and saved to runs/figures at the repository root (gitignored)
 FIGDIR = os.environ.get("DUALUNLEARN_FIGDIR") or os.path.join(".." if os.path.basename(os.getcwd()) == "notebooks" else ".", "runs", "figures")

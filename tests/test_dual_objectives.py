@@ -243,3 +243,40 @@ def test_ru_domain_keeps_the_tilt_defined_and_lu_is_the_orthant():
                 dict(problem="kl", m=1), dict(problem="likelihood", m=0)]:
         with pytest.raises(ValueError):
             dual_domain(**bad)
+
+
+def test_dual_update_is_violation_then_scale_then_project_written_out():
+    """The composable pieces give ``proj(lam + lr * v)`` with v written out per problem (RU/FU
+    ``b - measured``, LU ``measured - b``, LU log scale ``log m - log b + se^2 / (2 m^2)``) and the
+    projection onto the problem's domain; a state that drops a piece (scale or project) fails."""
+    from toy.core.dual import DualUpdate, Project, ScaleBy, Violation, dual_update
+    lam = torch.tensor([0.3, 0.1], dtype=torch.float64)
+    # RU: violation b - m = [2, -1], step 0.1 -> [0.5, 0.0]; sum 0.5 <= 0.95, box [0, inf)
+    up = dual_update("reverse_kl", [5.0, 3.0], 0.1, sum_max=0.95)
+    new, v = up(lam, [3.0, 4.0])
+    np.testing.assert_allclose(v.numpy(), [2.0, -1.0])
+    np.testing.assert_allclose(new.numpy(), [0.5, 0.0], atol=1e-15)
+    # the sum bound binds: [0.3 + 1.0, 0.1 + 0.5] = [1.3, 0.6] -> shift tau with sum = 0.95: tau = 0.475
+    new, _ = dual_update("reverse_kl", [5.0, 3.0], 0.5, sum_max=0.95)(lam, [3.0, 2.0])
+    np.testing.assert_allclose(new.numpy(), [1.3 - 0.475, 0.6 - 0.475], atol=1e-9)
+    # LU: m - b, and the log scale with the Jensen correction
+    new, v = dual_update("likelihood", [0.5, 0.5], 2.0)(lam, [1.0, 0.25])
+    np.testing.assert_allclose(v.numpy(), [0.5, -0.25])
+    np.testing.assert_allclose(new.numpy(), [1.3, 0.0], atol=1e-15)
+    _, v = dual_update("likelihood", [0.5, 0.5], 1.0, violation_scale="log")(lam, [1.0, 0.25], [0.1, 0.05])
+    np.testing.assert_allclose(v.numpy(), [np.log(2.0) + 0.5 * 0.1 ** 2, np.log(0.5) + 0.5 * 0.2 ** 2])
+    # FU box: lam_i <= upper_i
+    new, _ = dual_update("forward_kl", [9.0, 9.0], 1.0, upper=[0.25, 0.4])(lam, [8.0, 8.7])
+    np.testing.assert_allclose(new.numpy(), [0.25, 0.4])
+    # the pieces by hand equal the chained update
+    pieces = DualUpdate(Violation("forward_kl", torch.tensor([9.0, 9.0], dtype=torch.float64)), ScaleBy(0.01),
+                        Project(torch.tensor([0.25, 0.4], dtype=torch.float64)))
+    np.testing.assert_allclose(pieces(lam, [8.0, 8.7])[0].numpy(), [0.25, 0.103])  # 0.31 capped at 0.25
+    # the state holds lam, the step count and the update; its state_dict round-trips the pieces
+    s = DualState("likelihood", [0.5, 0.5], 2.0, lam_init=lam, violation_scale="log")
+    t = DualState("likelihood", [1.0, 1.0], 0.0)
+    t.load_state_dict(s.state_dict())
+    assert t.lr_dual == 2.0 and t.violation_scale == "log" and torch.equal(t.budgets, s.budgets)
+    assert torch.equal(t.lam, s.lam) and t.steps == s.steps
+    with pytest.raises(ValueError, match="lr_dual must be >= 0"):
+        ScaleBy(-1.0)

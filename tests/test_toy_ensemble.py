@@ -154,3 +154,61 @@ def test_toy_cli_prints_a_verdict_per_check_and_exits_1_on_failure(tmp_path, tin
     assert "PASS  forward_kl primal_dual: lam in tolerance" in out or "FAIL  forward_kl primal_dual: lam in tolerance" in out
     assert out.strip().splitlines()[-1].startswith("FAIL: ")
     assert main(args + ["--no-check"]) == 0
+
+
+def test_thread_tuner_keeps_the_faster_count_and_follows_a_change_of_load():
+    """Steps that take 10 ms at one thread and 2 ms at two, then the reverse (as when another
+    process takes a core): the tuner picks 2, then 1 at its next probe. A count 10x slower than the
+    best is dropped after one timed step (settle + 1 step), and probed half as often afterwards;
+    max_threads = 1 never probes."""
+    import time as _time
+    from toy.threads import ThreadTuner
+    cost = {1: 0.010, 2: 0.002}
+    tuner = ThreadTuner(2, probe=3, every=20)
+    tuner.restart("a")
+    for step in range(40):
+        tuner.tick()
+        if step == 20:
+            cost = {1: 0.002, 2: 0.010}
+        _time.sleep(cost[torch.get_num_threads()])
+    assert [h[2] for h in tuner.history] == [2, 1], tuner.history
+    assert tuner.history[0][0] == "a" and tuner.history[0][3][1] > tuner.history[0][3][2]
+    # 1 thread now; 2 threads 20x slower: each probe spends 2 steps there, and every other probe none
+    cost = {1: 0.001, 2: 0.020}
+    at2 = 0
+    tuner.restart("b")
+    for step in range(100):
+        tuner.tick()
+        at2 += torch.get_num_threads() == 2
+        _time.sleep(cost[torch.get_num_threads()])
+    tuner.close()
+    assert all(h[2] == 1 for h in tuner.history if h[0] == "b")
+    assert at2 <= 2 * 3, (at2, tuner.history)  # probes at steps 0, 20, 40, 60, 80: 2 steps in at most 3 of them
+    one = ThreadTuner(1)
+    for _ in range(5):
+        one.tick()
+    assert one.history == [] and torch.get_num_threads() == 1
+    one.close()
+    with pytest.raises(ValueError, match="max_threads"):
+        ThreadTuner(0)
+
+
+def test_stacked_step_is_bitwise_equal_at_one_and_two_threads():
+    """What lets the tuner change the count mid-run: torch's CPU matmuls do not split the summed
+    dimension across threads here, so forward and backward of the stacked network (and of one
+    network) are bitwise equal at 1 and 2 threads."""
+    torch.manual_seed(0)
+    st = StackedEpsMLP([EpsMLP(2, 128, 3, 32, 100) for _ in range(4)])
+    x, t = torch.randn(4, 512, 2), torch.randint(0, 100, (4, 512))
+    got = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            st.zero_grad()
+            out = st(x, t)
+            out.pow(2).mean().backward()
+            got.append([out.detach().clone()] + [p.grad.clone() for p in st.parameters()])
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*got))

@@ -232,7 +232,6 @@ def test_ru_training_loops_pass_eta_of_lam_to_the_composed_target(tmp_path, monk
     eta = lam / (1 - lam) of the current multiplier (0.25 at lam = 0.2, written out here), and ESD's
     fixed eta unchanged; a loop that passes lam itself trains towards the wrong surrogate."""
     import toy.algorithms as alg
-    import toy.ensemble as ens
     from toy.ensemble import run_ensemble
     tiny = {"model.hidden": 8, "model.layers": 1, "model.time_dim": 4, "pretrain.steps": 5, "pretrain.batch": 16,
             "train.steps": 2, "train.batch": 16, "train.dual_every": 20, "train.pool_every": 2, "train.dual_batch": 8,
@@ -246,7 +245,6 @@ def test_ru_training_loops_pass_eta_of_lam_to_the_composed_target(tmp_path, monk
 
     alg.__dict__.setdefault("_real_composed", alg.composed_eps_target)
     monkeypatch.setattr(alg, "composed_eps_target", spy)
-    monkeypatch.setattr(ens, "composed_eps_target", spy)
     cfgs = [override(ToyConfig(), {**tiny, "problem": "reverse_kl", "dual.lam_init": (0.2,), "dual.lr": 0.0,
                                    "out": str(tmp_path / "pd")}),
             override(ToyConfig(), {**tiny, "problem": "reverse_kl", "algorithm": "esd", "eta": 1.5,

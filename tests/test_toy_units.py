@@ -200,7 +200,7 @@ def test_verify_section_quick_passes_with_its_figure(tmp_path):
 
 
 def test_mode_switch_is_skipped_only_for_networks_without_mode_dependent_layers():
-    from toy.algorithms import has_mode_dependent_layers
+    from toy.loop import has_mode_dependent_layers
     from toy.models import EpsMLP
     assert not has_mode_dependent_layers(EpsMLP())
     assert has_mode_dependent_layers(torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Dropout(0.1)))

@@ -1,37 +1,41 @@
-"""The unlearning algorithms, written once against the model contract ``model(x_t, t) -> eps``
-(docs/math.md §4). Each algorithm is a *primal step* (a loss for the trainable network at the current
-multipliers, and optionally the constraint estimates that come for free with it) plus, for the
-primal-dual variants, a *constraint estimator* feeding ``toy.core.dual.DualState``; ``unlearn`` runs
-either with checkpoints, metrics and resumption. Nothing here knows about mixtures except where an
-estimator is explicitly "exact" (it takes ``MixtureEps`` densities).
+"""The unlearning algorithms as a table in code, written once against the model contract
+``model(x_t, t) -> eps`` (docs/math.md §4). Every row is an ``Algorithm``: a *primal step* (the
+regression rows the trainable network fits at the current multipliers, a ``Batch``) and, for the
+primal-dual variants, a *constraint estimator* feeding the dual update (``toy.core.dual``). One loop,
+``toy.loop.train``, runs every row, for one network or a stacked ensemble of them.
 
-| problem | algorithm | primal target at lam | constraint estimate |
+| problem | algorithm | primal step at lam (``Batch``) | constraint estimator |
 |---|---|---|---|
-| RU | primal_dual | composed eps, eta = lam/(1-Lam) | path KL(P_theta || Q_i) on own trajectories |
-| RU | dual_only | composed eps at lam* (fixed) | lam* from the explicit x_0 tilt, no network |
-| RU | esd | composed eps at a fixed eta | - |
-| FU | primal_dual | signed loss E_q[l] - sum lam_i E_{q_i}[l] | ELBO: T E[w_t d (l_theta - l_i*)] on the forget batch |
-| FU | siss | signed loss at a fixed lam (no importance sampling) | - |
-| LU | primal_dual | Gibbs-tilt eps (``gibbs_tilt_eps_target``) | E_{p_theta}[g_i(x_0)], exact g or diffusion classifier |
+| RU | primal_dual | ``composed_step``: composed eps, eta = lam/(1-Lam) (eq. 26) | ``path_kl_pool`` / ``path_kl_fresh`` (eq. 30) |
+| RU | dual_only | ``composed_step`` at lam* of the explicit x_0 tilt (fixed) | - |
+| RU | esd | ``composed_step`` at lam = eta/(1+eta) (fixed, eq. 8) | - |
+| FU | primal_dual | ``signed_step``: E_q[l] - sum lam_i E_{q_i}[l] (eq. 27) | ``elbo_estimate``: T E[w_t d (l_theta - l_i*)] on the step's forget rows (eq. 31) |
+| FU | siss | ``signed_step`` at a fixed lam | - |
+| LU | primal_dual | ``gibbs_step``: Gibbs-tilt eps (eq. 28) | ``g_exact`` / ``g_network`` at the model's samples (eq. 32) |
+
+RU and LU also train the exact target instead of the surrogate: ``reweighted_step``, the
+self-normalised importance-weighted denoising loss with the x_0 tilt as weights (``target =
+"reweighted"``). A fixed multiplier (ESD, SISS, dual-only) lives in the dual state with step size 0,
+set once by the run's dual set-up; the primal steps read the multipliers only from there.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-from toy.core.dual import DualState
+from toy.core.diffusion import noised, reverse_step_kl_weights
+from toy.core.objectives import composed_eps_target, denoising_loss, eta_from_lam, \
+    log_ratio_from_denoising_losses, signed_denoising_objective
 from toy.models import constraint_function, gibbs_tilt_eps_target
-from toy.core.objectives import composed_eps_target, denoising_loss, eta_from_lam, lam_from_eta, log_ratio_from_denoising_losses, signed_denoising_objective
-from toy.core.diffusion import reverse_step_kl_weights
-from toy.core.diffusion import noised
-from toy.core.runs import RunDir
 from toy.sampling import TrajectoryPool, ddpm_sample, path_kl_to_models
+
+if TYPE_CHECKING:
+    from toy.core.dual import DualState
 
 log = logging.getLogger(__name__)
 
@@ -61,60 +65,186 @@ class Models:
     dim: int = 2
 
 
-# ---------------------------------------------------------------- primal steps (one per column)
+@dataclass(frozen=True)
+class LoopConfig:
+    """The unlearning loop's settings: the ``train`` section of ``toy.config.ToyConfig`` (these are its
+    defaults). ``None`` means "derived from the rest of the run's config": ``toy.config.resolve``
+    fills it in before a run, so ``unlearn`` always sees concrete values."""
+
+    steps: int = 3000
+    batch: int = 512
+    forget_batch: int = 256
+    lr: float = 1e-3
+    dual_every: int = 20
+    dual_batch: int = 128  # model samples behind each LU estimate / own x_0 kept for the composed target
+    checkpoint_every: int = 250
+    average_frac: float = 0.25
+    lr_final_frac: float = 0.1  # cosine decay of the primal learning rate to lr * this (1: constant)
+    pool_frac: float = 0.5  # RU composed target: fraction of x_0 drawn from the model's own samples (else 0)
+    target: str | None = None  # RU/LU primal target: composed-score surrogate or reweighted DSM (exact); None: LU reweighted, else composed
+    estimate: str | None = None  # RU/LU constraint: "pool" (TrajectoryPool, amortised) or "fresh"; None: pool
+    pool_chains: int | None = None  # TrajectoryPool chains (a multiple of T); None: LU 2 T, else pool_every * T
+    pool_every: int = 4  # advance the pool every this many steps (dual_every must be a multiple)
+
+
+
+
+# ---------------------------------------------------------------- the contract of a row
+
+@dataclass(frozen=True)
+class Composed:
+    """A regression target that needs the pretrained model at its rows: ``eps_q - sum eta_i (eps_i -
+    eps_q)`` (eq. 26). The trainer evaluates ``eps_q`` (batched across an ensemble, with the trained
+    network's arithmetic, so that at eta = 0 the target is the network's own output) and calls
+    ``resolve``."""
+
+    eps_forget: torch.Tensor  # (m, B, d)
+    eta: torch.Tensor  # (m,) float32
+
+    def resolve(self, eps_q: torch.Tensor) -> torch.Tensor:
+        return composed_eps_target(eps_q, self.eps_forget, self.eta)
+
+
+@dataclass
+class Batch:
+    """What one primal step asks the network to fit: segments ``(x_t, t, target)`` (a target is a
+    tensor or ``Composed``) and the ``objective`` that combines the per-row denoising losses of the
+    segments (a list of (B_k,) tensors) into the step's scalar loss. ``extras`` carries what a
+    constraint estimator reads from the same draws (FU: the forget rows' timesteps and the exact
+    forget model's losses)."""
+
+    segments: list
+    objective: Callable[[list], torch.Tensor]
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """One member's view of training: its models and data streams, the schedule (``ab``) and the
+    path-KL weights, the loop settings, its generator and trajectory pool, the trainer's callable for
+    its network (``net``, the model contract) and LU's ``variant``."""
+
+    problem: str
+    models: Models
+    ab: torch.Tensor
+    kl_weights: torch.Tensor
+    loop: "LoopConfig"
+    gen: torch.Generator
+    net: Callable | None = None
+    pool: TrajectoryPool | None = None
+    variant: str = "likelihood"
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One row of the table: ``primal(ctx, lam) -> Batch``; ``estimate(ctx, batch, losses) ->
+    (measured (m,), stderr (m,) or None)``, or None for fixed multipliers; ``every``: steps between
+    dual steps (0: never); ``pool``: whether the row keeps a ``TrajectoryPool`` of the model's chains,
+    and ``pool_others`` whether its advances also accumulate path-KL terms against the forget models."""
+
+    problem: str
+    name: str
+    primal: Callable[[Context, torch.Tensor], Batch]
+    estimate: Callable | None = None
+    every: int = 0
+    pool: bool = False
+    pool_others: bool = False
+
+
+# ---------------------------------------------------------------- primal steps
+
+def _mean_loss(losses: list) -> torch.Tensor:
+    return losses[0].mean()
+
+
+def composed_step(ctx: Context, lam: torch.Tensor) -> Batch:
+    """RU (primal-dual, dual-only, ESD): the composed target at ``eta = lam / (1 - Lam)`` at x_t from
+    the noised retain data, a fraction ``pool_frac`` of the x_0 drawn from the model's own samples."""
+    loop, models, gen = ctx.loop, ctx.models, ctx.gen
+    eta = eta_from_lam(lam).float()
+    x0 = models.retain_data(loop.batch)
+    if loop.pool_frac > 0:
+        # the regression target is a fixed function of (x_t, t); it must be fitted where the
+        # model's own sampler goes, which a strong tilt moves outside q's support
+        own = ctx.pool.samples()
+        k = int(round(loop.pool_frac * loop.batch))
+        x0 = torch.cat([x0[: loop.batch - k], own[torch.randint(0, own.shape[0], (k,), generator=gen)]])
+    x_t, t, _ = noised(x0, ctx.ab, gen)
+    with torch.no_grad():
+        eps_f = torch.stack([f(x_t, t) for f in models.forget])
+    return Batch([(x_t, t, Composed(eps_f, eta))], _mean_loss)
+
+
+def reweighted_step(ctx: Context, lam: torch.Tensor) -> Batch:
+    """RU/LU exact target: the denoising loss weighted by the x_0 tilt ``target / q``
+    (self-normalised; ``tilt_log_weights``), whose minimiser is the exact noised target at every t."""
+    models = ctx.models
+    x0 = models.retain_data(ctx.loop.batch)
+    log_w = tilt_log_weights(ctx.problem, lam, x0, models.q_exact, models.forget_exact, ctx.variant)
+    x_t, t, z = noised(x0, ctx.ab, ctx.gen)
+    w = torch.softmax(log_w, 0).to(torch.float32)
+    return Batch([(x_t, t, z)], lambda losses: (w * losses[0]).sum(), {"log_w": log_w})
+
+
+def signed_step(ctx: Context, lam: torch.Tensor) -> Batch:
+    """FU (primal-dual, SISS): the signed denoising objective ``E_q[l] - sum lam_i E_{q_i}[l]``
+    (eq. 27) on a retain batch and one forget batch per constraint; the exact forget models' losses
+    on the same forget rows ride along for the ELBO estimate."""
+    loop, models, gen = ctx.loop, ctx.models, ctx.gen
+    x0r = models.retain_data(loop.batch)
+    x0f = [d(loop.forget_batch) for d in models.forget_data]
+    x_t, t, z = noised(x0r, ctx.ab, gen)
+    segments, tf_, l_ref = [(x_t, t, z)], [], []
+    for i, x in enumerate(x0f):
+        xf_t, tf, zf = noised(x, ctx.ab, gen)
+        segments.append((xf_t, tf, zf))
+        tf_.append(tf)
+        with torch.no_grad():
+            l_ref.append(denoising_loss(models.forget_exact[i](xf_t, tf), zf) if models.forget_exact
+                         else torch.zeros(xf_t.shape[0]))
+    lam32 = lam.to(torch.float32)
+
+    def objective(losses: list) -> torch.Tensor:
+        return signed_denoising_objective(losses[0].mean(), torch.stack([l.mean() for l in losses[1:]]), lam32)
+
+    return Batch(segments, objective, {"t_forget": tf_, "l_ref": l_ref})
+
+
+def gibbs_step(ctx: Context, lam: torch.Tensor) -> Batch:
+    """LU with the composed target: regression on the Gibbs-tilt eps (eq. 28) at x_t from the
+    noised retain data, with the exact forget densities (and q's, for the ratio variant)."""
+    models = ctx.models
+    x_t, t, _ = noised(models.retain_data(ctx.loop.batch), ctx.ab, ctx.gen)
+    with torch.no_grad():
+        eps_q = models.frozen(x_t, t)
+        eps_f = torch.stack([f(x_t, t) for f in models.forget_exact])
+        log_q = models.q_exact.log_prob(x_t, t) if ctx.variant == "likelihood_ratio" else None
+        g = torch.stack([constraint_function(ctx.variant, f.log_prob(x_t, t), log_q) for f in models.forget_exact])
+        target = gibbs_tilt_eps_target(eps_q, eps_f, g, lam, ctx.variant)
+    return Batch([(x_t, t, target)], _mean_loss)
+
+
+def batch_loss(net, frozen, batch: Batch) -> torch.Tensor:
+    """The step's loss for one plain network (``Composed`` targets resolved with ``frozen``)."""
+    losses = []
+    for x_t, t, target in batch.segments:
+        if isinstance(target, Composed):
+            with torch.no_grad():
+                target = target.resolve(frozen(x_t, t))
+        losses.append(denoising_loss(net(x_t, t), target))
+    return batch.objective(losses)
+
 
 def ru_primal_loss(net, frozen, forget, x0, ab, gen, eta) -> torch.Tensor:
     """Regression of ``net`` on the composed target ``eps_q - sum eta_i (eps_i - eps_q)`` at x_t
-    drawn from the noised retain data (ESD when eta is fixed)."""
+    drawn from the noised data ``x0`` (``composed_step``'s loss, for a given eta)."""
     x_t, t, _ = noised(x0, ab, gen)
     with torch.no_grad():
-        target = composed_eps_target(frozen(x_t, t), torch.stack([f(x_t, t) for f in forget]), eta)
+        target = Composed(torch.stack([f(x_t, t) for f in forget]), eta).resolve(frozen(x_t, t))
     return denoising_loss(net(x_t, t), target).mean()
 
 
-def elbo_constraint_terms(l_theta: torch.Tensor, l_ref: torch.Tensor, t: torch.Tensor, w: torch.Tensor,
-                          dim: int) -> torch.Tensor:
-    """Per-sample unbiased terms of ``KL(Q_i -> || P_theta) = sum_t w_t E[||z - eps_theta||^2 -
-    ||z - eps_i*||^2]`` (path KL of the forget law's forward process to the model's reverse
-    process, up to the exact reverse's discretisation error) for t uniform on 0..T-1:
-    ``T w_t d (l_theta - l_ref)`` with l per-dimension mean losses. ``l_ref`` is the loss of the
-    exact forget eps (identically 0 for a single training point, whose eps*(x_t) is z)."""
-    T = w.shape[0]
-    return T * w[t].to(l_theta) * dim * (l_theta - l_ref)
-
-
-def fu_primal(net, x0_retain, x0_forget: list, ab, gen, lam, forget_exact: list, w: torch.Tensor):
-    """Signed denoising objective ``E_q[l] - sum lam_i E_{q_i}[l]`` and, from the same forget
-    batches, the ELBO constraint estimates (m,) and their per-sample terms."""
-    dim = x0_retain.shape[1]
-    x_t, t, z = noised(x0_retain, ab, gen)
-    l_r = denoising_loss(net(x_t, t), z)
-    l_f, measured, terms = [], [], []
-    for i, x0f in enumerate(x0_forget):
-        xf_t, tf, zf = noised(x0f, ab, gen)
-        lf = denoising_loss(net(xf_t, tf), zf)
-        l_f.append(lf.mean())
-        with torch.no_grad():
-            l_ref = denoising_loss(forget_exact[i](xf_t, tf), zf) if forget_exact else torch.zeros_like(lf)
-            term = elbo_constraint_terms(lf.detach(), l_ref, tf, w, dim)
-        measured.append(term.mean())
-        terms.append(term)
-    obj = signed_denoising_objective(l_r.mean(), torch.stack(l_f), lam.to(torch.float32))
-    return obj, torch.stack(measured).double(), terms
-
-
-def lu_primal_loss(net, frozen, forget_exact: list, q_exact, x0, ab, gen, lam, variant: str) -> torch.Tensor:
-    """Regression of ``net`` on the Gibbs-tilt target at x_t from the noised retain data; the forget
-    densities (and q's, for the ratio variant) are the exact mixtures'."""
-    x_t, t, _ = noised(x0, ab, gen)
-    with torch.no_grad():
-        eps_q = frozen(x_t, t)
-        eps_f = torch.stack([f(x_t, t) for f in forget_exact])
-        log_q = q_exact.log_prob(x_t, t) if variant == "likelihood_ratio" else None
-        g = torch.stack([constraint_function(variant, f.log_prob(x_t, t), log_q) for f in forget_exact])
-        target = gibbs_tilt_eps_target(eps_q, eps_f, g, lam, variant)
-    return denoising_loss(net(x_t, t), target).mean()
-
+# ---------------------------------------------------------------- the x_0 tilt and the estimators
 
 def tilt_log_weights(problem: str, lam: torch.Tensor, x0: torch.Tensor, q_exact, forget_exact: list,
                      variant: str = "likelihood") -> torch.Tensor:
@@ -131,13 +261,15 @@ def tilt_log_weights(problem: str, lam: torch.Tensor, x0: torch.Tensor, q_exact,
     raise ValueError(f"no x_0 tilt for {problem!r}")
 
 
-def reweighted_dsm_loss(net, x0, log_w, ab, gen) -> torch.Tensor:
-    """Self-normalised importance-weighted denoising loss ``sum_b w_b l_b / sum_b w_b`` with
-    ``w = target/q`` at x_0: its minimiser is the exact noised target at *every* t (noising is
-    linear in the law, as for FU's signed loss), unlike the composed-score surrogates."""
-    x_t, t, z = noised(x0, ab, gen)
-    w = torch.softmax(log_w, 0).to(torch.float32)
-    return (w * denoising_loss(net(x_t, t), z)).sum()
+def elbo_constraint_terms(l_theta: torch.Tensor, l_ref: torch.Tensor, t: torch.Tensor, w: torch.Tensor,
+                          dim: int) -> torch.Tensor:
+    """Per-sample unbiased terms of ``KL(Q_i -> || P_theta) = sum_t w_t E[||z - eps_theta||^2 -
+    ||z - eps_i*||^2]`` (path KL of the forget law's forward process to the model's reverse
+    process, up to the exact reverse's discretisation error) for t uniform on 0..T-1:
+    ``T w_t d (l_theta - l_ref)`` with l per-dimension mean losses. ``l_ref`` is the loss of the
+    exact forget eps (identically 0 for a single training point, whose eps*(x_t) is z)."""
+    T = w.shape[0]
+    return T * w[t].to(l_theta) * dim * (l_theta - l_ref)
 
 
 def effective_sample_size(log_w: torch.Tensor) -> float:
@@ -145,7 +277,6 @@ def effective_sample_size(log_w: torch.Tensor) -> float:
     return float(1.0 / (w * w).sum())
 
 
-# ---------------------------------------------------------------- constraint estimators
 
 def ru_constraint_path_kl(net, forget, n, ab, gen) -> tuple[torch.Tensor, torch.Tensor]:
     """RU: path-wise KL(P_theta || Q_i) (m,) and its standard error from n fresh own trajectories
@@ -200,193 +331,72 @@ def lu_constraint_network(net, frozen, forget_nets, n, ab, gen,
     return g.mean(1), g.std(1) / np.sqrt(n)
 
 
-# ---------------------------------------------------------------- the loop
-
-_MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
 
 
-def has_mode_dependent_layers(net) -> bool:
-    """Whether ``net``'s output depends on train/eval mode (dropout, batch or instance norm). The
-    loop switches to eval mode for its no-grad evaluations (pool advances, estimates) only then:
-    the switch walks every submodule twice, ~0.1 ms per advance, a sixth of the LU pool's cost."""
-    return isinstance(net, torch.nn.Module) and any(isinstance(m, _MODE_DEPENDENT) for m in net.modules())
+# ---------------------------------------------------------------- estimators behind the row contract
+
+def elbo_estimate(ctx: Context, batch: Batch, losses: list):
+    """FU: the ELBO constraint estimate from the step's own forget rows (free; eq. 31)."""
+    dim = ctx.models.dim
+    terms = [elbo_constraint_terms(l.detach(), l_ref, tf, ctx.kl_weights, dim)
+             for l, l_ref, tf in zip(losses[1:], batch.extras["l_ref"], batch.extras["t_forget"])]
+    return torch.stack([term.mean() for term in terms]).double(), None
 
 
-@dataclass(frozen=True)
-class LoopConfig:
-    """The unlearning loop's settings: the ``train`` section of ``toy.config.ToyConfig`` (these are its
-    defaults). ``None`` means "derived from the rest of the run's config": ``toy.config.resolve``
-    fills it in before a run, so ``unlearn`` always sees concrete values."""
-
-    steps: int = 3000
-    batch: int = 512
-    forget_batch: int = 256
-    lr: float = 1e-3
-    dual_every: int = 20
-    dual_batch: int = 128  # model samples behind each LU estimate / own x_0 kept for the composed target
-    checkpoint_every: int = 250
-    average_frac: float = 0.25
-    lr_final_frac: float = 0.1  # cosine decay of the primal learning rate to lr * this (1: constant)
-    pool_frac: float = 0.5  # RU composed target: fraction of x_0 drawn from the model's own samples (else 0)
-    target: str | None = None  # RU/LU primal target: composed-score surrogate or reweighted DSM (exact); None: LU reweighted, else composed
-    estimate: str | None = None  # RU/LU constraint: "pool" (TrajectoryPool, amortised) or "fresh"; None: pool
-    pool_chains: int | None = None  # TrajectoryPool chains (a multiple of T); None: LU 2 T, else pool_every * T
-    pool_every: int = 4  # advance the pool every this many steps (dual_every must be a multiple)
+def path_kl_pool(ctx: Context, batch: Batch, losses: list):
+    """RU: the path KL accumulated along the pool's advances since the last dual step."""
+    return ctx.pool.take_path_kl()
 
 
-def _measure_every(problem: str, algorithm: str, cfg: LoopConfig) -> int:
-    if algorithm != "primal_dual":
-        return 0
-    return 1 if problem == "forward_kl" else cfg.dual_every
+def path_kl_fresh(ctx: Context, batch: Batch, losses: list):
+    """RU: the path KL on ``dual_batch`` fresh trajectories of the network."""
+    return ru_constraint_path_kl(ctx.net, ctx.models.forget, ctx.loop.dual_batch, ctx.ab, ctx.gen)
 
 
-def unlearn(problem: str, algorithm: str, models: Models, dual: DualState, cfg: LoopConfig,
-            run: RunDir, gen: torch.Generator, variant: str = "likelihood", lu_estimator: str = "exact",
-            fixed_eta: float | None = None, progress=None, stop_after: int | None = None) -> dict:
-    """Train ``models.net`` with ``algorithm``; multipliers live in ``dual`` (fixed for baselines
-    and dual-only, where ``dual.lr_dual`` is 0). Resumes from ``run``'s checkpoint when present
-    (same result as an uninterrupted run: all RNG states are checkpointed). Returns the history:
-    ``lam`` (dual steps, m), ``measured``, ``step_seconds`` and ``dual_seconds`` per step.
-    ``stop_after`` ends early after that many steps of this call (to test resumption)."""
-    if algorithm not in ALGORITHMS[problem]:
-        raise ValueError(f"algorithm {algorithm!r} is not defined for {problem}; choose from {ALGORITHMS[problem]}")
-    if cfg.target not in ("composed", "reweighted"):
-        raise ValueError(f"target must be composed or reweighted, got {cfg.target!r}")
-    if cfg.estimate not in ("pool", "fresh"):
-        raise ValueError(f"estimate must be 'pool' or 'fresh', got {cfg.estimate!r}")
-    net, ab = models.net, torch.as_tensor(models.alphas_cumprod, dtype=torch.float32)
-    w = reverse_step_kl_weights(ab)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    hist = {"lam": [], "measured": [], "measured_se": [], "step_seconds": [], "dual_seconds": [],
-            "estimate_seconds": [], "pool_seconds": []}
-    start = 0
-    every = _measure_every(problem, algorithm, cfg)
-    # the pool serves the composed target's on-policy x_0 (any RU algorithm) and the RU / LU
-    # constraint estimates (primal-dual); it evaluates the forget models only when RU estimates
-    pool_estimates = every > 0 and problem != "forward_kl" and cfg.estimate == "pool"
-    pool = None
-    pool_others: tuple = ()
-    if (problem == "reverse_kl" and cfg.pool_frac > 0) or pool_estimates:
-        if cfg.pool_every < 1 or (pool_estimates and cfg.dual_every % cfg.pool_every):
-            raise ValueError(f"pool_every must divide dual_every = {cfg.dual_every} (every dual step needs fresh "
-                             f"pool advances), got {cfg.pool_every}")
-        pool = TrajectoryPool(ab, cfg.pool_chains or cfg.pool_every * int(ab.shape[0]), cfg.dual_batch, models.dim)
-        if pool_estimates and problem == "reverse_kl":
-            pool_others = tuple(models.forget)
-    ckpt = run.load_checkpoint()
-    if ckpt is not None:
-        net.load_state_dict(ckpt["net"])
-        opt.load_state_dict(ckpt["opt"])
-        dual.load_state_dict(ckpt["dual"])
-        gen.set_state(ckpt["gen"])
-        models.retain_data.set_state(ckpt["retain_data"])
-        for d, s in zip(models.forget_data, ckpt["forget_data"]):
-            d.set_state(s)
-        hist = ckpt["hist"]
-        if pool is not None:
-            pool.load_state_dict(ckpt["pool"])
-        start = ckpt["step"]
-    run.begin(start, cfg.steps)  # also drops a killed attempt's rows when there was no checkpoint yet
-    toggle = has_mode_dependent_layers(net)
-    if pool is not None and not pool.filled:
-        net.eval()
-        pool.fill(net, gen)
-        net.train()
-    done_here = 0
-    for step in range(start, cfg.steps):
-        t0 = time.perf_counter()
-        frac = cfg.lr_final_frac + (1 - cfg.lr_final_frac) * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * frac
-        lam = dual.lam
-        measured, measured_se = None, None
-        if problem != "forward_kl" and cfg.target == "reweighted":
-            x0 = models.retain_data(cfg.batch)
-            log_w = tilt_log_weights(problem, lam if algorithm != "esd" else lam_from_eta(torch.tensor([fixed_eta])),
-                                     x0, models.q_exact, models.forget_exact, variant)
-            loss = reweighted_dsm_loss(net, x0, log_w, ab, gen)
-        elif problem == "reverse_kl":
-            eta = torch.tensor([fixed_eta]) if algorithm == "esd" else eta_from_lam(lam)
-            x0 = models.retain_data(cfg.batch)
-            if cfg.pool_frac > 0:
-                # the regression target is a fixed function of (x_t, t); it must be fitted where the
-                # model's own sampler goes, which a strong tilt moves outside q's support
-                own = pool.samples()
-                k = int(round(cfg.pool_frac * cfg.batch))
-                x0 = torch.cat([x0[: cfg.batch - k], own[torch.randint(0, own.shape[0], (k,), generator=gen)]])
-            loss = ru_primal_loss(net, models.frozen, models.forget, x0, ab, gen, eta.float())
-        elif problem == "forward_kl":
-            loss, measured, _ = fu_primal(net, models.retain_data(cfg.batch),
-                                          [d(cfg.forget_batch) for d in models.forget_data], ab, gen,
-                                          lam, models.forget_exact, w)
-        else:
-            x0 = models.retain_data(cfg.batch)
-            loss = lu_primal_loss(net, models.frozen, models.forget_exact, models.q_exact, x0, ab, gen, lam, variant)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (lam={lam.tolist()}); "
-                                     f"the last good checkpoint is kept in {run.checkpoint_path}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        t1 = time.perf_counter()
-        est_s = 0.0
-        dual_s = 0.0
-        pool_s = 0.0
-        if pool is not None and step % cfg.pool_every == 0:
-            if toggle:
-                net.eval()
-            pool.advance(net, gen, pool_others)
-            if toggle:
-                net.train()
-            est_s = pool.others_seconds  # the constraint's share of the advance (0 without others)
-            pool_s = time.perf_counter() - t1 - est_s
-        if every and step % every == 0:
-            if measured is None:
-                te = time.perf_counter()
-                if toggle:
-                    net.eval()
-                own = pool.samples() if pool_estimates else None
-                if problem == "reverse_kl" and pool_estimates:
-                    measured, measured_se = pool.take_path_kl()
-                elif problem == "reverse_kl":
-                    measured, measured_se = ru_constraint_path_kl(net, models.forget, cfg.dual_batch, ab, gen)
-                elif lu_estimator == "network":
-                    measured, measured_se = lu_constraint_network(net, models.frozen, models.forget_nets,
-                                                                  cfg.dual_batch, ab, gen, own)
-                else:
-                    measured, measured_se = lu_constraint_exact(net, models.forget_exact, models.q_exact,
-                                                                cfg.dual_batch, ab, gen, variant, own)
-                if toggle:
-                    net.train()
-                est_s += time.perf_counter() - te
-            td = time.perf_counter()
-            dual.step(measured, measured_se)
-            dual_s = time.perf_counter() - td
-            hist["lam"].append(dual.lam.tolist())
-            hist["measured"].append(measured.tolist())
-            hist["measured_se"].append(None if measured_se is None else measured_se.tolist())
-        hist["step_seconds"].append(t1 - t0)
-        hist["dual_seconds"].append(dual_s)
-        hist["estimate_seconds"].append(est_s)
-        hist["pool_seconds"].append(pool_s)
-        row = {"loss": loss.item(), "lam": dual.lam.tolist()}
-        if measured is not None:
-            row["constraint"] = measured.tolist()
-        run.log_metrics(step, **row)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(lam=", ".join(f"{v:.4g}" for v in dual.lam.tolist()), refresh=False)
-        done_here += 1
-        last = step + 1 == cfg.steps
-        if (step + 1) % cfg.checkpoint_every == 0 or last:
-            run.save_checkpoint({"net": net.state_dict(), "opt": opt.state_dict(), "dual": dual.state_dict(),
-                                 "gen": gen.get_state(), "retain_data": models.retain_data.state(),
-                                 "forget_data": [d.state() for d in models.forget_data], "hist": hist,
-                                 "pool": None if pool is None else pool.state_dict(),
-                                 "step": step + 1})
-        if stop_after is not None and done_here >= stop_after:
-            break
-    return hist
+def g_exact(ctx: Context, batch: Batch, losses: list):
+    """LU: ``E_{p_theta}[g_i]`` with the exact g at the pool's end points (or fresh samples)."""
+    own = ctx.pool.samples() if ctx.pool is not None else None
+    return lu_constraint_exact(ctx.net, ctx.models.forget_exact, ctx.models.q_exact, ctx.loop.dual_batch, ctx.ab,
+                               ctx.gen, ctx.variant, own)
+
+
+def g_network(ctx: Context, batch: Batch, losses: list):
+    """LU (ratio variant): g from the diffusion classifier of the forget networks (eq. 32)."""
+    own = ctx.pool.samples() if ctx.pool is not None else None
+    return lu_constraint_network(ctx.net, ctx.models.frozen, ctx.models.forget_nets, ctx.loop.dual_batch, ctx.ab,
+                                 ctx.gen, own)
+
+
+# ---------------------------------------------------------------- the table
+
+def algorithm(problem: str, name: str, loop: "LoopConfig", lu_estimator: str = "exact") -> Algorithm:
+    """The row ``(problem, name)`` of the table for the loop's settings (its primal target, its
+    estimate: pool or fresh, its dual cadence)."""
+    if problem not in ALGORITHMS:
+        raise ValueError(f"problem must be one of {tuple(ALGORITHMS)}, got {problem!r}")
+    if name not in ALGORITHMS[problem]:
+        raise ValueError(f"algorithm {name!r} is not defined for {problem}; choose from {ALGORITHMS[problem]}")
+    if loop.target not in ("composed", "reweighted"):
+        raise ValueError(f"target must be composed or reweighted, got {loop.target!r}")
+    if loop.estimate not in ("pool", "fresh"):
+        raise ValueError(f"estimate must be 'pool' or 'fresh', got {loop.estimate!r}")
+    if lu_estimator not in ("exact", "network"):
+        raise ValueError(f"lu_estimator must be exact or network, got {lu_estimator!r}")
+    dual = name == "primal_dual"
+    if problem == "forward_kl":
+        return Algorithm(problem, name, signed_step, elbo_estimate if dual else None, 1 if dual else 0)
+    if loop.target == "reweighted":
+        primal = reweighted_step
+    else:
+        primal = composed_step if problem == "reverse_kl" else gibbs_step
+    pooled = dual and loop.estimate == "pool"
+    if problem == "reverse_kl":
+        estimate = (path_kl_pool if pooled else path_kl_fresh) if dual else None
+        on_policy = primal is composed_step and loop.pool_frac > 0
+        return Algorithm(problem, name, primal, estimate, loop.dual_every if dual else 0,
+                         pool=pooled or on_policy, pool_others=pooled)
+    estimate = g_network if lu_estimator == "network" else g_exact
+    return Algorithm(problem, name, primal, estimate, loop.dual_every, pool=pooled)
 
 
 def averaged_lam(hist: dict, dual: DualState, frac: float) -> np.ndarray:

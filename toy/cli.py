@@ -14,6 +14,8 @@ with status 1 on a failed check unless ``--no-check``. ``--threads`` sets torch'
 
 from __future__ import annotations
 
+import argparse
+
 import json
 import logging
 
@@ -60,13 +62,30 @@ def register(subparsers) -> None:
                     help="override a config key of every member, e.g. --set train.steps=2000")
     sw.add_argument("--out", required=True, help="output directory (sweep.json, sweep.png, member-*/)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _common(sw)
+    _common(sw, sweep=True)
     sw.set_defaults(func=main_sweep)
 
 
-def _common(p) -> None:
+def _threads(value: str):
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--threads must be 'auto' or a positive integer, got {value!r}")
+    return n
+
+
+def _common(p, sweep: bool = False) -> None:
     p.add_argument("--no-check", action="store_true", help="exit 0 even when a check fails (the verdicts still print)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    if sweep:
+        p.add_argument("--threads", type=_threads, default="auto",
+                       help="torch intra-op threads: 'auto' (default: the ensemble times 1..the available cores as it "
+                            "runs and keeps the fastest, following the machine's load) or a fixed count")
+    else:
+        p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
 
 
 def print_verdicts(checks) -> bool:
@@ -140,11 +159,13 @@ def main_sweep(args) -> int:
         raise ValueError(f"--budgets needs exactly one problem (--problems P), got {len(args.problems)}: {args.problems}")
     if args.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
-    base = replace(load_config(ToyConfig, args.config, args.overrides), threads=args.threads)
+    base = load_config(ToyConfig, args.config, args.overrides)
+    if args.threads != "auto":
+        base = replace(base, threads=args.threads)
     torch_threads(base.threads)
     budgets = {args.problems[0]: list(args.budgets)} if args.budgets else None
     res = run_sweep(args.out, base, tuple(args.problems), budgets, tuple(range(args.seeds)),
-                    baselines=not args.no_baselines, progress=not args.no_progress)
+                    baselines=not args.no_baselines, progress=not args.no_progress, threads=args.threads)
     for r in res["records"]:
         v = r["verdict"]
         tol = r["lam_tolerance_interval"]

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toy.algorithms import LoopConfig, Models, unlearn
+from toy.algorithms import LoopConfig, Models
+from toy.loop import unlearn
 from toy.distances import energy_distance
 from toy.core.dual import DualState, dual_domain
 from toy.models import EpsMLP, MixtureEps

@@ -8,11 +8,12 @@ advance in the same optimiser step (docs/toy.md, "Ensembles").
   (forward, backward, Adam): the step is compute-bound, so stacking saves the per-step Python and
   dispatch overhead of the loop around it, not arithmetic.
 - ``pretrain_ensemble``: denoising score matching of one network per seed, stacked.
-- ``unlearn_ensemble``: the loop of ``toy.algorithms.unlearn`` for every member at once. Every
-  member keeps its own multipliers (``DualState``), ``TrajectoryPool``, data streams and torch
-  generator, drawn in the order the single run draws them; the loss is the sum of the members'
-  losses, so each member's gradient (and, Adam being elementwise, its update) is its own. The
-  networks' evaluations (training rows, pool advances) are batched across members.
+- ``unlearn_ensemble``: the one loop ``toy.loop.train`` over every member at once, with a
+  ``StackedTrainer``. Every member keeps its own row of the algorithm table, multipliers
+  (``DualState``), ``TrajectoryPool``, data streams and torch generator, drawn in the order the single
+  run draws them; the loss is the sum of the members' objectives, so each member's gradient (and,
+  Adam being elementwise, its update) is its own. The networks' evaluations (training rows, composed
+  targets, pool advances) are batched across members.
 
 A one-member ensemble reproduces ``toy.run.run`` to float rounding (the batched matmul sums in
 another order than ``nn.Linear``; tested on the lam trajectory and the final weights).
@@ -20,9 +21,10 @@ another order than ``nn.Linear``; tested on the lam trajectory and the final wei
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +32,12 @@ import torch
 from torch import nn
 
 from theory.config import config_to_dict
-from toy.algorithms import LoopConfig, Models, elbo_constraint_terms, lu_constraint_exact, \
-    tilt_log_weights
+from toy.algorithms import Batch, Composed, LoopConfig, Models
 from toy.core.dual import DualState
+from toy.loop import Checkpoints, Member, make_member, train
+from toy.threads import ThreadTuner, available_cores
 from toy.models import EpsMLP, MixtureEps
-from toy.core.diffusion import noised, reverse_step_kl_weights
-from toy.core.objectives import composed_eps_target, eta_from_lam, lam_from_eta
+from toy.core.diffusion import noised
 from toy.pretrain import MixtureData, save_model
 from toy.problems import Problem, default_instance
 from toy.core.runs import CheckpointStore, RunDir
@@ -114,7 +116,7 @@ class MemberView:
 
 # ---------------------------------------------------------------- pretraining, one network per seed
 
-def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None) -> list[Path]:
+def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None, tuner: ThreadTuner | None = None) -> list[Path]:
     """Pretrain one ``EpsMLP`` per config (one per seed) on fresh samples of q, stacked: each member's
     initialisation, data stream and noise generator are those of ``toy.run.pretrain_on_mixture``
     with purpose "pretrain", and ``torch.optim.Adam`` on stacked parameters is the members' own
@@ -148,7 +150,11 @@ def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None) -> list[Path]:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(pre0.steps, 1), eta_min=pre0.lr * 0.05)
     t0 = time.perf_counter()
     losses = []
+    if tuner is not None:
+        tuner.restart("pretrain")
     for step in range(pre0.steps):
+        if tuner is not None:
+            tuner.tick()
         xs, ts, zs = zip(*[noised(d(pre0.batch), ab, g) for d, g in zip(data, gens)])
         out = stacked(torch.stack(xs), torch.stack(ts))
         per = (out - torch.stack(zs)).pow(2).mean(2).mean(1)  # (M,) each member's denoising loss
@@ -179,36 +185,111 @@ def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None) -> list[Path]:
     return paths
 
 
+# ---------------------------------------------------------------- the trainer of stacked networks
+
+class StackedTrainer:
+    """``toy.loop.train``'s trainer for M ``EpsMLP`` trained as one ``StackedEpsMLP``: the members'
+    batches are grouped by their segments' row counts and each segment is evaluated for a whole group
+    in one batched matmul per layer (composed targets with the stacked pretrained networks, the same
+    arithmetic as the trained ones); pools advance batched by pool size; Adam on the stacked
+    parameters is every member's own Adam (elementwise)."""
+
+    def __init__(self, frozen: list[EpsMLP], lr: float, tuner: ThreadTuner | None = None):
+        self.net = StackedEpsMLP(frozen).train()
+        self.frozen = StackedEpsMLP(frozen).eval().requires_grad_(False)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=lr)
+        self.M = len(frozen)
+        self.tuner = tuner
+
+    def model(self, i: int) -> MemberView:
+        return self.net.view(i)
+
+    def _sub(self, idx: list[int]):
+        return None if len(idx) == self.M else idx
+
+    def losses(self, batches: list[Batch]) -> list[list[torch.Tensor]]:
+        if self.tuner is not None:
+            self.tuner.tick()  # once per step: the thread count follows the machine's load
+        groups: dict[tuple, list[int]] = {}
+        for i, b in enumerate(batches):
+            groups.setdefault(tuple(seg[0].shape[0] for seg in b.segments), []).append(i)
+        out: list = [None] * len(batches)
+        for key, idx in groups.items():
+            sub = self._sub(idx)
+            per: list[list] = [[] for _ in idx]
+            for k in range(len(key)):
+                x = torch.stack([batches[i].segments[k][0] for i in idx])
+                t = torch.stack([batches[i].segments[k][1] for i in idx])
+                targets = [batches[i].segments[k][2] for i in idx]
+                eps_q = None
+                if any(isinstance(tg, Composed) for tg in targets):
+                    with torch.no_grad():
+                        eps_q = self.frozen(x, t, sub)
+                target = torch.stack([tg.resolve(eps_q[j]) if isinstance(tg, Composed) else tg
+                                      for j, tg in enumerate(targets)])
+                l = (self.net(x, t, sub) - target).pow(2).mean(2)  # (M', B): denoising_loss per row
+                for j in range(len(idx)):
+                    per[j].append(l[j])
+            for j, i in enumerate(idx):
+                out[i] = per[j]
+        return out
+
+    def eval_mode(self):
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def fill(self, i: int, pool: TrajectoryPool, gen: torch.Generator) -> None:
+        pool.fill(self.net.member(i), gen)  # a standalone copy: the single run's sampler, bit for bit
+
+    @torch.no_grad()
+    def advance(self, members: list[Member], index: list[int]) -> None:
+        groups: dict[int, list[int]] = {}
+        for j, m in enumerate(members):
+            groups.setdefault(m.ctx.pool.n, []).append(j)
+        for _, js in groups.items():
+            idx = [index[j] for j in js]
+            eps = self.net(torch.stack([members[j].ctx.pool.x for j in js]),
+                           torch.stack([members[j].ctx.pool.t for j in js]), self._sub(idx))
+            for k, j in enumerate(js):
+                m = members[j]
+                m.ctx.pool.advance(lambda x_, t_, e=eps[k]: e, m.ctx.gen,
+                                   tuple(m.ctx.models.forget) if m.algorithm.pool_others else ())
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.net.load_state_dict(s["net"])
+        self.opt.load_state_dict(s["opt"])
+
+
 # ---------------------------------------------------------------- members
 
 @dataclass
-class Member:
-    """One member's configuration and state (everything ``toy.run.run`` keeps for one run)."""
+class Prepared:
+    """One member's configuration, its reference values and its trained state (``member``: the
+    loop's ``Member``), everything ``toy.run.run`` keeps for one run."""
 
     cfg: object  # resolved ``ToyConfig``
     loop: LoopConfig  # ``cfg.train``
     problem: Problem  # with its surrogate reference
-    models: Models
-    dual: DualState
     pmeta: dict
-    gen: torch.Generator
-    pool: TrajectoryPool | None = None
-    pool_others: tuple = ()
-    hist: dict = field(default_factory=lambda: {"lam": [], "measured": [], "measured_se": [], "step_seconds": [],
-                                                "dual_seconds": [], "estimate_seconds": [], "pool_seconds": []})
+    member: Member
 
     @property
-    def every(self) -> int:
-        if self.cfg.algorithm != "primal_dual":
-            return 0
-        return 1 if self.cfg.problem == "forward_kl" else self.loop.dual_every
+    def models(self) -> Models:
+        return self.member.ctx.models
 
     @property
-    def pool_estimates(self) -> bool:
-        return self.every > 0 and self.cfg.problem != "forward_kl"
+    def dual(self) -> DualState:
+        return self.member.dual
+
+    @property
+    def hist(self) -> dict:
+        return self.member.hist
 
 
-def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Member:
+def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Prepared:
     """Everything ``toy.run.run`` sets up before its loop, for one member (same seeds, same resolved
     config, dual domain, step size and initial multipliers). Raises ``ValueError`` for what the
     ensemble does not train: fresh-trajectory estimates, the LU network estimator, LU's composed target."""
@@ -233,194 +314,46 @@ def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Member:
                     alphas_cumprod=ab, forget_exact=forget_exact, q_exact=MixtureEps.from_mixture(q, ab), dim=q.dim)
     problem = replace(problem, lam_surrogate=surrogate_reference(cfg, problem))
     dual = initial_dual(cfg, problem)
-    loop = cfg.train
-    m = Member(cfg, loop, problem, models, dual, pmeta, seeded_generator(cfg.seed, "unlearn"))
-    if (cfg.problem == "reverse_kl" and loop.pool_frac > 0) or m.pool_estimates:
-        m.pool = TrajectoryPool(ab, loop.pool_chains or loop.pool_every * int(ab.shape[0]), loop.dual_batch, models.dim)
-        if m.pool_estimates and cfg.problem == "reverse_kl":
-            m.pool_others = tuple(models.forget)
-    return m
+    member = make_member(cfg.problem, cfg.algorithm, models, dual, cfg.train, seeded_generator(cfg.seed, "unlearn"),
+                         cfg.variant, cfg.dual.lu_estimator)
+    return Prepared(cfg, cfg.train, problem, pmeta, member)
 
 
-def _rows(m: Member, lam: torch.Tensor, ab: torch.Tensor):
-    """One member's training rows ``(x_t, t, target, weight)`` (its loss is ``sum weight *
-    denoising_loss(net(x_t, t), target)``) and, for FU, what ``after`` needs for the ELBO estimate.
-    Random draws in the order of ``toy.algorithms.unlearn``."""
-    cfg, loop, models, gen = m.cfg, m.loop, m.models, m.gen
-    if cfg.problem != "forward_kl" and loop.target == "reweighted":
-        x0 = models.retain_data(loop.batch)
-        lam_w = lam if cfg.algorithm != "esd" else lam_from_eta(torch.tensor([cfg.eta]))
-        log_w = tilt_log_weights(cfg.problem, lam_w, x0, models.q_exact, models.forget_exact, cfg.variant)
-        x_t, t, z = noised(x0, ab, gen)
-        return x_t, t, z, torch.softmax(log_w, 0).to(torch.float32), None
-    if cfg.problem == "reverse_kl":
-        eta = torch.tensor([cfg.eta]) if cfg.algorithm == "esd" else eta_from_lam(lam)
-        x0 = models.retain_data(loop.batch)
-        if loop.pool_frac > 0:
-            own = m.pool.samples()
-            k = int(round(loop.pool_frac * loop.batch))
-            x0 = torch.cat([x0[: loop.batch - k], own[torch.randint(0, own.shape[0], (k,), generator=gen)]])
-        x_t, t, _ = noised(x0, ab, gen)
-        with torch.no_grad():
-            eps_f = torch.stack([f(x_t, t) for f in models.forget])
-        n = x_t.shape[0]
-        # the target needs the frozen network at x_t: evaluated batched with the other members, with
-        # the same arithmetic as the trained network (at lam = 0 the target is the network's own
-        # output and the gradient exactly 0, as in the single run)
-        return x_t, t, (eps_f, eta.float()), torch.full((n,), 1.0 / n), None
-    if cfg.problem == "forward_kl":
-        x0r = models.retain_data(loop.batch)
-        x0f = [d(loop.forget_batch) for d in models.forget_data]
-        if len(x0f) != 1:
-            raise ValueError(f"the ensemble trains one forget distribution, got {len(x0f)}")
-        x_t, t, z = noised(x0r, ab, gen)
-        xf_t, tf, zf = noised(x0f[0], ab, gen)
-        lam32 = lam.to(torch.float32)
-        w = torch.cat([torch.full((x_t.shape[0],), 1.0 / x_t.shape[0]),
-                       torch.full((xf_t.shape[0],), 1.0 / xf_t.shape[0]) * -lam32[0]])
-        with torch.no_grad():
-            l_ref = ((models.forget_exact[0](xf_t, tf) - zf).pow(2).flatten(1).mean(1))
-        return torch.cat([x_t, xf_t]), torch.cat([t, tf]), torch.cat([z, zf]), w, (x_t.shape[0], tf, l_ref)
-    raise ValueError(f"the ensemble trains LU with the reweighted target only, got {loop.target!r}")
-
-
-def _check_same_schedule(members: list[Member]) -> None:
+def _check_same_schedule(members: list[Prepared]) -> None:
     l0 = members[0].loop
     for m in members[1:]:
         l = m.loop
-        if (l.steps, l.lr, l.lr_final_frac, l.checkpoint_every) != (l0.steps, l0.lr, l0.lr_final_frac, l0.checkpoint_every):
-            raise ValueError("ensemble members must share steps, lr, lr_final_frac and checkpoint_every, got "
-                             f"{(l.steps, l.lr, l.lr_final_frac, l.checkpoint_every)} and "
-                             f"{(l0.steps, l0.lr, l0.lr_final_frac, l0.checkpoint_every)}")
+        if (l.steps, l.lr, l.lr_final_frac, l.checkpoint_every, l.pool_every) != \
+                (l0.steps, l0.lr, l0.lr_final_frac, l0.checkpoint_every, l0.pool_every):
+            raise ValueError("ensemble members must share steps, lr, lr_final_frac, checkpoint_every and pool_every, "
+                             f"got {(l.steps, l.lr, l.lr_final_frac, l.checkpoint_every, l.pool_every)} and "
+                             f"{(l0.steps, l0.lr, l0.lr_final_frac, l0.checkpoint_every, l0.pool_every)}")
 
 
-def unlearn_ensemble(members: list[Member], ckpt_path: Path | None = None, progress=None,
-                     stop_after: int | None = None) -> StackedEpsMLP:
-    """Train every member's network for ``steps`` steps in one stacked optimiser step (see the
-    module docstring); the members' histories go to ``member.hist``. Checkpoints the whole
-    ensemble (stacked weights, Adam, every member's dual state, generator, data streams and pool)
-    to ``ckpt_path`` every ``checkpoint_every`` steps and resumes from it."""
+def unlearn_ensemble(members: list[Prepared], ckpt_path: Path | None = None, progress=None,
+                     stop_after: int | None = None, tuner: ThreadTuner | None = None) -> StackedEpsMLP:
+    """Train every member's network for ``steps`` steps with ``toy.loop.train`` and a
+    ``StackedTrainer`` (see the module docstring); the members' histories go to ``member.hist``.
+    Checkpoints the whole ensemble (stacked weights, Adam, every member's dual state, generator,
+    data streams and pool) to ``ckpt_path`` every ``checkpoint_every`` steps and resumes from it.
+    ``tuner`` chooses the thread count as the steps go (``toy.threads``; results do not depend on it)."""
     _check_same_schedule(members)
-    loop0 = members[0].loop
-    ab = torch.as_tensor(members[0].models.alphas_cumprod, dtype=torch.float32)
-    w_kl = reverse_step_kl_weights(ab)
-    net = StackedEpsMLP([m.models.frozen for m in members]).train()
-    frozen = StackedEpsMLP([m.models.frozen for m in members]).eval().requires_grad_(False)
+    if tuner is not None:
+        tuner.restart("unlearn")  # another step cost than pretraining's: probe afresh
+    trainer = StackedTrainer([m.models.frozen for m in members], members[0].loop.lr, tuner)
     for i, m in enumerate(members):
-        m.models.net = net.view(i)
-    opt = torch.optim.Adam(net.parameters(), lr=loop0.lr)
-    start = 0
-    store = None if ckpt_path is None else CheckpointStore(ckpt_path)
-    loaded = None if store is None else store.load()
-    if loaded is not None:
-        ck = loaded[0]
-        net.load_state_dict(ck["net"])
-        opt.load_state_dict(ck["opt"])
-        for m, s in zip(members, ck["members"]):
-            m.dual.load_state_dict(s["dual"])
-            m.gen.set_state(s["gen"])
-            m.models.retain_data.set_state(s["retain_data"])
-            for d, ds in zip(m.models.forget_data, s["forget_data"]):
-                d.set_state(ds)
-            m.hist = s["hist"]
-            if m.pool is not None:
-                m.pool.load_state_dict(s["pool"])
-        start = ck["step"]
-    with torch.no_grad():
-        for i, m in enumerate(members):
-            if m.pool is not None and not m.pool.filled:
-                m.pool.fill(net.member(i), m.gen)  # a standalone copy: the single run's sampler, bit for bit
-    # members grouped by the shape of their training rows and of their pools: one batched
-    # evaluation per group
-    done_here = 0
-    for step in range(start, loop0.steps):
-        t0 = time.perf_counter()
-        frac = loop0.lr_final_frac + (1 - loop0.lr_final_frac) * 0.5 * (1 + np.cos(np.pi * step / loop0.steps))
-        for group in opt.param_groups:
-            group["lr"] = loop0.lr * frac
-        rows = [_rows(m, m.dual.lam, ab) for m in members]
-        groups: dict[int, list[int]] = {}
-        for i, r in enumerate(rows):
-            groups.setdefault(r[0].shape[0], []).append(i)
-        per_row: list = [None] * len(members)
-        total = 0.0
-        for n_rows, idx in groups.items():
-            x = torch.stack([rows[i][0] for i in idx])
-            t = torch.stack([rows[i][1] for i in idx])
-            sub = None if len(idx) == len(members) else idx
-            if any(isinstance(rows[i][2], tuple) for i in idx):
-                with torch.no_grad():
-                    eps_q = frozen(x, t, sub)
-            target = torch.stack([composed_eps_target(eps_q[j], *rows[i][2]) if isinstance(rows[i][2], tuple)
-                                  else rows[i][2] for j, i in enumerate(idx)])
-            w = torch.stack([rows[i][3] for i in idx])
-            out = net(x, t, sub)
-            l = (out - target).pow(2).mean(2)  # (M', B): denoising_loss per row
-            for j, i in enumerate(idx):
-                per_row[i] = l[j]
-            total = total + (w * l).sum()
-        losses = [float((rows[i][3] * per_row[i].detach()).sum()) for i in range(len(members))]
-        if not np.all(np.isfinite(losses)):
-            bad = [(m.cfg.problem, m.cfg.algorithm, v) for m, v in zip(members, losses) if not np.isfinite(v)]
-            raise FloatingPointError(f"non-finite loss at step {step}: {bad}")
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        t1 = time.perf_counter()
-        # pools: one batched evaluation per pool size
-        advancing = [i for i, m in enumerate(members) if m.pool is not None and step % m.loop.pool_every == 0]
-        pool_groups: dict[int, list[int]] = {}
-        for i in advancing:
-            pool_groups.setdefault(members[i].pool.n, []).append(i)
-        with torch.no_grad():
-            for _, idx in pool_groups.items():
-                eps = net(torch.stack([members[i].pool.x for i in idx]), torch.stack([members[i].pool.t for i in idx]),
-                          None if len(idx) == len(members) else idx)
-                for j, i in enumerate(idx):
-                    m = members[i]
-                    m.pool.advance(lambda x_, t_, e=eps[j]: e, m.gen, m.pool_others)
-        t2 = time.perf_counter()
-        # dual steps
-        for i, m in enumerate(members):
-            measured, measured_se = None, None
-            if m.every and step % m.every == 0:
-                if m.cfg.problem == "forward_kl":
-                    n_r, tf, l_ref = rows[i][4]
-                    terms = elbo_constraint_terms(per_row[i][n_r:].detach(), l_ref, tf, w_kl, m.models.dim)
-                    measured, measured_se = terms.mean().reshape(1).double(), None
-                elif m.cfg.problem == "reverse_kl":
-                    measured, measured_se = m.pool.take_path_kl()
-                else:
-                    measured, measured_se = lu_constraint_exact(m.models.net, m.models.forget_exact, m.models.q_exact,
-                                                                m.loop.dual_batch, ab, m.gen, m.cfg.variant, m.pool.samples())
-                m.dual.step(measured, measured_se)
-                m.hist["lam"].append(m.dual.lam.tolist())
-                m.hist["measured"].append(measured.tolist())
-                m.hist["measured_se"].append(None if measured_se is None else measured_se.tolist())
-        t3 = time.perf_counter()
-        share = 1.0 / len(members)
-        for m in members:
-            m.hist["step_seconds"].append((t1 - t0) * share)
-            m.hist["pool_seconds"].append((t2 - t1) * share)
-            m.hist["dual_seconds"].append((t3 - t2) * share)
-            m.hist["estimate_seconds"].append(0.0)
-        if progress is not None:
-            progress.update(1)
-        done_here += 1
-        last = step + 1 == loop0.steps
-        if store is not None and ((step + 1) % loop0.checkpoint_every == 0 or last):
-            store.save({"net": net.state_dict(), "opt": opt.state_dict(), "step": step + 1,
-                               "members": [{"dual": m.dual.state_dict(), "gen": m.gen.get_state(),
-                                            "retain_data": m.models.retain_data.state(),
-                                            "forget_data": [d.state() for d in m.models.forget_data],
-                                            "hist": m.hist, "pool": None if m.pool is None else m.pool.state_dict()}
-                                           for m in members]})
-        if stop_after is not None and done_here >= stop_after:
-            break
-    return net
+        m.models.net = trainer.model(i)
+        m.member.ctx.net = trainer.model(i)
+    checkpoints = None
+    if ckpt_path is not None:
+        store = CheckpointStore(ckpt_path)
+        checkpoints = Checkpoints(lambda: (lambda got: None if got is None else got[0])(store.load()), store.save,
+                                  str(ckpt_path), flat=False)
+    train([m.member for m in members], trainer, members[0].loop, checkpoints, progress, stop_after)
+    return trainer.net
 
 
-def evaluate_members(members: list[Member], net: StackedEpsMLP) -> list[dict]:
+def evaluate_members(members: list[Prepared], net: StackedEpsMLP) -> list[dict]:
     """``toy.evaluation.evaluate`` for every member on its extracted network (summary, samples.npy in the
     member's ``out``). Returns the summaries."""
     from toy.evaluation import Trained, evaluate
@@ -434,13 +367,30 @@ def evaluate_members(members: list[Member], net: StackedEpsMLP) -> list[dict]:
     return out
 
 
-def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False) -> list[dict]:
+def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False, threads: int | str = "auto") -> list[dict]:
     """Pretrain (one network per seed, together), train every config as one ensemble, evaluate
-    each member into ``out_dir / member-{i}`` (its ``cfg.out`` is replaced). Returns the summaries."""
+    each member into ``out_dir / member-{i}`` (its ``cfg.out`` is replaced). Returns the summaries
+    (each with ``threads_chosen``, the tuner's decisions). ``threads``: ``"auto"`` lets a
+    ``ThreadTuner`` choose among 1..the available cores by measurement as the run goes (stacked
+    members are large batched matmuls, faster on two threads on a quiet machine, slower beside a busy
+    process); an integer fixes the count."""
+    from toy.models import torch_threads
+
+    if threads == "auto":
+        tuner, n0 = ThreadTuner(available_cores()), torch.get_num_threads()
+    elif isinstance(threads, int) and not isinstance(threads, bool) and threads >= 1:
+        tuner, n0 = None, threads
+    else:
+        raise ValueError(f"threads must be 'auto' or a positive integer, got {threads!r}")
+    with torch_threads(n0):  # restores the caller's counts on exit
+        return _run_ensemble(cfgs, Path(out_dir), progress, tuner)
+
+
+def _run_ensemble(cfgs: list, out_dir: Path, progress: bool, tuner: ThreadTuner | None) -> list[dict]:
+    from toy.models import torch_threads
     from toy.pretrain import load_model
     from toy.run import check_pretrained_meta, progress_bar
 
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(progress)
     seeds = sorted({c.seed for c in cfgs})
@@ -450,7 +400,7 @@ def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False) -> lis
     paths = dict(given)
     if need:
         b = bar(total=need[0].pretrain.steps, desc=f"pretrain x{len(need)}", leave=False)
-        for c, p in zip(need, pretrain_ensemble(need, out_dir, b)):
+        for c, p in zip(need, pretrain_ensemble(need, out_dir, b, tuner)):
             paths[c.seed] = str(p)
         b.close()
     frozen = {}
@@ -464,6 +414,13 @@ def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False) -> lis
         RunDir(m.cfg.out, config_to_dict(m.cfg), m.cfg.seed)  # the resolved config, as a single run records it
         members.append(m)
     b = bar(total=members[0].loop.steps, desc=f"ensemble of {len(members)}")
-    net = unlearn_ensemble(members, out_dir / "ensemble-checkpoint", b)
+    net = unlearn_ensemble(members, out_dir / "ensemble-checkpoint", b, tuner=tuner)
     b.close()
-    return evaluate_members(members, net)
+    chosen = [] if tuner is None else [{"phase": ph, "step": st, "threads": n, "median_seconds": med}
+                                       for ph, st, n, med in tuner.history]
+    # the evaluation: large sample batches, at the count the training settled on
+    with torch_threads(tuner.chosen if tuner is not None else torch.get_num_threads()):
+        summaries = evaluate_members(members, net)
+    for s in summaries:
+        s["threads_chosen"] = chosen
+    return summaries

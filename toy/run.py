@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from theory.config import config_to_dict
-from toy.algorithms import Models, unlearn
+from toy.algorithms import Models
+from toy.loop import unlearn
 from toy.distances import energy_distance
 from toy.core.dual import DualState
 from toy.models import EpsMLP, MixtureEps
@@ -146,7 +147,7 @@ def _run(cfg: ToyConfig, problem: Problem, progress: bool, stop_after: int | Non
         bar_un.update(ckpt["step"])
     try:
         hist = unlearn(cfg.problem, cfg.algorithm, models, dual, cfg.train, rd, seeded_generator(cfg.seed, "unlearn"),
-                       cfg.variant, cfg.dual.lu_estimator, cfg.eta, bar_un, stop_after)
+                       cfg.variant, cfg.dual.lu_estimator, bar_un, stop_after)
     except FloatingPointError as exc:
         raise FloatingPointError(f"{exc}; the run stopped and the last good checkpoint "
                                  f"({rd.checkpoint_path}) was kept") from exc

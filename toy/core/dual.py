@@ -113,52 +113,38 @@ def project_multipliers(lam: torch.Tensor, upper: torch.Tensor | None = None,
 def dual_ascent_step(lam: torch.Tensor, violation: torch.Tensor, lr_dual: float,
                      upper: torch.Tensor | None = None, sum_max: float | None = None) -> torch.Tensor:
     """One projected dual-ascent step ``proj(lam + lr_dual * violation)`` (pure function)."""
-    return project_multipliers(lam + lr_dual * violation.to(lam), upper=upper, sum_max=sum_max)
+    return Project(upper, sum_max)(lam + ScaleBy(lr_dual)(violation.to(lam)))
 
 
-class DualState:
-    """Multipliers of one run: ``lam`` (m,), budgets, dual step size and dual domain.
+# ---------------------------------------------------------------- the update as composable pieces
+#
+# A dual step is ``violation -> scale -> project`` (eq. 35, cooper/optax style): each piece is a small
+# immutable callable, ``DualUpdate`` chains them, and ``DualState`` holds only the multipliers, the step
+# count and the update (its ``state_dict`` carries the pieces' parameters for checkpoints).
 
-    ``step(measured)`` turns constraint estimates into violations (averaged across processes by
-    the caller before this call at scale), takes one projected ascent step, and returns the
-    violation. ``state_dict``/``load_state_dict`` make it checkpointable. A non-finite measurement
-    or multiplier raises ``FloatingPointError`` rather than poisoning the run.
-    """
+@dataclass(frozen=True)
+class Violation:
+    """Constraint estimates -> violations (``<= 0`` feasible) of ``problem`` at ``budgets``: linear,
+    ``measured - budget`` signed per problem, or ``log`` (LU with positive g), ``log measured - log
+    budget`` with the delta-method correction of the log's Jensen bias when a standard error is given
+    (``E[log m] = log E[m] - se^2 / (2 E[m]^2) + O(n^-2)``, so the fixed point is ``E[m] = budget``)."""
 
-    def __init__(self, problem: str, budgets, lr_dual: float, lam_init=None,
-                 upper=None, sum_max: float | None = None, max_lam: float = 1e6, violation_scale: str = "linear"):
-        if problem not in PROBLEMS:
-            raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
-        self.problem = problem
-        self.budgets = torch.as_tensor(budgets, dtype=torch.float64).reshape(-1).clone()
-        m = self.budgets.numel()
-        if m < 1:
-            raise ValueError("at least one budget is required")
-        if lr_dual < 0:
-            raise ValueError(f"lr_dual must be >= 0, got {lr_dual}")
-        self.lr_dual = float(lr_dual)
-        if violation_scale not in ("linear", "log"):
-            raise ValueError(f"violation_scale must be 'linear' or 'log', got {violation_scale!r}")
-        if violation_scale == "log" and (not _LOWER_IS_FEASIBLE[problem] or bool((self.budgets <= 0).any())):
+    problem: str
+    budgets: torch.Tensor
+    scale: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.problem not in PROBLEMS:
+            raise ValueError(f"problem must be one of {PROBLEMS}, got {self.problem!r}")
+        if self.scale not in ("linear", "log"):
+            raise ValueError(f"violation_scale must be 'linear' or 'log', got {self.scale!r}")
+        if self.scale == "log" and (not _LOWER_IS_FEASIBLE[self.problem] or bool((self.budgets <= 0).any())):
             raise ValueError("violation_scale='log' is for upper-bounded constraints with positive budgets "
-                             f"(LU with g > 0), got problem {problem!r}, budgets {self.budgets.tolist()}")
-        self.violation_scale = violation_scale
-        self.upper = None if upper is None else torch.as_tensor(upper, dtype=torch.float64).reshape(-1).expand(m).clone()
-        self.sum_max = sum_max
-        self.max_lam = max_lam
-        lam = torch.zeros(m, dtype=torch.float64) if lam_init is None else torch.as_tensor(lam_init, dtype=torch.float64).reshape(-1).clone()
-        if lam.numel() != m:
-            raise ValueError(f"lam_init has {lam.numel()} entries, budgets {m}")
-        self.lam = project_multipliers(lam, self.upper, self.sum_max)
-        self.steps = 0
+                             f"(LU with g > 0), got problem {self.problem!r}, budgets {self.budgets.tolist()}")
 
-    def violation(self, measured, stderr=None) -> torch.Tensor:
-        """``measured - budget`` (linear) or ``log measured - log budget`` (log scale). In log scale a
-        standard error ``stderr`` of the (mean) estimate removes the log's Jensen bias to second order
-        (delta method: ``E[log m] = log E[m] - se^2 / (2 E[m]^2) + O(n^-2)``), so that the fixed point
-        is ``E[m] = budget`` rather than ``E[log m] = log budget``."""
+    def __call__(self, measured, stderr=None) -> torch.Tensor:
         measured = torch.as_tensor(measured, dtype=torch.float64).reshape(-1)
-        if self.violation_scale == "log":
+        if self.scale == "log":
             if bool((measured <= 0).any()):
                 raise ValueError(f"violation_scale='log' needs positive constraint estimates, got {measured.tolist()}")
             v = measured.log() - self.budgets.log()
@@ -167,17 +153,104 @@ class DualState:
             return v
         return constraint_violation(self.problem, measured, self.budgets)
 
-    def step(self, measured, stderr=None) -> torch.Tensor:
+
+@dataclass(frozen=True)
+class ScaleBy:
+    """The ascent step's size: ``violation -> lr * violation`` (``lr = 0``: fixed multipliers)."""
+
+    lr: float
+
+    def __post_init__(self) -> None:
+        if not self.lr >= 0:
+            raise ValueError(f"lr_dual must be >= 0, got {self.lr}")
+
+    def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.lr * v
+
+
+@dataclass(frozen=True)
+class Project:
+    """Euclidean projection onto the dual domain ``{0 <= lam <= upper, sum(lam) <= sum_max}`` (eq. 35)."""
+
+    upper: torch.Tensor | None = None
+    sum_max: float | None = None
+
+    def __call__(self, lam: torch.Tensor) -> torch.Tensor:
+        return project_multipliers(lam, upper=self.upper, sum_max=self.sum_max)
+
+
+@dataclass(frozen=True)
+class DualUpdate:
+    """``lam -> project(lam + scale(violation(measured)))``, refusing non-finite estimates and
+    multipliers that leave ``[0, max_lam]`` (divergence). Returns the new multipliers and the violation."""
+
+    violation: Violation
+    scale: ScaleBy
+    project: Project
+    max_lam: float = 1e6
+
+    def __call__(self, lam: torch.Tensor, measured, stderr=None, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         measured = torch.as_tensor(measured, dtype=torch.float64).reshape(-1)
         if not torch.all(torch.isfinite(measured)):
-            raise FloatingPointError(f"non-finite constraint estimate {measured.tolist()} at dual step {self.steps}")
+            raise FloatingPointError(f"non-finite constraint estimate {measured.tolist()} at dual step {step}")
         v = self.violation(measured, stderr)
-        lam = dual_ascent_step(self.lam, v, self.lr_dual, self.upper, self.sum_max)
-        if not torch.all(torch.isfinite(lam)) or float(lam.max()) > self.max_lam:
+        new = self.project(lam + self.scale(v.to(lam)))
+        if not torch.all(torch.isfinite(new)) or float(new.max()) > self.max_lam:
             raise FloatingPointError(
-                f"multipliers diverged to {lam.tolist()} at dual step {self.steps} (max_lam={self.max_lam}); "
+                f"multipliers diverged to {new.tolist()} at dual step {step} (max_lam={self.max_lam}); "
                 "the budgets may be infeasible or lr_dual too large")
-        self.lam = lam
+        return new, v
+
+
+def dual_update(problem: str, budgets, lr_dual: float, upper=None, sum_max: float | None = None,
+                max_lam: float = 1e6, violation_scale: str = "linear") -> DualUpdate:
+    """The pieces of one problem's dual step from plain parameters (``upper`` broadcast to ``m``)."""
+    budgets = torch.as_tensor(budgets, dtype=torch.float64).reshape(-1).clone()
+    m = budgets.numel()
+    if m < 1:
+        raise ValueError("at least one budget is required")
+    up = None if upper is None else torch.as_tensor(upper, dtype=torch.float64).reshape(-1).expand(m).clone()
+    return DualUpdate(Violation(problem, budgets, violation_scale), ScaleBy(float(lr_dual)), Project(up, sum_max),
+                      max_lam)
+
+
+class DualState:
+    """Multipliers of one run: ``lam`` (m,), the dual step count and the ``DualUpdate`` that moves them.
+
+    ``step(measured)`` turns constraint estimates into violations (averaged across processes by
+    the caller before this call at scale), takes one projected ascent step, and returns the
+    violation. ``state_dict``/``load_state_dict`` make it checkpointable. A non-finite measurement
+    or multiplier raises ``FloatingPointError`` rather than poisoning the run. The constructor takes
+    the update's parameters (``dual_update``); ``budgets``, ``lr_dual``, ``upper``, ``sum_max``,
+    ``max_lam`` and ``violation_scale`` read them back.
+    """
+
+    def __init__(self, problem: str, budgets, lr_dual: float, lam_init=None,
+                 upper=None, sum_max: float | None = None, max_lam: float = 1e6, violation_scale: str = "linear"):
+        if problem not in PROBLEMS:
+            raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
+        self.update = dual_update(problem, budgets, lr_dual, upper, sum_max, max_lam, violation_scale)
+        m = self.update.violation.budgets.numel()
+        lam = torch.zeros(m, dtype=torch.float64) if lam_init is None else torch.as_tensor(lam_init, dtype=torch.float64).reshape(-1).clone()
+        if lam.numel() != m:
+            raise ValueError(f"lam_init has {lam.numel()} entries, budgets {m}")
+        self.lam = self.update.project(lam)
+        self.steps = 0
+
+    problem = property(lambda self: self.update.violation.problem)
+    budgets = property(lambda self: self.update.violation.budgets)
+    violation_scale = property(lambda self: self.update.violation.scale)
+    lr_dual = property(lambda self: self.update.scale.lr)
+    upper = property(lambda self: self.update.project.upper)
+    sum_max = property(lambda self: self.update.project.sum_max)
+    max_lam = property(lambda self: self.update.max_lam)
+
+    def violation(self, measured, stderr=None) -> torch.Tensor:
+        """The violation of ``measured`` (see ``Violation``)."""
+        return self.update.violation(measured, stderr)
+
+    def step(self, measured, stderr=None) -> torch.Tensor:
+        self.lam, v = self.update(self.lam, measured, stderr, self.steps)
         self.steps += 1
         return v
 
@@ -189,10 +262,9 @@ class DualState:
     def load_state_dict(self, state: dict) -> None:
         if state["problem"] != self.problem:
             raise ValueError(f"checkpoint is for problem {state['problem']!r}, not {self.problem!r}")
+        self.update = DualUpdate(
+            Violation(self.problem, state["budgets"].to(torch.float64).clone(), state.get("violation_scale", "linear")),
+            ScaleBy(float(state["lr_dual"])),
+            Project(None if state["upper"] is None else state["upper"].clone(), state["sum_max"]), self.max_lam)
         self.lam = state["lam"].to(torch.float64).clone()
-        self.budgets = state["budgets"].to(torch.float64).clone()
-        self.lr_dual = float(state["lr_dual"])
-        self.upper = None if state["upper"] is None else state["upper"].clone()
-        self.sum_max = state["sum_max"]
         self.steps = int(state["steps"])
-        self.violation_scale = state.get("violation_scale", "linear")
