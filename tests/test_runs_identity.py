@@ -53,7 +53,7 @@ def test_toy_rerun_with_another_budget_is_refused_and_an_identical_one_resumes(t
                                                                                capsys, caplog):
     """The reported case: a directory trained at budget 0.004, rerun at 0.01, must refuse (exit 2,
     naming the key and --resume/--overwrite) and keep run.json; rerun at 0.004 it resumes from the
-    last checkpoint (step 10 of 20) and says so."""
+    last checkpoint (step 10 of 22: 20 with dual steps, 2 settling) and says so."""
     from scale.cli import main
     from toy.config import ToyConfig, override
     from toy.run import run
@@ -70,7 +70,7 @@ def test_toy_rerun_with_another_budget_is_refused_and_an_identical_one_resumes(t
 
     with caplog.at_level(logging.INFO, logger="toy.core.runs"):
         assert main(_toy_args(out, 0.004, tiny_pretrained)) == 0
-    assert f"resuming run in {out} at step 10 of 20" in caplog.text
+    assert f"resuming run in {out} at step 10 of 22" in caplog.text
     assert (out / "run.json").read_bytes() == record
     summary = (out / "summary.json").read_bytes()
 

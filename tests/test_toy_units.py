@@ -144,11 +144,15 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_pretrained, problem
     full = run(tiny(out=str(tmp_path / "full"), **kw))
     part = run(tiny(out=str(tmp_path / "part"), **kw), stop_after=25)
     assert part == {"interrupted_at": 20}
+    # and once more inside the settling phase (steps 40..43 at the reported lam): checkpoint at 40
+    assert run(tiny(out=str(tmp_path / "part"), **kw), stop_after=22) == {"interrupted_at": 40}
     resumed = run(tiny(out=str(tmp_path / "part"), **kw))
     assert resumed["lam"] == pytest.approx(full["lam"], abs=0) or np.array_equal(resumed["lam"], full["lam"])
     np.testing.assert_array_equal(np.load(tmp_path / "part" / "samples.npy"), np.load(tmp_path / "full" / "samples.npy"))
     rows = [json.loads(line) for line in open(tmp_path / "part" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == list(range(40))
+    assert [r["step"] for r in rows] == list(range(44))  # 40 steps with dual steps, 4 settling
+    assert [r.get("phase") for r in rows[40:]] == ["settle"] * 4
+    assert all(r["lam"] == rows[40]["lam"] for r in rows[40:])
 
 
 @pytest.mark.parametrize("bad_value, message", [(float("nan"), "non-finite constraint estimate"),

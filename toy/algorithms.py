@@ -85,6 +85,19 @@ class LoopConfig:
     estimate: str | None = None  # RU/LU constraint: "pool" (TrajectoryPool, amortised) or "fresh"; None: pool
     pool_chains: int | None = None  # TrajectoryPool chains (a multiple of T); None: LU 2 T, else pool_every * T
     pool_every: int = 4  # advance the pool every this many steps (dual_every must be a multiple)
+    # primal recovery: after ``steps``, this fraction of them more at the reported multiplier (fixed) and
+    # the final lr, so the final network is the Lagrangian minimiser at that lam, not at the last noisy
+    # dual iterate (docs/toy.md, "Settling at the reported multiplier")
+    settle_frac: float = 0.1
+
+    @property
+    def settle_steps(self) -> int:
+        return int(round(self.settle_frac * self.steps))
+
+    @property
+    def total_steps(self) -> int:
+        """Training steps in all: ``steps`` with dual steps, then ``settle_steps`` at a fixed multiplier."""
+        return self.steps + self.settle_steps
 
 
 

@@ -89,7 +89,8 @@ def finite_set_experiment(points, forget_idx: list[int], ab, out: Path, seed: in
                     forget_data=[PointData(points[i:i + 1], seed + 3 + k) for k, i in enumerate(forget_idx)],
                     alphas_cumprod=ab, forget_exact=[MixtureEps.from_points(points[i:i + 1], ab) for i in forget_idx])
     loop = LoopConfig(steps=steps, batch=batch, forget_batch=forget_batch or batch, lr=lr, checkpoint_every=steps,
-                      dual_every=10, lr_final_frac=0.1, pool_frac=0.0, target="composed", estimate="pool", pool_every=1)
+                      dual_every=10, lr_final_frac=0.1, pool_frac=0.0, target="composed", estimate="pool", pool_every=1,
+                      settle_frac=0.0)  # SISS is fixed, and primal-dual here rides the domain edge lam = 1/n
     unlearn("forward_kl", "primal_dual" if not fixed else "siss", models, dual, loop, RunDir(out, {"n": n}, seed),
             torch.Generator().manual_seed(seed + 5))
     r1 = retrain(pretrained, points[keep], ab, steps, batch, lr, seed + 11, 0.1)

@@ -296,7 +296,7 @@ def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Prepared:
     from toy.core.seeding import seeded_generator, derive_seed
     from toy.run import initial_dual
     from toy.config import resolve_problem, schedule
-    from toy.evaluation import surrogate_reference
+    from toy.evaluation import reported_lam, surrogate_reference
 
     cfg, problem = resolve_problem(cfg)
     if cfg.problem != "forward_kl" and cfg.train.estimate == "fresh":
@@ -316,6 +316,7 @@ def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Prepared:
     dual = initial_dual(cfg, problem)
     member = make_member(cfg.problem, cfg.algorithm, models, dual, cfg.train, seeded_generator(cfg.seed, "unlearn"),
                          cfg.variant, cfg.dual.lu_estimator)
+    member.reported_lam = lambda m: reported_lam(cfg, problem, m.hist, m.dual)[0]
     return Prepared(cfg, cfg.train, problem, pmeta, member)
 
 
@@ -323,11 +324,10 @@ def _check_same_schedule(members: list[Prepared]) -> None:
     l0 = members[0].loop
     for m in members[1:]:
         l = m.loop
-        if (l.steps, l.lr, l.lr_final_frac, l.checkpoint_every, l.pool_every) != \
-                (l0.steps, l0.lr, l0.lr_final_frac, l0.checkpoint_every, l0.pool_every):
-            raise ValueError("ensemble members must share steps, lr, lr_final_frac, checkpoint_every and pool_every, "
-                             f"got {(l.steps, l.lr, l.lr_final_frac, l.checkpoint_every, l.pool_every)} and "
-                             f"{(l0.steps, l0.lr, l0.lr_final_frac, l0.checkpoint_every, l0.pool_every)}")
+        keys = lambda c: (c.steps, c.settle_frac, c.lr, c.lr_final_frac, c.checkpoint_every, c.pool_every)  # noqa: E731
+        if keys(l) != keys(l0):
+            raise ValueError("ensemble members must share steps, settle_frac, lr, lr_final_frac, checkpoint_every "
+                             f"and pool_every, got {keys(l)} and {keys(l0)}")
 
 
 def unlearn_ensemble(members: list[Prepared], ckpt_path: Path | None = None, progress=None,
@@ -413,7 +413,7 @@ def _run_ensemble(cfgs: list, out_dir: Path, progress: bool, tuner: ThreadTuner 
         m = prepare_member(replace(c, out=str(out_dir / f"member-{i:03d}"), pretrained=paths[c.seed]), *frozen[c.seed])
         RunDir(m.cfg.out, config_to_dict(m.cfg), m.cfg.seed)  # the resolved config, as a single run records it
         members.append(m)
-    b = bar(total=members[0].loop.steps, desc=f"ensemble of {len(members)}")
+    b = bar(total=members[0].loop.total_steps, desc=f"ensemble of {len(members)}")
     net = unlearn_ensemble(members, out_dir / "ensemble-checkpoint", b, tuner=tuner)
     b.close()
     chosen = [] if tuner is None else [{"phase": ph, "step": st, "threads": n, "median_seconds": med}

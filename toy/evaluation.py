@@ -140,6 +140,21 @@ def fresh_forget_samples(data, n, cfg):
     return data.points[torch.randint(0, data.points.shape[0], (n,), generator=g)]
 
 
+def reported_lam(cfg: ToyConfig, problem: Problem, hist: dict, dual) -> tuple[np.ndarray, dict | None, float]:
+    """The multiplier a run reports (and settles its network at, ``toy.loop``): the Polyak average of
+    the last ``average_frac`` of the dual iterates; LU, whose lam is poorly identified (its constraint
+    is flat near lam*), the mean over the window derived from the dual loop's time constant
+    (``lam_window``, docs/toy.md). Returns ``(lam, window or None, dual gain)``."""
+    lam = averaged_lam(hist, dual, cfg.train.average_frac)
+    step_slopes = problem.slopes / np.asarray(problem.budgets) if cfg.dual.violation_scale == "log" else problem.slopes
+    gain = float(cfg.dual.lr * np.abs(step_slopes).max())
+    window = None
+    if cfg.problem == "likelihood" and cfg.algorithm == "primal_dual" and len(hist["lam"]) >= 2 and gain > 0:
+        window = lam_window(hist["lam"], gain)
+        lam = window["mean"]
+    return lam, window, gain
+
+
 def evaluate(cfg: ToyConfig, problem: Problem, trained: Trained, cache: dict | None = None) -> dict:
     """The summary of one run (a resolved ``cfg``): see the module docstring; writes ``samples.npy``
     into ``cfg.out``. ``cache`` shares the reference estimates of an ensemble's members."""
@@ -149,15 +164,7 @@ def evaluate(cfg: ToyConfig, problem: Problem, trained: Trained, cache: dict | N
     models, dual, hist, pmeta = trained.models, trained.dual, trained.hist, trained.pretrained_meta
     ev, n_eval = cfg.evaluation, cfg.evaluation.n_eval
     net = models.net.eval()
-    lam = averaged_lam(hist, dual, cfg.train.average_frac)
-    # LU: lam is poorly identified (its constraint is flat near lam*); report the mean over a window
-    # derived from the dual loop's time constant and check that lam settled there (docs/toy.md)
-    step_slopes = slopes / np.asarray(budgets) if cfg.dual.violation_scale == "log" else slopes
-    gain = float(cfg.dual.lr * np.abs(step_slopes).max())
-    window = None
-    if cfg.problem == "likelihood" and cfg.algorithm == "primal_dual" and len(hist["lam"]) >= 2 and gain > 0:
-        window = lam_window(hist["lam"], gain)
-        lam = window["mean"]
+    lam, window, gain = reported_lam(cfg, problem, hist, dual)
     n_c = ev.n_constraint // 5 if cfg.problem == "reverse_kl" else ev.n_constraint
     cons, cons_se = final_constraints(cfg.problem, net, models, cfg, n_c)
     # the same estimator on the pretrained model, against the exact value at p = q: how accurately a

@@ -53,6 +53,17 @@ class Member:
     dual: DualState
     hist: dict = field(default_factory=empty_history)
     run: RunDir | None = None
+    #: the multiplier the run reports, from its history (default: the Polyak average of the last
+    #: ``average_frac`` of the dual iterates); the settling steps train at it
+    reported_lam: Callable[["Member"], np.ndarray] | None = None
+
+    def settle_lam(self) -> torch.Tensor:
+        if self.reported_lam is not None:
+            lam = self.reported_lam(self)
+        else:
+            from toy.algorithms import averaged_lam
+            lam = averaged_lam(self.hist, self.dual, self.ctx.loop.average_frac)
+        return torch.as_tensor(np.asarray(lam, dtype=np.float64)).reshape(-1)
 
     def state_dict(self) -> dict:
         m = self.ctx.models
@@ -159,9 +170,10 @@ class Checkpoints:
 
 def train(members: list[Member], trainer, loop: LoopConfig, checkpoints: Checkpoints | None = None, progress=None,
           stop_after: int | None = None) -> None:
-    """Train every member for ``loop.steps`` steps (see the module docstring); histories go to
-    ``member.hist``. Resumes from ``checkpoints`` when one is there. ``stop_after`` ends early after
-    that many steps of this call (to test resumption)."""
+    """Train every member for ``loop.steps`` steps with its dual steps, then ``loop.settle_steps``
+    more at its reported multiplier held fixed and the final lr (see the module docstring); histories
+    go to ``member.hist``. Resumes from ``checkpoints`` when one is there. ``stop_after`` ends early
+    after that many steps of this call (to test resumption)."""
     M = len(members)
     flat = checkpoints is not None and checkpoints.flat and M == 1
     start = 0
@@ -171,19 +183,24 @@ def train(members: list[Member], trainer, loop: LoopConfig, checkpoints: Checkpo
         for m, s in zip(members, [ckpt] if flat else ckpt["members"]):
             m.load_state_dict(s)
         start = ckpt["step"]
+    total = loop.total_steps
     for m in members:
         if m.run is not None:
-            m.run.begin(start, loop.steps)  # also drops a killed attempt's rows when there was no checkpoint yet
+            m.run.begin(start, total)  # also drops a killed attempt's rows when there was no checkpoint yet
     for i, m in enumerate(members):
         if m.ctx.pool is not None and not m.ctx.pool.filled:
             trainer.fill(i, m.ctx.pool, m.ctx.gen)
     done_here = 0
-    for step in range(start, loop.steps):
+    fixed: list | None = None  # the settling phase's multipliers (a function of the history: resumable)
+    for step in range(start, total):
         t0 = time.perf_counter()
-        frac = loop.lr_final_frac + (1 - loop.lr_final_frac) * 0.5 * (1 + np.cos(np.pi * step / loop.steps))
+        settling = step >= loop.steps
+        if settling and fixed is None:
+            fixed = [m.settle_lam() for m in members]
+        frac = loop.lr_final_frac + (1 - loop.lr_final_frac) * 0.5 * (1 + np.cos(np.pi * min(step, loop.steps) / loop.steps))
         for group in trainer.opt.param_groups:
             group["lr"] = loop.lr * frac
-        batches = [m.algorithm.primal(m.ctx, m.dual.lam) for m in members]
+        batches = [m.algorithm.primal(m.ctx, fixed[i] if settling else m.dual.lam) for i, m in enumerate(members)]
         losses = trainer.losses(batches)
         objectives = [b.objective(ls) for b, ls in zip(batches, losses)]
         values = [float(o.detach()) for o in objectives]
@@ -192,9 +209,9 @@ def train(members: list[Member], trainer, loop: LoopConfig, checkpoints: Checkpo
                    for m, v in zip(members, values) if not np.isfinite(v)]
             raise FloatingPointError(f"non-finite loss at step {step}: {bad}; the last good checkpoint is kept"
                                      + (f" in {checkpoints.where}" if checkpoints is not None and checkpoints.where else ""))
-        total = objectives[0] if M == 1 else torch.stack(objectives).sum()
+        loss = objectives[0] if M == 1 else torch.stack(objectives).sum()
         trainer.opt.zero_grad(set_to_none=True)
-        total.backward()
+        loss.backward()
         trainer.opt.step()
         t1 = time.perf_counter()
         advancing = [i for i, m in enumerate(members) if m.ctx.pool is not None and step % loop.pool_every == 0]
@@ -205,7 +222,7 @@ def train(members: list[Member], trainer, loop: LoopConfig, checkpoints: Checkpo
         est_s = dual_s = 0.0
         for i, m in enumerate(members):
             measured = None
-            if m.algorithm.every and step % m.algorithm.every == 0:
+            if m.algorithm.every and not settling and step % m.algorithm.every == 0:
                 te = time.perf_counter()
                 m.ctx.net = trainer.model(i)
                 with trainer.eval_mode():
@@ -218,12 +235,14 @@ def train(members: list[Member], trainer, loop: LoopConfig, checkpoints: Checkpo
                 m.hist["measured"].append(measured.tolist())
                 m.hist["measured_se"].append(None if measured_se is None else measured_se.tolist())
             if m.run is not None:
-                row = {"loss": values[i], "lam": m.dual.lam.tolist()}
+                row = {"loss": values[i], "lam": (fixed[i] if settling else m.dual.lam).tolist()}
+                if settling:
+                    row["phase"] = "settle"
                 if measured is not None:
                     row["constraint"] = measured.tolist()
                 m.run.log_metrics(step, **row)
         share = 1.0 / M
-        for m in members:
+        for m in members if not settling else ():  # the per-step costs of the dual phase only
             m.hist["step_seconds"].append((t1 - t0) * share)
             m.hist["pool_seconds"].append((t2 - t1 - others) * share)
             m.hist["estimate_seconds"].append((others + est_s) * share)
@@ -233,7 +252,7 @@ def train(members: list[Member], trainer, loop: LoopConfig, checkpoints: Checkpo
             if M == 1:
                 progress.set_postfix(lam=", ".join(f"{v:.4g}" for v in members[0].dual.lam.tolist()), refresh=False)
         done_here += 1
-        if checkpoints is not None and ((step + 1) % loop.checkpoint_every == 0 or step + 1 == loop.steps):
+        if checkpoints is not None and ((step + 1) % loop.checkpoint_every == 0 or step + 1 in (loop.steps, total)):
             state = {**trainer.state_dict(), "step": step + 1}
             if flat:
                 state.update(members[0].state_dict())
@@ -246,13 +265,14 @@ def train(members: list[Member], trainer, loop: LoopConfig, checkpoints: Checkpo
 
 def unlearn(problem: str, algorithm_name: str, models: Models, dual: DualState, cfg: LoopConfig,
             run: RunDir, gen: torch.Generator, variant: str = "likelihood", lu_estimator: str = "exact",
-            progress=None, stop_after: int | None = None) -> dict:
+            progress=None, stop_after: int | None = None, reported_lam=None) -> dict:
     """Train ``models.net`` with row ``(problem, algorithm_name)``; multipliers live in ``dual``
     (fixed for baselines and dual-only, where ``dual.lr_dual`` is 0). Resumes from ``run``'s
     checkpoint when present (same result as an uninterrupted run: all RNG states are checkpointed).
     Returns the history: ``lam`` (dual steps, m), ``measured``, ``step_seconds`` and ``dual_seconds``
     per step. ``stop_after`` ends early after that many steps of this call (to test resumption)."""
     member = make_member(problem, algorithm_name, models, dual, cfg, gen, variant, lu_estimator, run)
+    member.reported_lam = reported_lam
     trainer = NetworkTrainer(models.net, models.frozen, cfg.lr)
     train([member], trainer, cfg, Checkpoints(run.load_checkpoint, run.save_checkpoint, str(run.checkpoint_path)),
           progress, stop_after)

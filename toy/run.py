@@ -34,7 +34,7 @@ from toy.core.runs import CheckpointStore, RunDir, clear_run_dir
 from toy.sampling import ddpm_sample
 from toy.config import ToyConfig, resolve_problem, schedule
 from toy.core.seeding import derive_seed, seeded_generator
-from toy.evaluation import Trained, evaluate, surrogate_reference
+from toy.evaluation import Trained, evaluate, reported_lam, surrogate_reference
 from toy.figures import draw_figure
 
 log = logging.getLogger(__name__)
@@ -141,20 +141,21 @@ def _run(cfg: ToyConfig, problem: Problem, progress: bool, stop_after: int | Non
     problem = replace(problem, lam_surrogate=surrogate_reference(cfg, problem, out / "surrogate_reference.json"))
 
     dual = initial_dual(cfg, problem)
-    bar_un = bar(total=cfg.train.steps, desc=f"{cfg.problem} {cfg.algorithm}")
+    bar_un = bar(total=cfg.train.total_steps, desc=f"{cfg.problem} {cfg.algorithm}")
     ckpt = rd.load_checkpoint()
     if ckpt is not None:
         bar_un.update(ckpt["step"])
     try:
         hist = unlearn(cfg.problem, cfg.algorithm, models, dual, cfg.train, rd, seeded_generator(cfg.seed, "unlearn"),
-                       cfg.variant, cfg.dual.lu_estimator, bar_un, stop_after)
+                       cfg.variant, cfg.dual.lu_estimator, bar_un, stop_after,
+                       reported_lam=lambda m: reported_lam(cfg, problem, m.hist, m.dual)[0])
     except FloatingPointError as exc:
         raise FloatingPointError(f"{exc}; the run stopped and the last good checkpoint "
                                  f"({rd.checkpoint_path}) was kept") from exc
     finally:
         bar_un.close()
     done = rd.load_checkpoint()["step"]
-    if done < cfg.train.steps:  # interrupted on purpose (stop_after): no summary yet
+    if done < cfg.train.total_steps:  # interrupted on purpose (stop_after): no summary yet
         return {"interrupted_at": done}
 
     summary = evaluate(cfg, problem, Trained(models, dual, hist, pmeta))
