@@ -26,6 +26,7 @@ from toy.core.dual import DualState, dual_domain
 from toy.models import EpsMLP, MixtureEps
 from toy.pretrain import PointData, train_denoiser
 from toy.core.runs import RunDir
+from toy.core.seeding import derive_seed, seeded_generator
 from toy.sampling import ddpm_sample
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ class FiniteSetResult:
 def retrain(net: EpsMLP, points, ab, steps: int, batch: int, lr: float, seed: int, lr_final_frac: float) -> EpsMLP:
     """Plain DSM on ``points`` from ``net``'s weights, with ``unlearn``'s optimiser and lr schedule."""
     net = copy.deepcopy(net).train().requires_grad_(True)
-    data = PointData(points, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
+    data = PointData(points, derive_seed(seed, "retrain:data"))
+    gen = seeded_generator(seed, "retrain:noise")
     from toy.core.objectives import denoising_loss
     from toy.core.diffusion import noised
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -75,26 +76,27 @@ def finite_set_experiment(points, forget_idx: list[int], ab, out: Path, seed: in
     keep = [i for i in range(n) if i not in set(forget_idx)]
     ab = torch.as_tensor(ab, dtype=torch.float32)
     if pretrained is None:
-        torch.manual_seed(seed)
+        torch.manual_seed(derive_seed(seed, "pretrain:init"))
         pretrained = EpsMLP(points.shape[1], hidden, 3, 32, ab.shape[0])
-        train_denoiser(pretrained, PointData(points, seed), ab, pretrain_steps, batch, 2e-3,
-                       torch.Generator().manual_seed(seed + 7))
+        train_denoiser(pretrained, PointData(points, derive_seed(seed, "pretrain:data")), ab, pretrain_steps, batch, 2e-3,
+                       seeded_generator(seed, "pretrain:noise"))
     pretrained.eval().requires_grad_(False)
     net = copy.deepcopy(pretrained).train().requires_grad_(True)
     upper = np.asarray(dual_domain("forward_kl", len(forget_idx), n_train=n).upper)
     fixed = algorithm == "siss"
     b = np.zeros(len(forget_idx)) if budgets is None else np.asarray(budgets, dtype=np.float64)
     dual = DualState("forward_kl", b, 0.0 if fixed else lr_dual, upper if fixed else None, upper)
-    models = Models(net=net, frozen=pretrained, forget=[], retain_data=PointData(points, seed + 2),
-                    forget_data=[PointData(points[i:i + 1], seed + 3 + k) for k, i in enumerate(forget_idx)],
+    models = Models(net=net, frozen=pretrained, forget=[], retain_data=PointData(points, derive_seed(seed, "retain")),
+                    forget_data=[PointData(points[i:i + 1], derive_seed(seed, f"forget{k}"))
+                                 for k, i in enumerate(forget_idx)],
                     alphas_cumprod=ab, forget_exact=[MixtureEps.from_points(points[i:i + 1], ab) for i in forget_idx])
     loop = LoopConfig(steps=steps, batch=batch, forget_batch=forget_batch or batch, lr=lr, checkpoint_every=steps,
                       dual_every=10, lr_final_frac=0.1, pool_frac=0.0, target="composed", estimate="pool", pool_every=1,
                       settle_frac=0.0)  # SISS is fixed, and primal-dual here rides the domain edge lam = 1/n
     unlearn("forward_kl", "primal_dual" if not fixed else "siss", models, dual, loop, RunDir(out, {"n": n}, seed),
-            torch.Generator().manual_seed(seed + 5))
-    r1 = retrain(pretrained, points[keep], ab, steps, batch, lr, seed + 11, 0.1)
-    r2 = retrain(pretrained, points[keep], ab, steps, batch, lr, seed + 23, 0.1)
+            seeded_generator(seed, "unlearn"))
+    r1 = retrain(pretrained, points[keep], ab, steps, batch, lr, derive_seed(seed, "retrain"), 0.1)
+    r2 = retrain(pretrained, points[keep], ab, steps, batch, lr, derive_seed(seed, "retrain:other-seed"), 0.1)
     return FiniteSetResult(pretrained, net.eval(), r1, r2, dual.lam.numpy().copy(), upper)
 
 
@@ -106,7 +108,7 @@ def mass_near(x: torch.Tensor, point, radius: float) -> float:
 def compare_to_retraining(res: FiniteSetResult, points, forget_idx, ab, n_samples: int, seed: int, radius: float) -> dict:
     """Samples of every model; distances of the unlearned and of the other-seed retrained model to
     the retrained one; mass near the forgotten points."""
-    g = lambda k: torch.Generator().manual_seed(seed + k)  # noqa: E731
+    g = lambda k: seeded_generator(seed, f"compare:{k}")  # noqa: E731
     xs = {name: ddpm_sample(m, n_samples, ab, g(i)) for i, (name, m) in enumerate(
         [("pretrained", res.pretrained), ("unlearned", res.unlearned), ("retrained", res.retrained),
          ("retrained_other_seed", res.retrained_other_seed)])}
