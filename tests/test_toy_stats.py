@@ -194,6 +194,28 @@ def test_lam_window_is_derived_from_the_gain_and_its_drift_error_matches_monte_c
         lam_window(x[0][:, None], 0)
 
 
+def test_reported_lam_stderr_matches_monte_carlo_over_ar1_trajectories():
+    """``lam_stderr``: the standard error of the window mean ``sd sqrt(2 tau / W)`` against the spread
+    of the mean over 400 AR(1) trajectories of correlation time tau (RU's loop: tau = 1/0.3, the last
+    25% of 150 dual steps; FU's: tau = 50, the last 25% of 3000): ratio within [0.7, 1.4]; a window
+    shorter than 2 tau gives sd; fixed multipliers give 0. (LU's window is 1.8 tau long: there the
+    residual sd about the fitted line underestimates the noise and the se comes out 1.6x small, a
+    stricter constraint check; docs/toy.md.)"""
+    from toy.algorithms import lam_stderr
+    rng = np.random.default_rng(1)
+    for gain, n, start in ((0.3, 150, 150 - 38), (0.02, 3000, 2250)):
+        tau = 1 / gain
+        x = 0.13 + _ar1(rng, n, tau, 0.006, 400)
+        means = x[:, start:].mean(1)
+        ses = np.array([lam_stderr(xi[:, None], gain, start)[0] for xi in x])
+        assert 0.7 <= means.std() / ses.mean() <= 1.4, (gain, means.std(), ses.mean())
+    short = lam_stderr(x[0][:, None], 0.01, x.shape[1] - 10)  # W = 10 < 2 tau = 200: the residual sd itself
+    tail = x[0, -10:]
+    resid = tail - np.polyval(np.polyfit(np.arange(10), tail, 1), np.arange(10))
+    np.testing.assert_allclose(short[0], np.sqrt((resid ** 2).sum() / 8), rtol=1e-9)
+    assert lam_stderr(x[0][:, None], 0.0, 100)[0] == 0.0 and lam_stderr(x[0][:2, None], 0.3, 0)[0] == 0.0
+
+
 def test_ru_primal_targets_are_the_composed_surrogate_at_eta_of_lam():
     """The regression target the RU primal step trains towards (single run and ensemble), checked
     against theory's surrogate eps at lam (``reverse_kl_target(...).surrogate_eps``, the composed
@@ -264,8 +286,8 @@ def test_ru_training_loops_pass_eta_of_lam_to_the_composed_target(tmp_path, monk
 #: tolerance is derived from the run's own estimates (the network's error at p = q, standard
 #: errors, noise floors), so the checks keep their meaning at this size. FU passes them at five
 #: seeds; LU and RU do not at 1000 steps (measured: LU misses the constraint at 3 of 5 seeds — its
-#: dual loop needs 3 tau ~ 1900 steps to settle; RU one seed each), so LU runs at the default size
-#: below (five seeds, one ensemble) and RU's five-seed ensemble is slow (it fails at two seeds).
+#: dual loop needs 3 tau ~ 1900 steps to settle; RU one seed each), so LU and RU run at the default
+#: size below (five seeds, one ensemble of 15 members).
 SMALL = {"model.hidden": 64, "pretrain.steps": 1500, "train.steps": 1000, "evaluation.n_eval": 1000,
          "evaluation.n_constraint": 4000, "evaluation.n_reference": 1000, "train.checkpoint_every": 1000}
 SEEDS = (0, 1, 2, 3, 4)
@@ -308,28 +330,35 @@ def test_baselines_land_on_the_law_their_target_defines(small_ensemble, algorith
     assert r["verdict"]["passed"], r["verdict"]["failed"]
 
 
-def test_lu_primal_dual_meets_its_checks_at_five_seeds(tmp_path_factory):
-    """LU at the default configuration over five seeds (each its own pretrained network), one
-    ensemble: lam within its derived tolerance and settled over its window, the constraint within
-    3 se, the distance within the noise bound, at every seed."""
+@pytest.fixture(scope="module")
+def default_size_ensemble(tmp_path_factory):
+    """LU and RU (both primal targets) primal-dual at the default configuration and budget over five
+    seeds, one ensemble of 15 members (each seed its own pretrained network, shared by its three)."""
     from toy.sweep import run_sweep
-    res = run_sweep(tmp_path_factory.mktemp("seeds-lu"), ToyConfig(), problems=("likelihood",),
-                    budgets=_default_budgets(["likelihood"]), seeds=SEEDS, baselines=False, figure=False)
-    assert sorted(r["seed"] for r in res["records"]) == list(SEEDS)
-    failed = {r["seed"]: r["verdict"]["failed"] for r in res["records"] if not r["verdict"]["passed"]}
+    res = run_sweep(tmp_path_factory.mktemp("seeds-default"), ToyConfig(), problems=("reverse_kl", "likelihood"),
+                    budgets=_default_budgets(["reverse_kl", "likelihood"]), seeds=SEEDS, baselines=False,
+                    figure=False)
+    return res["records"]
+
+
+def test_lu_primal_dual_meets_its_checks_at_five_seeds(default_size_ensemble):
+    """LU at the default configuration over five seeds: lam within its derived tolerance and settled
+    over its window, the constraint within 3 se, the distance within the noise bound, at every seed."""
+    rs = [r for r in default_size_ensemble if r["problem"] == "likelihood"]
+    assert sorted(r["seed"] for r in rs) == list(SEEDS)
+    failed = {r["seed"]: r["verdict"]["failed"] for r in rs if not r["verdict"]["passed"]}
     assert not failed, failed
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("target", ["reweighted", "composed"])
-def test_ru_primal_dual_meets_its_checks_at_five_seeds(tmp_path_factory, target):
-    """RU at the default configuration over five seeds, one ensemble (both targets). Measured: RU
-    does not pass — composed misses the constraint by 4.5 se (and its distance) at seed 4,
-    reweighted the constraint by 6 se at seed 3 and the distance at seed 4: RU's seed-to-seed spread
-    is wider than the per-run tolerances derived at seed 0 (docs/toy.md)."""
-    from toy.sweep import run_sweep
-    res = run_sweep(tmp_path_factory.mktemp(f"seeds-ru-{target}"), ToyConfig(), problems=("reverse_kl",),
-                    budgets=_default_budgets(["reverse_kl"]), seeds=SEEDS, baselines=False, figure=False)
-    rs = [r for r in res["records"] if r["target"] == target]
+def test_ru_primal_dual_meets_its_checks_at_five_seeds(default_size_ensemble, target):
+    """RU at the default configuration over five seeds, both targets. Two things made it pass (it
+    failed at seeds 3 and 4 before, docs/toy.md): the final network is settled at the reported
+    multiplier (the constraint had tracked the last, noisy dual iterate: off by 0.5-0.8 nats), and
+    the constraint's tolerance carries the reported multiplier's own standard error through the
+    constraint's slope (``lam_stderr``; measured spread of the end-of-run constraint across the ten
+    members 0.18 nats against estimate errors of 0.06-0.11)."""
+    rs = [r for r in default_size_ensemble if r["problem"] == "reverse_kl" and r["target"] == target]
+    assert sorted(r["seed"] for r in rs) == list(SEEDS)
     failed = {r["seed"]: r["verdict"]["failed"] for r in rs if not r["verdict"]["passed"]}
     assert not failed, failed

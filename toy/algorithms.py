@@ -457,3 +457,23 @@ def lam_window(lam_hist, gain: float) -> dict:
     settled = bool(np.all(np.abs(drift) <= 3.0 * drift_se + 1e-12))
     return {"start": n - length, "length": length, "tau": tau, "mean": w.mean(0), "drift": drift,
             "drift_se": drift_se, "settled": settled}
+
+
+def lam_stderr(lam_hist, gain: float, start: int) -> np.ndarray:
+    """Standard error (m,) of the mean of the dual iterates ``lam_hist[start:]`` (the reported
+    multiplier), for noise of correlation time ``tau = 1/gain`` dual steps (``lam_window``): the mean
+    of W values of an AR(1) sequence has variance ``sd^2 2 tau / W`` (sd of the residuals about a
+    straight line through the window, so a trend does not inflate it); at most ``sd`` when the window
+    is shorter than 2 tau. 0 for fixed multipliers (gain 0 or fewer than 3 iterates)."""
+    lam = np.asarray(lam_hist, dtype=np.float64)
+    if lam.ndim != 2 or lam.shape[0] - start < 3 or not gain > 0:
+        return np.zeros(lam.shape[1] if lam.ndim == 2 else 1)
+    w = lam[start:]
+    W = w.shape[0]
+    tau = 1.0 / min(gain, 1.0)
+    s_ = np.arange(W, dtype=np.float64) - 0.5 * (W - 1)
+    slope = (s_[:, None] * (w - w.mean(0))).sum(0) / (s_ * s_).sum()
+    resid = w - w.mean(0) - s_[:, None] * slope
+    sd = np.sqrt((resid ** 2).sum(0) / (W - 2))
+    return sd * min(1.0, np.sqrt(2.0 * max(tau, 1.0) / W))
+

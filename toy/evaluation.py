@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toy.algorithms import Models, averaged_lam, elbo_constraint_terms, lam_window
+from toy.algorithms import Models, averaged_lam, elbo_constraint_terms, lam_stderr, lam_window
 from toy.core.dual import DualState
 from toy.distances import energy_distance
 from toy.models import ComposedEps, GibbsTiltEps, MixtureEps, constraint_function
@@ -165,6 +165,12 @@ def evaluate(cfg: ToyConfig, problem: Problem, trained: Trained, cache: dict | N
     ev, n_eval = cfg.evaluation, cfg.evaluation.n_eval
     net = models.net.eval()
     lam, window, gain = reported_lam(cfg, problem, hist, dual)
+    # the reported lam's own uncertainty, carried to the constraint through its slope at lam*: the
+    # final network is settled at lam (toy.loop), so its constraint differs from the budget by the
+    # estimate's error and by slope x (lam - the root), whose spread this is (docs/toy.md)
+    n_dual = len(hist["lam"])
+    start = window["start"] if window is not None else n_dual - max(1, int(round(cfg.train.average_frac * n_dual)))
+    lam_se = lam_stderr(hist["lam"], gain, start) if cfg.algorithm == "primal_dual" else np.zeros(len(budgets))
     n_c = ev.n_constraint // 5 if cfg.problem == "reverse_kl" else ev.n_constraint
     cons, cons_se = final_constraints(cfg.problem, net, models, cfg, n_c)
     # the same estimator on the pretrained model, against the exact value at p = q: how accurately a
@@ -202,6 +208,8 @@ def evaluate(cfg: ToyConfig, problem: Problem, trained: Trained, cache: dict | N
         "pretrained_constraint_values": pre_cons, "pretrained_constraint_stderr": pre_se,
         "q_constraint_values": q_cons, "exact_score_constraint_values": ex_cons, "constraint_tolerance": delta_c,
         "constraint_violation": _violation(cfg.problem, cons, budgets),
+        "lam_stderr": lam_se, "constraint_stderr_from_lam": np.abs(slopes) * lam_se,
+        "constraint_stderr_total": np.sqrt(np.asarray(cons_se) ** 2 + (np.abs(slopes) * lam_se) ** 2),
         "lam_window": window, "dual_gain": gain, "threads": cfg.threads,
         "steps": cfg.train.steps, "dual_steps": len(hist["lam"]), "constraint_estimator": constraint_estimator(cfg),
         "pool_every": cfg.train.pool_every, "pool_chains": cfg.train.pool_chains,

@@ -81,6 +81,7 @@ def member_record(cfg, summary: dict) -> dict:
         "lam_reference": summary.get("lam_reference"), "lam_reference_source": summary.get("lam_reference_source"),
         "lam_tolerance_interval": summary.get("lam_tolerance_interval"),
         "constraint_values": summary["constraint_values"], "constraint_stderr": summary["constraint_stderr"],
+        "lam_stderr": summary.get("lam_stderr"), "constraint_stderr_total": summary.get("constraint_stderr_total"),
         "constraint_violation": summary["constraint_violation"],
         "objective_estimate": summary.get("objective_estimate"), "objective_stderr": summary.get("objective_stderr"),
         "target_objective_star": summary.get("target_objective_star"),
