@@ -153,6 +153,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tiny_pretrained, problem
     assert [r["step"] for r in rows] == list(range(44))  # 40 steps with dual steps, 4 settling
     assert [r.get("phase") for r in rows[40:]] == ["settle"] * 4
     assert all(r["lam"] == rows[40]["lam"] for r in rows[40:])
+    np.testing.assert_allclose(rows[40]["lam"], full["lam"], rtol=1e-12)  # settled at the reported lam
 
 
 @pytest.mark.parametrize("bad_value, message", [(float("nan"), "non-finite constraint estimate"),
