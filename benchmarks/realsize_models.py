@@ -63,9 +63,9 @@ def build_celebahq_ddpm(path: Path, sample_size: int = 32, n_images: int = 16, s
 
 def sd_config(model: Path, budget: float = 1.0) -> str:
     return f"""model = "{model}"
-method = "ru"
+method = "reverse_kl"
 concepts = ["van gogh"]
-retain_prompts = []                # as configs/sd_ru.toml (the tiny pre-flight tests cover retain prompts)
+retain_prompts = []                # as configs/sd_reverse_kl.toml (the tiny pre-flight tests cover retain prompts)
 budgets = [{budget!r}]
 lr_dual = 0.01
 sample_steps = 10
@@ -83,7 +83,7 @@ mixed_precision = "no"
 
 def ddpm_config(model: Path, imgs: Path, budget_factor: float = 1.05) -> str:
     return f"""model = "{model}"
-method = "fu"
+method = "forward_kl"
 train_dir = "{imgs}"
 forget = ["000.png", "001.png"]
 budget_factor = {budget_factor!r}
@@ -105,6 +105,6 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     build_sd_v1(out / "sd")
     model, imgs = build_celebahq_ddpm(out / "ddpm")
-    (out / "sd_ru.toml").write_text(sd_config(out / "sd"))
-    (out / "celebahq_fu.toml").write_text(ddpm_config(model, imgs))
+    (out / "sd_reverse_kl.toml").write_text(sd_config(out / "sd"))
+    (out / "celebahq_forward_kl.toml").write_text(ddpm_config(model, imgs))
     print(out)

@@ -259,7 +259,7 @@ def concept_snapshot(run_dir, models, trainable, cfg, budgets, n: int = 4, steps
 
 
 def data_snapshot(run_dir, unet, alphas_cumprod, forget_images: torch.Tensor, retained_images: torch.Tensor,
-                  budgets, n_train: int, n_samples: int = 4, steps: int = 10, method: str = "fu") -> Snapshot | None:
+                  budgets, n_train: int, n_samples: int = 4, steps: int = 10, method: str = "forward_kl") -> Snapshot | None:
     """Grids for a data run: Tweedie reconstructions at the middle of the diffusion of each forget
     image and of the given retained images, and ``n_samples`` unconditional samples (``steps`` sampler
     steps), before vs after; ``None`` inside ``disabled()``."""
@@ -281,7 +281,7 @@ def data_snapshot(run_dir, unet, alphas_cumprod, forget_images: torch.Tensor, re
         s = _sample(eps_fn, shape, alphas_cumprod, steps, n_samples, GRID_SEED + 2, dev).clamp(-1, 1)
         return [forget_images.cpu(), rec_f, retained_images.cpu(), rec_r, s]
 
-    lam_label = "n * lam" if method == "fu" else "n * lam (fixed)"
+    lam_label = "n * lam" if method == "forward_kl" else "n * lam (fixed)"
     return Snapshot(run_dir, lambda: (draw(), names), draw, budgets,
                     [f"forget {i}" for i in range(forget_images.shape[0])], lam_scale=float(n_train), lam_label=lam_label,
                     title=f"{method}: before vs after (denoised from t={t_mid}; samples: {steps} sampler steps)")

@@ -99,19 +99,19 @@ def calibrate_concept(cfg, models, trainable, acc, draws: int = 1) -> dict:
     dual = initial_dual(cfg) if cfg.method != "esd" else DualState("reverse_kl", torch.zeros(m), 0.0)
     out: dict = {"kind": "concept", "method": cfg.method, "concepts": list(cfg.concepts),
                  "sample_steps": cfg.sample_steps, "batch": B, "draws": draws}
-    if cfg.method == "lu":
+    if cfg.method == "likelihood":
         step0 = _concept_estimates(task, dual, draws, B, dual_only=False)
         out["step0"], out["step0_se"] = grouped_mean_se(step0, step0.shape[1])
     else:  # every trainable mode starts at the pretrained weights: p = q_i under c_i, KL = 0 exactly
         out["step0"], out["step0_se"] = np.zeros(m), np.zeros(m)
-    if cfg.method == "lu":
-        from scale.diffusion import lu_weight
+    if cfg.method == "likelihood":
+        from scale.diffusion import likelihood_weight
 
-        out["quantity"] = f"E_p[g] ({cfg.lu_constraint}) at the pretrained model"
+        out["quantity"] = f"E_p[g] ({cfg.likelihood_constraint}) at the pretrained model"
         out["scale"], out["scale_se"] = out["step0"], out["step0_se"]
-        # g = r is clamped below at exp(-lu_log_ratio_max); g = log r is unclamped and unbounded below
-        lo = (float(lu_weight(torch.tensor([-1e9]), cfg.lu_constraint, cfg.lu_log_ratio_max)[0][0])
-              if cfg.lu_constraint == "likelihood_ratio" else -math.inf)
+        # g = r is clamped below at exp(-likelihood_log_ratio_max); g = log r is unclamped and unbounded below
+        lo = (float(likelihood_weight(torch.tensor([-1e9]), cfg.likelihood_constraint, cfg.likelihood_log_ratio_max)[0][0])
+              if cfg.likelihood_constraint == "likelihood_ratio" else -math.inf)
         out["achievable"] = [[lo, float(v)] for v in out["step0"]]
         out["direction"] = "upper"  # E_p[g] <= budget
         return out
@@ -183,12 +183,12 @@ def config_budgets(kind: str, cfg, cal: dict) -> np.ndarray | None:
     return np.asarray(b * (m if len(b) == 1 else 1), dtype=float)
 
 
-def suggest_budgets(cal: dict, lu_constraint: str = "") -> list[list[float]]:
+def suggest_budgets(cal: dict, likelihood_constraint: str = "") -> list[list[float]]:
     """Budgets as multiples of the measured scale, inside the achievable range, per constraint."""
     out = []
     for k, (s, (lo, hi)) in enumerate(zip(np.asarray(cal["scale"], dtype=float), cal["achievable"])):
-        if cal["kind"] == "concept" and cal["method"] == "lu":
-            if lu_constraint == "log_likelihood_ratio":
+        if cal["kind"] == "concept" and cal["method"] == "likelihood":
+            if likelihood_constraint == "log_likelihood_ratio":
                 cands = [s - f * max(abs(s), 1e-12) for f in (0.5, 1.0, 2.0)]
             else:
                 cands = [f * s for f in (0.5, 0.25, 0.1)]

@@ -60,7 +60,7 @@ def initial_multipliers(kind: str, cfg, m: int, n: int) -> tuple[np.ndarray, flo
 
         d = initial_dual(cfg)
         return d.lam.numpy(), d.lr_dual, None, d.sum_max
-    if cfg.method == "fu":
+    if cfg.method == "forward_kl":
         from toy.core.dual import dual_domain
 
         return np.zeros(m), cfg.lr_dual / n, np.asarray(dual_domain("forward_kl", m, n_train=n).upper), None

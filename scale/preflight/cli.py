@@ -41,7 +41,7 @@ def main_calibrate(args) -> int:
     kind, cfg = load_run_config(args.config, args.set, args.kind, placeholder_budgets=True)
     cal, _ = calibrate(kind, cfg, args.draws)
     budgets = config_budgets(kind, cfg, cal) if _has_budgets(args.config, args.set, kind) else None
-    suggestions = suggest_budgets(cal, getattr(cfg, "lu_constraint", ""))
+    suggestions = suggest_budgets(cal, getattr(cfg, "likelihood_constraint", ""))
     print(calibration_table(cal, budgets, suggestions))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ def unet_evals_per_step(kind: str, cfg, m_forget: int = 1) -> float:
         per_image = (S - 1) + (1 + m) + 3
         if cfg.retain_prompts:
             per_image += (S - 1) + 1 + 3
-        if cfg.method == "lu":
+        if cfg.method == "likelihood":
             per_image += cfg.classifier_draws * (1 + m)
         return float(B * per_image)
     m = m_forget

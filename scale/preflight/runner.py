@@ -47,7 +47,7 @@ def _preflight_config(kind: str, cfg, opts: PreflightOptions, out: Path, gpu: bo
     kw = {"out": str(out), "train": train}
     if kind == "concept":
         kw["sample_steps"] = opts.sample_steps or (cfg.sample_steps if gpu else min(cfg.sample_steps, 4))
-        if cfg.method == "ru_dual_only":
+        if cfg.method == "reverse_kl_dual_only":
             kw["dual_only_steps"] = 1
     return replace(cfg, **kw)
 
@@ -99,7 +99,7 @@ def preflight(config_file: str | None, overrides: list[str] | None = None, opts:
                         f"({counts['trainable_modules']})", f"dtype {'/'.join(counts['dtypes'])}, "
                         f"mixed precision {counts['mixed_precision']}", counts["trainable"] > 0))
     budgets = config_budgets(kind, cfg, cal)
-    suggestions = suggest_budgets(cal, getattr(cfg, "lu_constraint", ""))
+    suggestions = suggest_budgets(cal, getattr(cfg, "likelihood_constraint", ""))
     record["calibration"] = cal | {"budgets": budgets, "suggested_budgets": suggestions}
     bchecks = budget_checks(cal, budgets)
     checks += bchecks
@@ -149,7 +149,7 @@ def preflight(config_file: str | None, overrides: list[str] | None = None, opts:
             evals_pre = unet_evals_per_step(kind, pcfg, len(cal["step0"]))
             evals_full = unet_evals_per_step(kind, cfg, len(cal["step0"]))
             mem_fixed = (counts["param_bytes"] + counts["optimizer_bytes"]) / 2 ** 20
-            steps_full = cfg.train.steps + (cfg.dual_only_steps if kind == "concept" and cfg.method == "ru_dual_only" else 0)
+            steps_full = cfg.train.steps + (cfg.dual_only_steps if kind == "concept" and cfg.method == "reverse_kl_dual_only" else 0)
             proj = project_run(step_seconds=t_step, evals_measured=evals_pre, evals_full=evals_full,
                                pixels_measured=R * R, pixels_full=native * native, processes=opts.processes,
                                steps_full=steps_full, mem_base_mib=mem_base, mem_fixed_mib=mem_fixed,

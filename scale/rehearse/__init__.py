@@ -24,14 +24,14 @@ verdicts), ``runner`` (``run``: the whole rehearsal).
 
 from scale.rehearse.config import PRESETS, PRETRAIN_KEYS, PROMPT, SIZES, RehearseConfig
 from scale.rehearse.digits import DigitClassifier, DigitFeatures, load_digits_tensor, to_pixels, train_classifier
-from scale.rehearse.evaluation import (evaluate_concept, evaluate_ddpm, fixed_draw_losses, fu_budgets,
+from scale.rehearse.evaluation import (evaluate_concept, evaluate_ddpm, fixed_draw_losses, forward_kl_budgets,
                                        kid_standard_error, memorisation_gap)
 from scale.rehearse.pretrain import lr_schedule, pretrain_concept_model, pretrain_ddpm
 from scale.rehearse.report import VERDICT_RULES, method_verdict, render_report
-from scale.rehearse.runner import calibrate_ru_budget, run
+from scale.rehearse.runner import calibrate_reverse_kl_budget, run
 
 __all__ = ["PRESETS", "PRETRAIN_KEYS", "PROMPT", "SIZES", "RehearseConfig", "DigitClassifier", "DigitFeatures",
            "load_digits_tensor", "to_pixels", "train_classifier", "evaluate_concept", "evaluate_ddpm",
-           "fixed_draw_losses", "fu_budgets", "kid_standard_error", "memorisation_gap", "lr_schedule",
+           "fixed_draw_losses", "forward_kl_budgets", "kid_standard_error", "memorisation_gap", "lr_schedule",
            "pretrain_concept_model", "pretrain_ddpm", "VERDICT_RULES", "method_verdict", "render_report",
-           "calibrate_ru_budget", "run"]
+           "calibrate_reverse_kl_budget", "run"]

@@ -44,7 +44,7 @@ def evaluate_concept(models, unet, clf, feat, x_real, y_real, cfg: RehearseConfi
 
 
 def evaluate_ddpm(unet, scheduler, x_forget, x_retain, feat, cfg: RehearseConfig, seed: int) -> dict:
-    """Denoising losses on seeded systematic draws (``fu_eval_draws`` per forget image, 64 per retained
+    """Denoising losses on seeded systematic draws (``data_eval_draws`` per forget image, 64 per retained
     image; paired across models), nearest-neighbour distances of generated images, KID to the
     training images."""
     ab = scheduler.alphas_cumprod.double()
@@ -55,7 +55,7 @@ def evaluate_ddpm(unet, scheduler, x_forget, x_retain, feat, cfg: RehearseConfig
     nn_forget = nearest_neighbour_similarity(gen, x_forget)["nn_l2"]
     nn_retain = nearest_neighbour_similarity(gen, x_retain)["nn_l2"]
     return {
-        "forget_loss": fixed_draw_losses(unet, x_forget, ab, cfg.fu_eval_draws, seed).double().mean(0).tolist(),
+        "forget_loss": fixed_draw_losses(unet, x_forget, ab, cfg.data_eval_draws, seed).double().mean(0).tolist(),
         "retain_loss": float(fixed_draw_losses(unet, x_retain, ab, 64, seed + 1).double().mean()),
         "nn_l2_forget": nn_forget, "nn_l2_retain_mean": float(np.mean(nn_retain)),
         "kid_train": kid(x_retain, gen, feat, subset_size=min(100, x_retain.shape[0], n), seed=seed)[0],
@@ -110,7 +110,7 @@ def memorisation_gap(unet, alphas_cumprod, x_retain, x_heldout, draws: int, seed
             "gap": float(l_h.mean() - l_r.mean()), "gap_se": se}
 
 
-def fu_budgets(loss_forget_pre: torch.Tensor, gap: float, fraction: float) -> torch.Tensor:
+def forward_kl_budgets(loss_forget_pre: torch.Tensor, gap: float, fraction: float) -> torch.Tensor:
     """FU budgets ``b_i = l_i(pretrained) + fraction * G`` (docs/scale.md "Offline rehearsal"): raise each
     forget image's denoising loss by ``fraction`` of the memorisation gap ``G``. ``fraction = 1`` asks
     for the loss of an average unseen image, about what retraining without the image gives

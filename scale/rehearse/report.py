@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scale.names import CONCEPT_METHODS
+
 def _kid_text(mean: float, se: float | None) -> str:
     """``1.2e-03 +- 4.0e-04``: a KID near zero is only meaningful next to its standard error."""
     return f"{mean:.1e}" + ("" if se is None else f" +- {se:.1e}")
@@ -45,7 +47,7 @@ def render_report(s: dict) -> str:
                              f"{np.round(np.asarray(r['lam_times_n'], dtype=float), 3).tolist()} | {_verdict_text(r.get('verdict'))} |")
         if "memorisation" in s:
             mem = s["memorisation"]
-            lines += ["", f"FU budgets ({s['fu_budget_rule']}): memorisation gap = held-out {mem['heldout_loss']:.4f} - "
+            lines += ["", f"FU budgets ({s['forward_kl_budget_rule']}): memorisation gap = held-out {mem['heldout_loss']:.4f} - "
                       f"retained {mem['retain_loss']:.4f} = {mem['gap']:.4f} (se {mem['gap_se']:.4f}); "
                       f"forget losses ({mem['draws']} fixed draws) {np.round(mem['forget_loss_pre'], 4).tolist()}, "
                       f"budgets {np.round(mem['budgets'], 4).tolist()}", "",
@@ -71,12 +73,12 @@ def render_report(s: dict) -> str:
 
 #: what each method's verdict checks (``method_verdict``)
 VERDICT_RULES = {
-    "ru/ru_dual_only": "unlearned-digit accuracy <= 0.25 x pretrained, retained accuracy >= pretrained - 0.1, "
+    "reverse_kl/reverse_kl_dual_only": "unlearned-digit accuracy <= 0.25 x pretrained, retained accuracy >= pretrained - 0.1, "
                        "constraint (last 10) >= budget - 3 se",
-    "lu": "unlearned-digit accuracy <= 0.25 x pretrained, retained accuracy >= pretrained - 0.1, "
+    "likelihood": "unlearned-digit accuracy <= 0.25 x pretrained, retained accuracy >= pretrained - 0.1, "
           "constraint (last 10) <= budget + 3 se",
     "esd": "unlearned-digit accuracy <= 0.25 x pretrained, retained accuracy >= pretrained - 0.1 (no budget)",
-    "fu": "every forget image's training estimate (last 10) >= budget - 3 se",
+    "forward_kl": "every forget image's training estimate (last 10) >= budget - 3 se",
     "siss/siss_is": "every forget image's loss (fixed draws) rose above the pretrained one",
 }
 
@@ -85,7 +87,7 @@ def method_verdict(mth: str, r: dict, before: dict, last10: np.ndarray | None = 
     """Pass/fail of one rehearsed method against ``VERDICT_RULES`` (``last10``: the last 10 rows of its
     constraint estimates, (10, m), for the standard errors)."""
     reasons = []
-    if mth in ("ru", "ru_dual_only", "lu", "esd"):
+    if mth in CONCEPT_METHODS:
         a = r["after"]
         if a["accuracy_unlearned"] > 0.25 * before["accuracy_unlearned"]:
             reasons.append(f"unlearned accuracy {a['accuracy_unlearned']:.3f} > 0.25 x {before['accuracy_unlearned']:.3f}")
@@ -95,10 +97,10 @@ def method_verdict(mth: str, r: dict, before: dict, last10: np.ndarray | None = 
             m = last10.mean(0)
             se = last10.std(0, ddof=1) / np.sqrt(last10.shape[0])
             b = np.asarray(r["budgets"], dtype=float)
-            bad = m > b + 3 * se if mth == "lu" else m < b - 3 * se
+            bad = m > b + 3 * se if mth == "likelihood" else m < b - 3 * se
             if np.any(bad):
                 reasons.append(f"constraint {np.round(m, 4).tolist()} +- {np.round(se, 4).tolist()} vs budget {b.tolist()}")
-    elif mth == "fu":
+    elif mth == "forward_kl":
         m, se, b = (np.asarray(r[k], dtype=float) for k in ("constraint_last10", "constraint_last10_se", "budgets"))
         if np.any(m < b - 3 * se):
             reasons.append(f"forget estimate {np.round(m, 4).tolist()} below budget {np.round(b, 4).tolist()} - 3 se")

@@ -14,13 +14,14 @@ from scale.engine import TrainConfig
 from scale.evaluate import FeatureExtractor
 from scale.rehearse.config import PRETRAIN_KEYS, PROMPT, RehearseConfig
 from scale.rehearse.digits import DigitFeatures, load_digits_tensor, to_pixels, train_classifier, write_png_folder
-from scale.rehearse.evaluation import evaluate_concept, evaluate_ddpm, fixed_draw_losses, fu_budgets, memorisation_gap
+from scale.rehearse.evaluation import evaluate_concept, evaluate_ddpm, fixed_draw_losses, forward_kl_budgets, memorisation_gap
 from scale.rehearse.pretrain import pretrain_concept_model, pretrain_ddpm
+from scale.names import CONCEPT_METHODS, DATA_METHODS
 from scale.rehearse.report import method_verdict, render_report
 from theory.config import config_to_dict
 from toy.core.runs import atomic_write_json
 
-def calibrate_ru_budget(cfg: RehearseConfig, model: Path, out: Path, steps: int = 4) -> float:
+def calibrate_reverse_kl_budget(cfg: RehearseConfig, model: Path, out: Path, steps: int = 4) -> float:
     """Path KL(q_base || q_concept) of the pretrained model: the RU dual-only estimate at lam = 0
     (composed target = the base model). RU budgets are set as a multiple of it, so that the
     constraint is active (KL(p||q_i) starts at 0 for p = q_i) and reachable with sum(lam) < 1."""
@@ -30,7 +31,7 @@ def calibrate_ru_budget(cfg: RehearseConfig, model: Path, out: Path, steps: int 
 
     shutil.rmtree(out, ignore_errors=True)
     concept.run(concept.ConceptConfig(
-        model=str(model), out=str(out), method="ru_dual_only", concepts=(PROMPT.format(cfg.digit),),
+        model=str(model), out=str(out), method="reverse_kl_dual_only", concepts=(PROMPT.format(cfg.digit),),
         budgets=(1.0,), lr_dual=0.0, sample_steps=cfg.preset["unlearn_sample_steps"], dual_only_steps=steps,
         train=TrainConfig(steps=0, batch_size=16, micro_batch=16, cpu=True, seed=cfg.seed + 3)))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -84,12 +85,12 @@ def run(cfg: RehearseConfig) -> dict:
     pdir = out / "pretrained"
     g = torch.Generator().manual_seed(cfg.seed + 7)
     perm = torch.randperm(x.shape[0], generator=g)
-    sub = perm[:pre["fu_train_size"]]
-    held = perm[pre["fu_train_size"]:pre["fu_train_size"] + 256]  # never trained on: the memorisation gap
+    sub = perm[:pre["data_train_size"]]
+    held = perm[pre["data_train_size"]:pre["data_train_size"] + 256]  # never trained on: the memorisation gap
     names = [f"digit_{int(i):04d}.png" for i in sub]
-    forget_names = names[:cfg.fu_forget]
-    concept_methods = [mth for mth in cfg.methods if mth in ("ru", "ru_dual_only", "lu", "esd")]
-    data_methods = [mth for mth in cfg.methods if mth in ("fu", "siss", "siss_is")]
+    forget_names = names[:cfg.data_forget_images]
+    concept_methods = [mth for mth in cfg.methods if mth in CONCEPT_METHODS]
+    data_methods = [mth for mth in cfg.methods if mth in DATA_METHODS]
 
     def cached(part: str) -> bool:  # only the models the chosen methods need are trained
         f = pdir / f"{part}.fingerprint.json"
@@ -107,18 +108,18 @@ def run(cfg: RehearseConfig) -> dict:
     if concept_methods:
         models = load_concept_models(str(pdir / "concept"))
         summary["concept_before"] = evaluate_concept(models, models.unet, clf, feat, x, y, cfg, cfg.seed + 100)
-        kl0 = calibrate_ru_budget(cfg, pdir / "concept", out / "runs" / "calibrate")
+        kl0 = calibrate_reverse_kl_budget(cfg, pdir / "concept", out / "runs" / "calibrate")
         summary["kl_base_to_concept"] = kl0
-        summary["ru_budget"] = cfg.ru_budget_factor * kl0
+        summary["reverse_kl_budget"] = cfg.reverse_kl_budget_factor * kl0
         for mth in concept_methods:
-            budgets = (cfg.lu_budget,) if mth == "lu" else (cfg.ru_budget_factor * kl0,)
+            budgets = (cfg.likelihood_budget,) if mth == "likelihood" else (cfg.reverse_kl_budget_factor * kl0,)
             ccfg = concept.ConceptConfig(
                 model=str(pdir / "concept"), out=str(out / "runs" / mth), method=mth,
                 concepts=(PROMPT.format(cfg.digit),), budgets=budgets, esd_eta=cfg.esd_eta,
                 retain_prompts=_retain_prompts(cfg),
                 retain_weight=cfg.retain_weight,
-                lr_dual=cfg.lr_dual_lu if mth == "lu" else (cfg.lr_dual_ru or pre["lr_dual_ru"]),
-                lu_constraint=cfg.lu_constraint, esd_sampler="ancestral",
+                lr_dual=cfg.likelihood_lr_dual if mth == "likelihood" else (cfg.reverse_kl_lr_dual or pre["reverse_kl_lr_dual"]),
+                likelihood_constraint=cfg.likelihood_constraint, esd_sampler="ancestral",
                 sample_steps=pre["unlearn_sample_steps"], dual_only_steps=max(10, pre["unlearn_steps"] // 3),
                 lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets, classifier_t_min=cfg.timesteps // 10,
                 train=TrainConfig(steps=pre["unlearn_steps"], batch_size=16, micro_batch=16, lr=cfg.unlearn_lr,
@@ -140,38 +141,38 @@ def run(cfg: RehearseConfig) -> dict:
         dm = load_ddpm_models(str(pdir / "ddpm"))
         ab = dm.alphas_cumprod
         x_sub = to_pixels(x[sub])
-        x_forget, x_retain = x_sub[:cfg.fu_forget], x_sub[cfg.fu_forget:]
+        x_forget, x_retain = x_sub[:cfg.data_forget_images], x_sub[cfg.data_forget_images:]
         x_heldout = to_pixels(x[held])
         summary["ddpm_before"] = evaluate_ddpm(dm.unet, dm.scheduler, x_forget, x_retain, feat, cfg, cfg.seed + 200)
         # budgets from the memorisation gap, on seeded draws shared with the after-unlearning check
-        eval_seed, D = cfg.seed + 200, cfg.fu_eval_draws  # the draws of evaluate_ddpm's forget_loss
+        eval_seed, D = cfg.seed + 200, cfg.data_eval_draws  # the draws of evaluate_ddpm's forget_loss
         l_pre = fixed_draw_losses(dm.unet, x_forget, ab, D, eval_seed).double()
         mem = memorisation_gap(dm.unet, ab, x_retain, x_heldout, 32, cfg.seed + 300)
-        if cfg.fu_budget_factor > 0:
-            budgets = cfg.fu_budget_factor * l_pre.mean(0)
+        if cfg.forward_kl_budget_factor > 0:
+            budgets = cfg.forward_kl_budget_factor * l_pre.mean(0)
         else:
-            budgets = fu_budgets(l_pre.mean(0), mem["gap"], cfg.fu_gap_fraction)
-        summary["fu_budget_rule"] = (f"{cfg.fu_budget_factor} x pretrained forget loss" if cfg.fu_budget_factor > 0
-                                     else f"pretrained forget loss + {cfg.fu_gap_fraction} x memorisation gap")
+            budgets = forward_kl_budgets(l_pre.mean(0), mem["gap"], cfg.forward_kl_gap_fraction)
+        summary["forward_kl_budget_rule"] = (f"{cfg.forward_kl_budget_factor} x pretrained forget loss" if cfg.forward_kl_budget_factor > 0
+                                     else f"pretrained forget loss + {cfg.forward_kl_gap_fraction} x memorisation gap")
         summary["memorisation"] = mem | {"forget_loss_pre": l_pre.mean(0).tolist(), "budgets": budgets.tolist(),
                                          "draws": D}
         for mth in data_methods:
             dcfg = data.DataConfig(
                 model=str(pdir / "ddpm"), out=str(out / "runs" / mth), method=mth, train_dir=str(out / "digits_train"),
-                forget=tuple(forget_names), budgets=tuple(budgets.tolist()), lr_dual=cfg.fu_lr_dual,
-                siss_form="project", siss_weight=1.0, forget_draws=cfg.fu_forget_draws,
-                train=TrainConfig(steps=pre["fu_unlearn_steps"], batch_size=32, micro_batch=32,
-                                  lr=cfg.fu_lr, cpu=True, checkpoint_every=max(1, pre["fu_unlearn_steps"]), seed=cfg.seed))
+                forget=tuple(forget_names), budgets=tuple(budgets.tolist()), lr_dual=cfg.forward_kl_lr_dual,
+                siss_form="project", siss_weight=1.0, forget_draws=cfg.data_forget_draws,
+                train=TrainConfig(steps=pre["data_unlearn_steps"], batch_size=32, micro_batch=32,
+                                  lr=cfg.data_lr, cpu=True, checkpoint_every=max(1, pre["data_unlearn_steps"]), seed=cfg.seed))
             clear_run_dir(dcfg.out)
             res = data.run(dcfg)
             dm2 = load_ddpm_models(str(pdir / "ddpm"))
             unet = load_unlearned_unet(dm2, str(out / "runs" / mth))
             ev = evaluate_ddpm(unet, dm2.scheduler, x_forget, x_retain, feat, cfg, cfg.seed + 200)
             l_post = fixed_draw_losses(unet, x_forget, ab, D, eval_seed).double()
-            if cfg.fu_budget_factor > 0:  # after - budget on paired draws, and its standard error
-                se = ((l_post - cfg.fu_budget_factor * l_pre).var(0) / D).sqrt()
+            if cfg.forward_kl_budget_factor > 0:  # after - budget on paired draws, and its standard error
+                se = ((l_post - cfg.forward_kl_budget_factor * l_pre).var(0) / D).sqrt()
             else:
-                se = ((l_post - l_pre).var(0) / D + (cfg.fu_gap_fraction * mem["gap_se"]) ** 2).sqrt()
+                se = ((l_post - l_pre).var(0) / D + (cfg.forward_kl_gap_fraction * mem["gap_se"]) ** 2).sqrt()
             summary["methods"][mth] = {
                 "after": ev, "lam_times_n": res["lam_times_n"], "budgets": res["budgets"],
                 "forget_loss_fixed_draws": l_post.mean(0).tolist(),
