@@ -14,6 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from toy.core.seeding import derive_seed  # noqa: E402 -- after the path set-up
+
 WORDS = "a photo of the painting by van gogh monet cat dog in style".split()
 
 
@@ -26,13 +28,13 @@ def build_sd_v1(path: Path, sample_size: int = 16, seed: int = 0) -> Path:
     from scale import builders
 
     tok = builders.build_word_tokenizer(WORDS, model_max_length=77)
-    torch.manual_seed(seed)
+    torch.manual_seed(derive_seed(seed, "sd:text-encoder-init"))
     te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok.get_vocab()), hidden_size=768, intermediate_size=3072,
                                       num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
                                       bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
     unet = builders.build_cond_unet(sample_size=sample_size, channels=4, block_out_channels=(320, 640, 1280, 1280),
                                     cross_attention_dim=768, layers_per_block=2, attention_head_dim=8,
-                                    norm_num_groups=32, seed=seed + 1)
+                                    norm_num_groups=32, seed=derive_seed(seed, "sd:unet-init"))
     sched = builders.build_scheduler(1000, "scaled_linear", 0.00085, 0.012)
     return builders.save_concept_pipeline(path, unet, te, tok, sched)
 
@@ -47,7 +49,7 @@ def build_celebahq_ddpm(path: Path, sample_size: int = 32, n_images: int = 16, s
 
     from scale import builders
 
-    torch.manual_seed(seed)
+    torch.manual_seed(derive_seed(seed, "ddpm:unet-init"))
     unet = UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=2,
                        block_out_channels=(128, 128, 256, 256, 512, 512),
                        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
@@ -55,7 +57,7 @@ def build_celebahq_ddpm(path: Path, sample_size: int = 32, n_images: int = 16, s
     builders.save_ddpm(path / "model", unet, builders.build_scheduler(1000))
     imgs = path / "imgs"
     imgs.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(derive_seed(seed, "ddpm:training-images"))
     for i in range(n_images):
         Image.fromarray(rng.integers(0, 256, (sample_size, sample_size, 3), dtype=np.uint8)).save(imgs / f"{i:03d}.png")
     return path / "model", imgs

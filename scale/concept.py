@@ -28,7 +28,7 @@ prompt ``r`` that is not a concept the Lagrangian's minimiser is ``p(.|r) = q(.|
 target is the frozen reference ``eps_ref(x_t, r)``. With ``pi`` giving the retain prompts
 (``retain_prompts``, uniformly) ``retain_weight`` times the mass of the concept prompts, the primal
 loss gains ``retain_weight * mean_r ||eps_theta(x_t, r) - eps_ref(x_t, r)||^2`` at on-policy states of
-the model under ``r`` (a second random stream, ``step_generator(seed, step, 1)``); the concept
+the model under ``r`` (a second random stream, ``step_generator(seed, step, "retain")``); the concept
 targets, constraints and multipliers are unchanged (the objective is normalised by the concept
 prompts' mass).
 """
@@ -304,7 +304,7 @@ class ConceptTask:
         b = x_t.shape[0]
         extras = {}
         if self.R:  # the retain term: on-policy states under the retain prompts, reference target
-            x_r, stop_r, _, emb_r, _, _ = self._draw_states(step_generator(cfg.train.seed, step, 1), B, sl,
+            x_r, stop_r, _, emb_r, _, _ = self._draw_states(step_generator(cfg.train.seed, step, "retain"), B, sl,
                                                             retain=True)
             t_r = self.ts[stop_r].to(dev)
             with torch.no_grad(), self.trainable.reference() as ref, self.acc.autocast():

@@ -43,6 +43,7 @@ from theory.config import config_to_dict
 from toy.core.dual import DualState, dual_domain
 from toy.core.objectives import denoising_loss
 from toy.core.runs import RunDir
+from toy.core.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,12 @@ def denoising_losses(unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tenso
             x_t = add_noise(x, n, alphas_cumprod[tt.cpu()].to(dev))
             out.append(denoising_loss(unet(x_t, tt).sample, n).cpu())
     return torch.cat(out)
+
+
+def forget_loss_seed(seed: int) -> int:
+    """The seed of the fixed draws on which a data run measures its forget images' denoising loss
+    before and after (``run``), and the pre-flight calibrates their budgets (``scale.preflight``)."""
+    return derive_seed(seed, "forget-loss-eval")
 
 
 def forget_losses(unet, images: torch.Tensor, alphas_cumprod: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
@@ -408,7 +415,7 @@ def run(cfg: DataConfig, resume: bool = False, stop_after: int | None = None) ->
     accelerator = make_accelerator(cfg.train)
     unet = models.unet.to(accelerator.device)
     ab = models.alphas_cumprod
-    eval_seed = cfg.train.seed + 12345
+    eval_seed = forget_loss_seed(cfg.train.seed)
     forget_images = images.load(torch.tensor(forget_idx))
     pre_forget = forget_losses(unet, forget_images.to(accelerator.device), ab, 16, eval_seed)
     if cfg.budgets:

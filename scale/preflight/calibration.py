@@ -144,13 +144,13 @@ def calibrate_data(cfg, models, draws: int = 16) -> dict:
     fresh image of that distribution is at most the zero predictor's. An image on which the
     pretrained model is already worse than that (loss >= 1, e.g. a random initialisation) has no
     known top (``inf``)."""
-    from scale.data import denoising_losses, list_images, load_images, resolve_forget
+    from scale.data import denoising_losses, forget_loss_seed, list_images, load_images, resolve_forget
 
     files = list_images(cfg.train_dir)
     idx = resolve_forget(cfg, files)
     imgs = load_images([files[i] for i in idx], models.sample_shape)
     ab = models.alphas_cumprod
-    g = torch.Generator().manual_seed(cfg.train.seed + 12345)
+    g = torch.Generator().manual_seed(forget_loss_seed(cfg.train.seed))
     m = imgs.shape[0]
     t = torch.randint(0, ab.numel(), (draws, m), generator=g)
     noise = torch.randn((draws, *imgs.shape), generator=g)

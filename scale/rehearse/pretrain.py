@@ -1,5 +1,7 @@
 """Pretraining from scratch of the rehearsal's two models: the text-conditioned UNet (concept
-unlearning) and the unconditional DDPM (data unlearning), saved in the diffusers layouts."""
+unlearning) and the unconditional DDPM (data unlearning), saved in the diffusers layouts. Their
+initialisations and batches are named streams of the rehearsal seed (``concept-model:*``,
+``ddpm:*``, ``toy.core.seeding``)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from scale import builders
 from scale.rehearse.config import PROMPT, RehearseConfig
 from toy.core.diffusion import add_noise
 from toy.core.objectives import denoising_loss
+from toy.core.seeding import derive_seed, seeded_generator
 
 def lr_schedule(opt, kind: str, steps: int):
     """``"one_cycle"``: warm up over 5% of the steps, cosine decay to ~0. ``"wsd"`` (warmup-stable-decay):
@@ -27,10 +30,10 @@ def lr_schedule(opt, kind: str, steps: int):
     raise ValueError(f"lr_schedule must be 'one_cycle' or 'wsd', got {kind!r}")
 
 
-def _pretrain(unet, x, eps_fn_cond, steps, batch, lr, scheduler, seed, desc, extra_params=(), schedule="one_cycle"):
+def _pretrain(unet, x, eps_fn_cond, steps, batch, lr, scheduler, g: torch.Generator, desc, extra_params=(),
+              schedule="one_cycle"):
     ab = scheduler.alphas_cumprod.double()
     T = ab.numel()
-    g = torch.Generator().manual_seed(seed)
     params = list(unet.parameters()) + list(extra_params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = lr_schedule(opt, schedule, steps)
@@ -56,8 +59,10 @@ def pretrain_concept_model(cfg: RehearseConfig, x, y, path: Path) -> None:
     pre = cfg.preset
     words = PROMPT.format(" ".join(str(i) for i in range(10))).split()
     tok = builders.build_word_tokenizer(words, model_max_length=pre["prompt_tokens"])
-    te = builders.build_text_encoder(len(tok.get_vocab()), seed=cfg.seed, init_scale=pre["text_init_scale"])
-    unet = builders.build_cond_unet(block_out_channels=pre["channels"], mid_block=pre["mid_block"], seed=cfg.seed)
+    te = builders.build_text_encoder(len(tok.get_vocab()), seed=derive_seed(cfg.seed, "concept-model:text-encoder-init"),
+                                     init_scale=pre["text_init_scale"])
+    unet = builders.build_cond_unet(block_out_channels=pre["channels"], mid_block=pre["mid_block"],
+                                    seed=derive_seed(cfg.seed, "concept-model:unet-init"))
     sch = builders.build_scheduler(cfg.timesteps, beta_start=0.1 / cfg.timesteps, beta_end=20.0 / cfg.timesteps)
     from scale.models import encode_prompts
 
@@ -69,15 +74,16 @@ def pretrain_concept_model(cfg: RehearseConfig, x, y, path: Path) -> None:
         e[torch.rand((idx.shape[0],), generator=g) < 0.15] = null[0]  # prompt dropout: the null prompt
         return net(x_t, t, encoder_hidden_states=e).sample
 
-    _pretrain(unet, x, eps_fn, pre["pretrain_steps"], pre["batch"], cfg.lr * 2, sch, cfg.seed, "pretrain/concept",
-              schedule=pre["lr_schedule"])
+    _pretrain(unet, x, eps_fn, pre["pretrain_steps"], pre["batch"], cfg.lr * 2, sch,
+              seeded_generator(cfg.seed, "concept-model:pretrain-batches"), "pretrain/concept", schedule=pre["lr_schedule"])
     builders.save_concept_pipeline(path, unet, te, tok, sch)
 
 
 def pretrain_ddpm(cfg: RehearseConfig, x_train: torch.Tensor, path: Path) -> None:
     pre = cfg.preset
-    unet = builders.build_uncond_unet(block_out_channels=pre["channels"], seed=cfg.seed)
+    unet = builders.build_uncond_unet(block_out_channels=pre["channels"], seed=derive_seed(cfg.seed, "ddpm:unet-init"))
     sch = builders.build_scheduler(cfg.timesteps, beta_start=0.1 / cfg.timesteps, beta_end=20.0 / cfg.timesteps)
     _pretrain(unet, x_train, lambda net, x_t, t, idx, g: net(x_t, t).sample, pre["uncond_steps"],
-              min(pre["batch"], x_train.shape[0]), cfg.lr * 2, sch, cfg.seed + 1, "pretrain/ddpm")  # one-cycle
+              min(pre["batch"], x_train.shape[0]), cfg.lr * 2, sch, seeded_generator(cfg.seed, "ddpm:pretrain-batches"),
+              "pretrain/ddpm")  # one-cycle
     builders.save_ddpm(path, unet, sch)

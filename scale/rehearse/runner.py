@@ -1,6 +1,13 @@
 """``scale.rehearse.run``: pretrain (or reuse) the models, unlearn with every chosen method through
 ``scale.concept.run`` / ``scale.data.run``, evaluate before and after, write ``summary.json`` and
-``report.md``."""
+``report.md``.
+
+Seeds: every random stream is named and derived from ``cfg.seed`` (``toy.core.seeding``): the
+classifier's (``classifier:*``), the pretrained models' (``concept-model:*``, ``ddpm:*``), the DDPM's
+training subset (``ddpm:training-subset``), the RU budget's calibration run
+(``reverse-kl-budget-calibration``) and the evaluations' (``concept-eval:*``, ``ddpm-eval:*``,
+``memorisation-gap:*``). The unlearning runs themselves get ``cfg.seed`` as their run seed (every
+method the same, so their draws are paired) and derive their own streams from it."""
 
 from __future__ import annotations
 
@@ -14,12 +21,14 @@ from scale.engine import TrainConfig
 from scale.evaluate import FeatureExtractor
 from scale.rehearse.config import PRETRAIN_KEYS, PROMPT, RehearseConfig
 from scale.rehearse.digits import DigitFeatures, load_digits_tensor, to_pixels, train_classifier, write_png_folder
-from scale.rehearse.evaluation import evaluate_concept, evaluate_ddpm, fixed_draw_losses, forward_kl_budgets, memorisation_gap
+from scale.rehearse.evaluation import (evaluate_concept, evaluate_ddpm, forward_kl_budgets, memorisation_gap,
+                                       paired_forget_losses)
 from scale.rehearse.pretrain import pretrain_concept_model, pretrain_ddpm
 from scale.names import CONCEPT_METHODS, DATA_METHODS
 from scale.rehearse.report import method_verdict, render_report
 from theory.config import config_to_dict
 from toy.core.runs import atomic_write_json
+from toy.core.seeding import derive_seed, seeded_generator
 
 def calibrate_reverse_kl_budget(cfg: RehearseConfig, model: Path, out: Path, steps: int = 4) -> float:
     """Path KL(q_base || q_concept) of the pretrained model: the RU dual-only estimate at lam = 0
@@ -33,7 +42,8 @@ def calibrate_reverse_kl_budget(cfg: RehearseConfig, model: Path, out: Path, ste
     concept.run(concept.ConceptConfig(
         model=str(model), out=str(out), method="reverse_kl_dual_only", concepts=(PROMPT.format(cfg.digit),),
         budgets=(1.0,), lr_dual=0.0, sample_steps=cfg.preset["unlearn_sample_steps"], dual_only_steps=steps,
-        train=TrainConfig(steps=0, batch_size=16, micro_batch=16, cpu=True, seed=cfg.seed + 3)))
+        train=TrainConfig(steps=0, batch_size=16, micro_batch=16, cpu=True,
+                          seed=derive_seed(cfg.seed, "reverse-kl-budget-calibration"))))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return float(np.mean([r["measured"][0] for r in rows]))
 
@@ -72,7 +82,7 @@ def run(cfg: RehearseConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     pre = cfg.preset
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(derive_seed(cfg.seed, "torch-global"))  # whatever draws from the global generator
     x, y = load_digits_tensor()
     clf, clf_acc = train_classifier(x, y, cfg.seed)
     feat = FeatureExtractor(DigitFeatures(clf), 64)
@@ -83,8 +93,7 @@ def run(cfg: RehearseConfig) -> dict:
                              | {"preset": {k: list(pre[k]) if isinstance(pre[k], tuple) else pre[k] for k in PRETRAIN_KEYS}},
                              sort_keys=True)
     pdir = out / "pretrained"
-    g = torch.Generator().manual_seed(cfg.seed + 7)
-    perm = torch.randperm(x.shape[0], generator=g)
+    perm = torch.randperm(x.shape[0], generator=seeded_generator(cfg.seed, "ddpm:training-subset"))
     sub = perm[:pre["data_train_size"]]
     held = perm[pre["data_train_size"]:pre["data_train_size"] + 256]  # never trained on: the memorisation gap
     names = [f"digit_{int(i):04d}.png" for i in sub]
@@ -107,7 +116,7 @@ def run(cfg: RehearseConfig) -> dict:
     # ---- concept unlearning (RU, LU, ESD) through scale.concept
     if concept_methods:
         models = load_concept_models(str(pdir / "concept"))
-        summary["concept_before"] = evaluate_concept(models, models.unet, clf, feat, x, y, cfg, cfg.seed + 100)
+        summary["concept_before"] = evaluate_concept(models, models.unet, clf, feat, x, y, cfg)
         kl0 = calibrate_reverse_kl_budget(cfg, pdir / "concept", out / "runs" / "calibrate")
         summary["kl_base_to_concept"] = kl0
         summary["reverse_kl_budget"] = cfg.reverse_kl_budget_factor * kl0
@@ -128,7 +137,7 @@ def run(cfg: RehearseConfig) -> dict:
             res = concept.run(ccfg)
             m2 = load_concept_models(str(pdir / "concept"))
             unet = load_unlearned_unet(m2, str(out / "runs" / mth))
-            ev = evaluate_concept(m2, unet, clf, feat, x, y, cfg, cfg.seed + 100)
+            ev = evaluate_concept(m2, unet, clf, feat, x, y, cfg)
             summary["methods"][mth] = {
                 "after": ev, "lam": res["lam"], "budgets": res["budgets"],
                 "constraint_last10": _last_mean(out / "runs" / mth, "measured"),
@@ -143,17 +152,19 @@ def run(cfg: RehearseConfig) -> dict:
         x_sub = to_pixels(x[sub])
         x_forget, x_retain = x_sub[:cfg.data_forget_images], x_sub[cfg.data_forget_images:]
         x_heldout = to_pixels(x[held])
-        summary["ddpm_before"] = evaluate_ddpm(dm.unet, dm.scheduler, x_forget, x_retain, feat, cfg, cfg.seed + 200)
-        # budgets from the memorisation gap, on seeded draws shared with the after-unlearning check
-        eval_seed, D = cfg.seed + 200, cfg.data_eval_draws  # the draws of evaluate_ddpm's forget_loss
-        l_pre = fixed_draw_losses(dm.unet, x_forget, ab, D, eval_seed).double()
-        mem = memorisation_gap(dm.unet, ab, x_retain, x_heldout, 32, cfg.seed + 300)
+        summary["ddpm_before"] = evaluate_ddpm(dm.unet, dm.scheduler, x_forget, x_retain, feat, cfg)
+        # budgets from the memorisation gap, on the fixed draws evaluate_ddpm and the after-unlearning
+        # check use (paired_forget_losses)
+        D = cfg.data_eval_draws
+        l_pre = paired_forget_losses(dm.unet, x_forget, ab, cfg).double()
+        mem = memorisation_gap(dm.unet, ab, x_retain, x_heldout, 32, cfg.seed)
         if cfg.forward_kl_budget_factor > 0:
             budgets = cfg.forward_kl_budget_factor * l_pre.mean(0)
         else:
             budgets = forward_kl_budgets(l_pre.mean(0), mem["gap"], cfg.forward_kl_gap_fraction)
-        summary["forward_kl_budget_rule"] = (f"{cfg.forward_kl_budget_factor} x pretrained forget loss" if cfg.forward_kl_budget_factor > 0
-                                     else f"pretrained forget loss + {cfg.forward_kl_gap_fraction} x memorisation gap")
+        summary["forward_kl_budget_rule"] = (
+            f"{cfg.forward_kl_budget_factor} x pretrained forget loss" if cfg.forward_kl_budget_factor > 0
+            else f"pretrained forget loss + {cfg.forward_kl_gap_fraction} x memorisation gap")
         summary["memorisation"] = mem | {"forget_loss_pre": l_pre.mean(0).tolist(), "budgets": budgets.tolist(),
                                          "draws": D}
         for mth in data_methods:
@@ -167,8 +178,8 @@ def run(cfg: RehearseConfig) -> dict:
             res = data.run(dcfg)
             dm2 = load_ddpm_models(str(pdir / "ddpm"))
             unet = load_unlearned_unet(dm2, str(out / "runs" / mth))
-            ev = evaluate_ddpm(unet, dm2.scheduler, x_forget, x_retain, feat, cfg, cfg.seed + 200)
-            l_post = fixed_draw_losses(unet, x_forget, ab, D, eval_seed).double()
+            ev = evaluate_ddpm(unet, dm2.scheduler, x_forget, x_retain, feat, cfg)
+            l_post = paired_forget_losses(unet, x_forget, ab, cfg).double()
             if cfg.forward_kl_budget_factor > 0:  # after - budget on paired draws, and its standard error
                 se = ((l_post - cfg.forward_kl_budget_factor * l_pre).var(0) / D).sqrt()
             else:
