@@ -84,7 +84,7 @@ def _check_unlearns_the_digit_and_meets_the_budget(s):
     # LU: the dual acted (the multiplier left 0 at some step: the pretrained model violates the
     # budget) and the run ends feasible within the estimate's noise. The *final* multiplier may be 0:
     # once the edit makes the constraint slack, complementary slackness sends lam back to 0 (seed 1
-    # peaked at 2.6 and ended at 0, docs/scale.md)
+    # peaked at 3.25 and ended at 0, docs/scale.md)
     lu = s["methods"]["likelihood"]
     rows = [json.loads(r) for r in (Path(lu["run"]) / "metrics.jsonl").read_text().splitlines() if r.strip()]
     assert max(float(np.sum(r["lam"])) for r in rows) > 0, "LU's multiplier never moved"
@@ -124,9 +124,15 @@ def test_rehearse_forward_kl_meets_its_budgets_inside_the_dual_domain(tiny_rehea
     assert mem["gap"] > 3 * mem["gap_se"], mem
     # the dual's own constraint estimate (last 10 steps, 16 fresh draws per image per step) meets each
     # budget within 2 of its standard errors (one-sided miss rate 2.3% per image when a constraint is
-    # exactly active, as an interior multiplier makes it)
+    # exactly active, as an interior multiplier makes it). A multiplier held at the top of the dual
+    # domain (n lam_i = 1: the primal is already at the edge, retraining without the image) does not
+    # make its constraint active; there the paired after-unlearning loss (500 fixed draws, 3-10 times
+    # more precise than the dual's estimate) meets the budget within 2 of its standard errors
     meas, se, b = (np.asarray(fu[k], dtype=float) for k in ("constraint_last10", "constraint_last10_se", "budgets"))
-    assert np.all(meas >= b - 2 * se), (meas, se, b, lam_n)
+    interior = lam_n < 1 - 1e-9
+    assert np.all((meas >= b - 2 * se)[interior]), (meas, se, b, lam_n)
+    margin, margin_se = np.asarray(fu["budget_margin"]), np.asarray(fu["budget_margin_se"])
+    assert np.all((margin >= -2 * margin_se)[~interior]), (margin, margin_se, lam_n)
     # every forget image's loss rose: the paired difference on the same 500 systematic draws is positive
     # (budget margin + gap fraction x gap = after - before; its standard error is ~0.001-0.002)
     rise = np.asarray(fu["budget_margin"]) + s["config"]["forward_kl_gap_fraction"] * mem["gap"]

@@ -25,7 +25,7 @@ PRESETS = {
     "tiny": dict(pretrain_steps=600, uncond_steps=600, unlearn_steps=40, eval_per_class=32,
                  channels=(16, 32), mid_block=True, batch=64, data_train_size=32, data_unlearn_steps=200,
                  lr_schedule="wsd", prompt_tokens=8, text_init_scale=5.0, unlearn_sample_steps=10,
-                 eval_sample_steps=15, reverse_kl_lr_dual=0.004),
+                 eval_sample_steps=15, reverse_kl_lr_dual=0.008),
     "quick": dict(pretrain_steps=1500, uncond_steps=600, unlearn_steps=60, eval_per_class=32,
                   channels=(16, 32), mid_block=True, batch=64, data_train_size=32, data_unlearn_steps=200,
                   lr_schedule="one_cycle", prompt_tokens=16, text_init_scale=1.0, unlearn_sample_steps=25,
