@@ -3,8 +3,9 @@ micro-batches, the dual step on constraint estimates averaged across processes, 
 and exact resume.
 
 Determinism contract. Every random draw of optimizer step ``s`` comes from
-``step_generator(seed, s)`` (a named stream of the run seed, ``toy.core.seeding``) and is drawn for the *global* batch, then sliced: slice
-``k = accum_index * world + rank`` of ``world * accum`` slices. A run on one process and a run on
+``step_generator(seed, s)`` (a named stream of the run seed, ``toy.core.seeding``) and is drawn
+for the *global* batch, then sliced: slice ``k = accum_index * world + rank`` of ``world * accum``
+slices. A run on one process and a run on
 two processes with the same global batch therefore see the same samples, noise and timesteps, and
 a resumed run draws exactly what the uninterrupted run drew. Each step function returns its
 slice's share of the global-batch objective (terms already divided by the global sizes) and the
