@@ -7,14 +7,14 @@ Rows, all in one run and on the same device:
 - SD ``plain``: a diffusers LoRA fine-tuning step (denoising loss on random latents and a prompt;
   accumulated over ``--micro-batch`` chunks like the engine's steps);
 - SD ``esd``: ESD-x (RU at a fixed multiplier) through ``scale.concept.run``;
-- SD ``ru``: RU primal-dual through ``scale.concept.run`` (same step + KL estimate + dual step);
+- SD ``reverse_kl``: RU primal-dual through ``scale.concept.run`` (same step + KL estimate + dual step);
 - DDPM ``plain``: full fine-tuning step; ``siss``: FU at a fixed weight (SISS, project form);
-  ``fu``: FU primal-dual; ``siss_published``: SISS as published (keep set, NegGrad rescaled: one
+  ``forward_kl``: FU primal-dual; ``siss_published``: SISS as published (keep set, NegGrad rescaled: one
   extra forward/backward of the forget half per step for the gradient norm).
 Each row runs in its own subprocess so that its peak memory (CUDA max allocated, or the process's
 max RSS on CPU) is its own. Step times are medians over the timed steps (``step_seconds`` in
-``metrics.jsonl`` for the engine's rows). The dual machinery's overhead is ``ru`` vs ``esd`` and
-``fu`` vs ``siss`` (same draws, same forwards); on a busy machine whole-step differences are noise
+``metrics.jsonl`` for the engine's rows). The dual machinery's overhead is ``reverse_kl`` vs ``esd``
+and ``forward_kl`` vs ``siss`` (same draws, same forwards); on a busy machine whole-step differences are noise
 of several percent, so the engine also times its dual part directly (``dual_seconds``: all-reduce
 of the estimates, projected ascent, rank-agreement check), shown in the last column.
 
@@ -218,11 +218,11 @@ def main(argv=None) -> int:
         plan = []
         if args.only in ("sd", "both"):
             build_sd(wd / "sd", args.size)
-            plan += [("sd", "plain"), ("sd", "esd"), ("sd", "ru")]
+            plan += [("sd", "plain"), ("sd", "esd"), ("sd", "reverse_kl")]
         if args.only in ("ddpm", "both"):
             (wd / "ddpm").mkdir()
             build_ddpm(wd / "ddpm", args.size)
-            plan += [("ddpm", "plain"), ("ddpm", "siss"), ("ddpm", "fu"), ("ddpm", "siss_published")]
+            plan += [("ddpm", "plain"), ("ddpm", "siss"), ("ddpm", "forward_kl"), ("ddpm", "siss_published")]
         passthrough = [f"--size={args.size}", f"--steps={args.steps}", f"--warmup={args.warmup}",
                        f"--batch={args.batch}", f"--micro-batch={args.micro_batch}",
                        f"--sample-steps={args.sample_steps}", f"--mixed-precision={args.mixed_precision}"]

@@ -14,6 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from toy.core.seeding import derive_seed  # noqa: E402 -- after the path set-up
+
 WORDS = "a photo of the painting by van gogh monet cat dog in style".split()
 
 
@@ -26,13 +28,13 @@ def build_sd_v1(path: Path, sample_size: int = 16, seed: int = 0) -> Path:
     from scale import builders
 
     tok = builders.build_word_tokenizer(WORDS, model_max_length=77)
-    torch.manual_seed(seed)
+    torch.manual_seed(derive_seed(seed, "sd:text-encoder-init"))
     te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok.get_vocab()), hidden_size=768, intermediate_size=3072,
                                       num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
                                       bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
     unet = builders.build_cond_unet(sample_size=sample_size, channels=4, block_out_channels=(320, 640, 1280, 1280),
                                     cross_attention_dim=768, layers_per_block=2, attention_head_dim=8,
-                                    norm_num_groups=32, seed=seed + 1)
+                                    norm_num_groups=32, seed=derive_seed(seed, "sd:unet-init"))
     sched = builders.build_scheduler(1000, "scaled_linear", 0.00085, 0.012)
     return builders.save_concept_pipeline(path, unet, te, tok, sched)
 
@@ -47,7 +49,7 @@ def build_celebahq_ddpm(path: Path, sample_size: int = 32, n_images: int = 16, s
 
     from scale import builders
 
-    torch.manual_seed(seed)
+    torch.manual_seed(derive_seed(seed, "ddpm:unet-init"))
     unet = UNet2DModel(sample_size=sample_size, in_channels=3, out_channels=3, layers_per_block=2,
                        block_out_channels=(128, 128, 256, 256, 512, 512),
                        down_block_types=("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D"),
@@ -55,7 +57,7 @@ def build_celebahq_ddpm(path: Path, sample_size: int = 32, n_images: int = 16, s
     builders.save_ddpm(path / "model", unet, builders.build_scheduler(1000))
     imgs = path / "imgs"
     imgs.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(derive_seed(seed, "ddpm:training-images"))
     for i in range(n_images):
         Image.fromarray(rng.integers(0, 256, (sample_size, sample_size, 3), dtype=np.uint8)).save(imgs / f"{i:03d}.png")
     return path / "model", imgs
@@ -63,9 +65,9 @@ def build_celebahq_ddpm(path: Path, sample_size: int = 32, n_images: int = 16, s
 
 def sd_config(model: Path, budget: float = 1.0) -> str:
     return f"""model = "{model}"
-method = "ru"
+method = "reverse_kl"
 concepts = ["van gogh"]
-retain_prompts = []                # as configs/sd_ru.toml (the tiny pre-flight tests cover retain prompts)
+retain_prompts = []                # as configs/sd_reverse_kl.toml (the tiny pre-flight tests cover retain prompts)
 budgets = [{budget!r}]
 lr_dual = 0.01
 sample_steps = 10
@@ -83,7 +85,7 @@ mixed_precision = "no"
 
 def ddpm_config(model: Path, imgs: Path, budget_factor: float = 1.05) -> str:
     return f"""model = "{model}"
-method = "fu"
+method = "forward_kl"
 train_dir = "{imgs}"
 forget = ["000.png", "001.png"]
 budget_factor = {budget_factor!r}
@@ -105,6 +107,6 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     build_sd_v1(out / "sd")
     model, imgs = build_celebahq_ddpm(out / "ddpm")
-    (out / "sd_ru.toml").write_text(sd_config(out / "sd"))
-    (out / "celebahq_fu.toml").write_text(ddpm_config(model, imgs))
+    (out / "sd_reverse_kl.toml").write_text(sd_config(out / "sd"))
+    (out / "celebahq_forward_kl.toml").write_text(ddpm_config(model, imgs))
     print(out)

@@ -32,8 +32,9 @@ def _runner(name: str):
 
 
 HELP = {
-    "concept": "concept unlearning on a text-to-image model (RU, RU dual-only, ESD, LU)",
-    "data": "data unlearning on a DDPM (FU, SISS, SISS with importance sampling)",
+    "concept": "concept unlearning on a text-to-image model (method = reverse_kl, reverse_kl_dual_only, esd, "
+               "likelihood)",
+    "data": "data unlearning on a DDPM (method = forward_kl, siss, siss_is)",
     "sample": "sample from a (possibly unlearned) model",
     "evaluate": "KID/FID, CLIP score, copy similarity of samples",
     "rehearse": "offline end-to-end rehearsal on scikit-learn digits",

@@ -1,5 +1,7 @@
-"""Concept unlearning on a text-to-image diffusion model (Stable Diffusion layout): RU primal-dual,
-RU dual-only, ESD (RU at a fixed multiplier) and LU primal-dual (docs/math.md eqs. 6-9, 15, 26, 29, 30).
+"""Concept unlearning on a text-to-image diffusion model (Stable Diffusion layout): RU primal-dual
+(``method="reverse_kl"``), RU dual-only (``"reverse_kl_dual_only"``), ESD (``"esd"``: RU at a fixed
+multiplier) and LU primal-dual (``"likelihood"``) (docs/math.md eqs. 6-9, 15, 26, 29, 30;
+``scale.names``: the short forms ``ru``, ``ru_dual_only``, ``lu`` are accepted as aliases).
 
 Every method trains the model *under the concept prompts* towards an ESD-form noise target built
 from the frozen reference (the same UNet with its adapters disabled):
@@ -18,7 +20,7 @@ classifier-free guidance ``esd_guidance`` on ``esd_ddim_steps`` steps, stopped a
 ``esd_sampler="ancestral"`` gives RU's). Constraint estimates per step:
 RU ``KL(p||q_i)`` as the one-term path-KL estimate ``S w_s ||eps_theta - eps_{c_i}||^2``;
 LU ``E_p[g_i]`` at the end points of the same chains (run on past the stop step), with the
-stratified, antithetic ELBO-difference estimate of ``log r_i`` (``ConceptTask.lu_log_ratio``).
+stratified, antithetic ELBO-difference estimate of ``log r_i`` (``ConceptTask.likelihood_log_ratio``).
 
 Retain term. The objective ``KL(p||q)`` is over the whole model, i.e. ``E_{c~pi} KL(p(.|c)||q(.|c))``
 over a prompt distribution ``pi``, while the constraints concern only the concept prompts. For a
@@ -26,7 +28,7 @@ prompt ``r`` that is not a concept the Lagrangian's minimiser is ``p(.|r) = q(.|
 target is the frozen reference ``eps_ref(x_t, r)``. With ``pi`` giving the retain prompts
 (``retain_prompts``, uniformly) ``retain_weight`` times the mass of the concept prompts, the primal
 loss gains ``retain_weight * mean_r ||eps_theta(x_t, r) - eps_ref(x_t, r)||^2`` at on-policy states of
-the model under ``r`` (a second random stream, ``step_generator(seed, step, 1)``); the concept
+the model under ``r`` (a second random stream, ``step_generator(seed, step, "retain")``); the concept
 targets, constraints and multipliers are unchanged (the objective is normalised by the concept
 prompts' mass).
 """
@@ -39,10 +41,11 @@ from dataclasses import dataclass, field
 import torch
 
 from scale import figures
-from scale.diffusion import lu_weight
+from scale.diffusion import likelihood_weight
 from toy.core.diffusion import add_noise, ancestral_step, ddim_step, strided_kl_weights, strided_timesteps
 from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, make_optimizer, run_loop, step_generator
 from scale.models import ESD_X_TARGETS, Trainable, encode_prompts, load_concept_models
+from scale.names import CONCEPT_METHODS, PROBLEM, canonical_method
 from theory.config import config_to_dict
 from toy.core.dual import DualState, dual_domain
 from toy.core.objectives import composed_eps_target, denoising_loss, eta_from_lam, lam_from_eta
@@ -51,7 +54,7 @@ from toy.core.runs import RunDir
 
 log = logging.getLogger(__name__)
 
-METHODS = ("ru", "ru_dual_only", "esd", "lu")
+METHODS = CONCEPT_METHODS
 ESD_SAMPLERS = ("ddim_cfg", "ancestral")
 
 
@@ -59,7 +62,7 @@ ESD_SAMPLERS = ("ddim_cfg", "ancestral")
 class ConceptConfig:
     model: str = ""
     out: str = "runs/concept"
-    method: str = "ru"
+    method: str = "reverse_kl"
     concepts: tuple[str, ...] = ()
     baseline_prompt: str = ""
     retain_prompts: tuple[str, ...] = ()
@@ -72,11 +75,11 @@ class ConceptConfig:
     esd_sampler: str = "ddim_cfg"
     esd_guidance: float = 3.0
     esd_ddim_steps: int = 50
-    lu_constraint: str = "log_likelihood_ratio"
-    lu_log_ratio_max: float = 5.0
+    likelihood_constraint: str = "log_likelihood_ratio"
+    likelihood_log_ratio_max: float = 5.0
     classifier_draws: int = 4
     classifier_t_min: int = 0
-    lu_antithetic: bool = True
+    likelihood_antithetic: bool = True
     sample_steps: int = 20
     dual_only_steps: int = 50
     trainable: str = "lora"
@@ -87,15 +90,14 @@ class ConceptConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        object.__setattr__(self, "method", canonical_method(self.method, METHODS))
         if not self.concepts:
             raise ValueError("concepts must list at least one prompt to unlearn")
         if self.method != "esd" and len(self.budgets) not in (1, len(self.concepts)):
             raise ValueError(f"budgets must have 1 or {len(self.concepts)} entries, got {list(self.budgets)}")
-        if self.method == "lu" and self.lu_constraint not in ("likelihood_ratio", "log_likelihood_ratio"):
-            raise ValueError(f"lu_constraint must be 'likelihood_ratio' or 'log_likelihood_ratio', "
-                             f"got {self.lu_constraint!r}")
+        if self.method == "likelihood" and self.likelihood_constraint not in ("likelihood_ratio", "log_likelihood_ratio"):
+            raise ValueError(f"likelihood_constraint must be 'likelihood_ratio' or 'log_likelihood_ratio', "
+                             f"got {self.likelihood_constraint!r}")
         if not 0 < self.lam_sum_max < 1:
             raise ValueError(f"lam_sum_max must lie in (0, 1) (the RU tilt needs sum(lam) < 1), got {self.lam_sum_max}")
         if self.esd_eta < 0:
@@ -244,14 +246,14 @@ class ConceptTask:
             x = torch.where((s < stop).to(dev).reshape(-1, *[1] * (x.dim() - 1)), x_next, x)
         return x, ts[stop].to(dev), k, emb
 
-    def lu_log_ratio(self, x0: torch.Tensor, gen, B: int, sl: Slice) -> torch.Tensor:
+    def likelihood_log_ratio(self, x0: torch.Tensor, gen, B: int, sl: Slice) -> torch.Tensor:
         """Diffusion-classifier ``log q(x0|c_i) / q(x0|base)`` for every concept: (m, b), float64.
 
         The ELBO difference ``sum_{t >= t_min} w_t d E_n[l_base,t - l_c_i,t]`` (``w_t`` the
         ``reverse_step_kl_weights``, ``l`` per-dimension denoising losses, docs/math.md "diffusion
         classifier"), estimated without bias by stratified timesteps (``classifier_draws`` = K equal
         strata of ``[t_min, T)``, one uniform t per stratum and sample, each term times its stratum's
-        size), common noise for the base and concept terms, and with ``lu_antithetic`` each noise
+        size), common noise for the base and concept terms, and with ``likelihood_antithetic`` each noise
         draw paired with its negation (the leading, odd-in-n part of the loss difference cancels).
         """
         K, t_min = self.cfg.classifier_draws, self.cfg.classifier_t_min
@@ -265,7 +267,7 @@ class ConceptTask:
         noise = torch.randn((K, B, *self.shape), generator=gen)
         dev = self.acc.device
         b = x0.shape[0]
-        signs = (1.0, -1.0) if self.cfg.lu_antithetic else (1.0,)
+        signs = (1.0, -1.0) if self.cfg.likelihood_antithetic else (1.0,)
         out = torch.zeros(self.m, b, dtype=torch.float64)
         for j in range(K):
             t = sl.take(ts[j])
@@ -296,13 +298,13 @@ class ConceptTask:
             x_t, t, k, emb = self._draw_states_ddim_cfg(gen, B, sl)
             stop = None
         else:
-            x_t, stop, k, emb, _, x_end = self._draw_states(gen, B, sl, finish=cfg.method == "lu")
+            x_t, stop, k, emb, _, x_end = self._draw_states(gen, B, sl, finish=cfg.method == "likelihood")
             t = self.ts[stop].to(dev)
         eps_base, eps_i = self._ref_eps(x_t, t)
         b = x_t.shape[0]
         extras = {}
         if self.R:  # the retain term: on-policy states under the retain prompts, reference target
-            x_r, stop_r, _, emb_r, _, _ = self._draw_states(step_generator(cfg.train.seed, step, 1), B, sl,
+            x_r, stop_r, _, emb_r, _, _ = self._draw_states(step_generator(cfg.train.seed, step, "retain"), B, sl,
                                                             retain=True)
             t_r = self.ts[stop_r].to(dev)
             with torch.no_grad(), self.trainable.reference() as ref, self.acc.autocast():
@@ -335,12 +337,12 @@ class ConceptTask:
         ``S w_s ||eps_theta - eps_{c_i}||^2`` at the drawn stop steps (ESD's published DDIM states
         are not the ancestral chain's: there the logged diagnostic is ``T w_t ||.||^2`` at the
         state's timestep). LU: ``eta = lam_i c_i(x)`` (m, b) and ``g_i`` at the chains' end points
-        (``lu_log_ratio``; ``lu_weight`` maps the log ratio to ``(g, c)``).
+        (``likelihood_log_ratio``; ``likelihood_weight`` maps the log ratio to ``(g, c)``).
         """
         cfg, dev = self.cfg, self.acc.device
-        if cfg.method == "lu":
-            log_r = self.lu_log_ratio(x_end, gen, B, sl)
-            g, c = lu_weight(log_r, cfg.lu_constraint, cfg.lu_log_ratio_max)
+        if cfg.method == "likelihood":
+            log_r = self.likelihood_log_ratio(x_end, gen, B, sl)
+            g, c = likelihood_weight(log_r, cfg.likelihood_constraint, cfg.likelihood_log_ratio_max)
             extras["log_ratio"] = float(log_r.sum()) / (B * self.m)
             return (lam.reshape(-1, 1) * c.float()).to(dev), g.sum(1)
         eta = eta_from_lam(lam).to(dev)
@@ -359,7 +361,7 @@ def initial_dual(cfg: ConceptConfig) -> DualState:
         return DualState("reverse_kl", torch.zeros(m), lr_dual=0.0, lam_init=lam)
     budgets = list(cfg.budgets) * (m if len(cfg.budgets) == 1 else 1)
     lam_init = list(cfg.lam_init) if cfg.lam_init else None
-    if cfg.method == "lu":
+    if cfg.method == "likelihood":
         return DualState("likelihood", budgets, cfg.lr_dual, lam_init=lam_init)
     domain = dual_domain("reverse_kl", len(budgets), ru_sum_max=cfg.lam_sum_max)
     return DualState("reverse_kl", budgets, cfg.lr_dual, lam_init=lam_init, sum_max=domain.sum_max)
@@ -381,7 +383,7 @@ def run(cfg: ConceptConfig, resume: bool = False, stop_after: int | None = None)
     run_dir = RunDir(cfg.out, config_to_dict(cfg), cfg.train.seed, write_provenance=accelerator.is_main_process)
     task = ConceptTask(cfg, models, trainable, accelerator, model)
     dual = initial_dual(cfg)
-    D = cfg.dual_only_steps if cfg.method == "ru_dual_only" else 0
+    D = cfg.dual_only_steps if cfg.method == "reverse_kl_dual_only" else 0
     last = run_loop(run_dir=run_dir, accelerator=accelerator, model=model, trainable=trainable,
                     optimizer=optimizer, dual=dual,
                     step_fn=lambda s, sl: task.step(s, sl, dual, dual_only=s < D),
@@ -389,14 +391,14 @@ def run(cfg: ConceptConfig, resume: bool = False, stop_after: int | None = None)
                     resume=resume, desc=f"concept/{cfg.method}", stop_after=stop_after,
                     snapshot=figures.concept_snapshot(run_dir.path, models, trainable, cfg, dual.budgets))
     summary = {
-        "problem": "likelihood" if cfg.method == "lu" else "reverse_kl", "method": cfg.method,
+        "problem": PROBLEM[cfg.method], "method": cfg.method,
         "concepts": list(cfg.concepts), "baseline_prompt": cfg.baseline_prompt,
         "retain_prompts": list(cfg.retain_prompts), "retain_weight": cfg.retain_weight,
         "budgets": dual.budgets, "lam": dual.lam, "constraint_values": last.get("measured"),
         "violation": last.get("violation"), "steps": dual.steps, "world_size": accelerator.num_processes,
         "weights": str(run_dir.path / "checkpoint" / "trainable.safetensors"),
     }
-    if cfg.method in ("ru", "ru_dual_only", "esd"):
+    if PROBLEM[cfg.method] == "reverse_kl":
         summary["eta"] = eta_from_lam(dual.lam)
     if accelerator.is_main_process:
         run_dir.write_summary(summary)

@@ -1,6 +1,7 @@
-"""Data unlearning on a DDPM (docs/math.md eqs. 11-14, 28, 31): FU primal-dual with one multiplier per forget
-image, and the SISS baselines (fixed weight without importance sampling; with importance sampling,
-its weights in log space).
+"""Data unlearning on a DDPM (docs/math.md eqs. 11-14, 28, 31): FU primal-dual (``method="forward_kl"``;
+the alias ``fu`` is accepted, ``scale.names``) with one multiplier per forget image, and the SISS
+baselines (``"siss"``: fixed weight without importance sampling; ``"siss_is"``: with importance
+sampling, its weights in log space).
 
 With ``q`` the uniform law on the n training images and ``q_i = delta(a_i)``:
 
@@ -37,14 +38,16 @@ from scale.diffusion import siss_log_weights
 from toy.core.diffusion import add_noise
 from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, make_optimizer, run_loop, step_generator
 from scale.models import Trainable, load_ddpm_models
+from scale.names import DATA_METHODS, canonical_method
 from theory.config import config_to_dict
 from toy.core.dual import DualState, dual_domain
 from toy.core.objectives import denoising_loss
 from toy.core.runs import RunDir
+from toy.core.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
-METHODS = ("fu", "siss", "siss_is")
+METHODS = DATA_METHODS
 SISS_FORMS = ("published", "project")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -53,7 +56,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 class DataConfig:
     model: str = ""
     out: str = "runs/data"
-    method: str = "fu"
+    method: str = "forward_kl"
     train_dir: str = ""
     forget: tuple[str, ...] = ()
     forget_list: str = ""
@@ -71,14 +74,13 @@ class DataConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        object.__setattr__(self, "method", canonical_method(self.method, METHODS))
         if not self.train_dir:
             raise ValueError("train_dir (the training-image folder) is required")
         if not self.forget and not self.forget_list:
             raise ValueError("give the forget images as forget=[...] or forget_list=FILE")
-        if self.method == "fu" and not self.budgets and self.budget_factor <= 0:
-            raise ValueError("FU needs budgets=[...] (denoising-loss units) or budget_factor > 0 "
+        if self.method == "forward_kl" and not self.budgets and self.budget_factor <= 0:
+            raise ValueError("forward_kl needs budgets=[...] (denoising-loss units) or budget_factor > 0 "
                              "(budget = factor x pretrained forget loss)")
         if self.siss_weight < 0 or not 0 < self.siss_mix < 1:
             raise ValueError(f"siss_weight must be >= 0 and siss_mix in (0, 1), got {self.siss_weight}, {self.siss_mix}")
@@ -198,6 +200,12 @@ def denoising_losses(unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tenso
     return torch.cat(out)
 
 
+def forget_loss_seed(seed: int) -> int:
+    """The seed of the fixed draws on which a data run measures its forget images' denoising loss
+    before and after (``run``), and the pre-flight calibrates their budgets (``scale.preflight``)."""
+    return derive_seed(seed, "forget-loss-eval")
+
+
 def forget_losses(unet, images: torch.Tensor, alphas_cumprod: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
     """Mean denoising loss of each image over ``draws`` fixed (seeded) noise/timestep draws: (N,)."""
     g = torch.Generator().manual_seed(seed)
@@ -276,7 +284,7 @@ class DataTask:
             meas_sum.index_add_(0, a_pick, (w_a * l_a).detach().double().cpu())
             meas_cnt.index_add_(0, a_pick, torch.ones(a_pick.shape[0], dtype=torch.float64))
             return StepOut(loss, meas_sum, meas_cnt)
-        # fu / siss (no importance sampling): one batch of training images + K draws per forget image
+        # forward_kl / siss (no importance sampling): one batch of training images + K draws per forget image
         f_img = torch.arange(m).repeat(K)
         f_t = torch.randint(0, self.T, (m * K,), generator=gen)
         f_noise = torch.randn((m * K, *self.shape), generator=gen)
@@ -407,7 +415,7 @@ def run(cfg: DataConfig, resume: bool = False, stop_after: int | None = None) ->
     accelerator = make_accelerator(cfg.train)
     unet = models.unet.to(accelerator.device)
     ab = models.alphas_cumprod
-    eval_seed = cfg.train.seed + 12345
+    eval_seed = forget_loss_seed(cfg.train.seed)
     forget_images = images.load(torch.tensor(forget_idx))
     pre_forget = forget_losses(unet, forget_images.to(accelerator.device), ab, 16, eval_seed)
     if cfg.budgets:
@@ -418,7 +426,7 @@ def run(cfg: DataConfig, resume: bool = False, stop_after: int | None = None) ->
     optimizer = make_optimizer(trainable.parameters(), cfg.train)
     model, optimizer = accelerator.prepare(unet, optimizer)
     run_dir = RunDir(cfg.out, config_to_dict(cfg), cfg.train.seed, write_provenance=accelerator.is_main_process)
-    if cfg.method == "fu":
+    if cfg.method == "forward_kl":
         dual = DualState("forward_kl", budgets, cfg.lr_dual / n, upper=dual_domain("forward_kl", m, n_train=n).upper)
     else:  # SISS: a fixed weight (project form; none in the published form), not restricted to the dual domain
         weight = cfg.siss_weight if cfg.siss_form == "project" else 0.0
@@ -435,7 +443,7 @@ def run(cfg: DataConfig, resume: bool = False, stop_after: int | None = None) ->
     post_forget = forget_losses(unet, forget_images.to(accelerator.device), ab, 16, eval_seed)
     summary = {
         "problem": "forward_kl", "method": cfg.method, "n_train": n,
-        "siss_form": cfg.siss_form if cfg.method != "fu" else None, "neg_scale": last.get("neg_scale"),
+        "siss_form": cfg.siss_form if cfg.method != "forward_kl" else None, "neg_scale": last.get("neg_scale"),
         "forget": [files[i].name for i in forget_idx], "budgets": dual.budgets, "lam": dual.lam,
         "lam_times_n": dual.lam * n, "constraint_values": last.get("measured"),
         "violation": last.get("violation"), "forget_loss_before": pre_forget, "forget_loss_after": post_forget,

@@ -31,7 +31,7 @@ def siss_log_weights(x_t: torch.Tensor, x0: torch.Tensor, a0: torch.Tensor, alph
     return lx - log_mix, la - log_mix
 
 
-def lu_weight(log_ratio: torch.Tensor, constraint: str, clamp: float = 30.0) -> tuple[torch.Tensor, torch.Tensor]:
+def likelihood_weight(log_ratio: torch.Tensor, constraint: str, clamp: float = 30.0) -> tuple[torch.Tensor, torch.Tensor]:
     """LU constraint function ``g`` and the weight ``c(x)`` of its tilt (eq. 29).
 
     ``p ∝ q exp(-lam g)`` has score ``score_q - lam grad g``; for ``g = r = q_i/q``,
@@ -48,4 +48,4 @@ def lu_weight(log_ratio: torch.Tensor, constraint: str, clamp: float = 30.0) -> 
         return r, r
     if constraint == "log_likelihood_ratio":
         return lr, torch.ones_like(lr)
-    raise ValueError(f"LU constraint must be 'likelihood_ratio' or 'log_likelihood_ratio', got {constraint!r}")
+    raise ValueError(f"likelihood constraint must be 'likelihood_ratio' or 'log_likelihood_ratio', got {constraint!r}")

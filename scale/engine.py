@@ -3,8 +3,9 @@ micro-batches, the dual step on constraint estimates averaged across processes, 
 and exact resume.
 
 Determinism contract. Every random draw of optimizer step ``s`` comes from
-``step_generator(seed, s)`` and is drawn for the *global* batch, then sliced: slice
-``k = accum_index * world + rank`` of ``world * accum`` slices. A run on one process and a run on
+``step_generator(seed, s)`` (a named stream of the run seed, ``toy.core.seeding``) and is drawn
+for the *global* batch, then sliced: slice ``k = accum_index * world + rank`` of ``world * accum``
+slices. A run on one process and a run on
 two processes with the same global batch therefore see the same samples, noise and timesteps, and
 a resumed run draws exactly what the uninterrupted run drew. Each step function returns its
 slice's share of the global-batch objective (terms already divided by the global sizes) and the
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from toy.core.dual import DualState
 from toy.core.runs import CheckpointStore, RunDir, announce
+from toy.core.seeding import seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,11 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr)
 
 
-def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
-    """The CPU generator of optimizer step ``step`` (one independent stream per ``stream``)."""
-    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step) * 7919 + int(stream) * 104_729) % (2 ** 63))
+def step_generator(seed: int, step: int, stream: str = "batch") -> torch.Generator:
+    """The CPU generator of optimizer step ``step``: ``seeded_generator(seed, f"step{step}:{stream}")``,
+    one independent stream per purpose (``"batch"``: the step's draws; ``"retain"``: a concept run's
+    retain states)."""
+    return seeded_generator(int(seed), f"step{int(step)}:{stream}")
 
 
 @dataclass(frozen=True)

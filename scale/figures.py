@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from toy.core.seeding import derive_seed, seeded_generator
+
 log = logging.getLogger(__name__)
 
 _DISABLED: list[bool] = []
@@ -43,7 +45,8 @@ def disabled():
         _DISABLED.pop()
 
 
-#: seeds of the grids' noise (independent of the training seed, so runs with different seeds compare)
+#: the seed the grids' noise streams derive from (``toy.core.seeding``; independent of the training seed, so
+#: runs with different seeds compare)
 GRID_SEED = 20_240_601
 
 
@@ -144,15 +147,15 @@ def curves_png(path: str | Path, rows: list[dict], budgets: Sequence[float] | No
 # ---------------------------------------------------------------- samples
 
 
-def _sample(eps_fn, shape, alphas_cumprod, steps: int, n: int, seed: int, device) -> torch.Tensor:
+def _sample(eps_fn, shape, alphas_cumprod, steps: int, n: int, purpose: str, device) -> torch.Tensor:
     from scale.sample import sample_images
 
-    return sample_images(eps_fn, shape, alphas_cumprod, steps, n, torch.Generator().manual_seed(seed), device)
+    return sample_images(eps_fn, shape, alphas_cumprod, steps, n, seeded_generator(GRID_SEED, purpose), device)
 
 
 def concept_samples(models, unet, prompts: Sequence[str], n: int, steps: int, device) -> list[torch.Tensor]:
-    """``n`` samples per prompt (conditional model, no guidance) from the seeds ``GRID_SEED + k``,
-    decoded by the VAE when there is one; a list of (n, C, H, W)."""
+    """``n`` samples per prompt (conditional model, no guidance) from the streams ``grid:prompt{k}`` of
+    ``GRID_SEED``, decoded by the VAE when there is one; a list of (n, C, H, W)."""
     from scale.models import encode_prompts
     from scale.sample import decode
 
@@ -165,7 +168,7 @@ def concept_samples(models, unet, prompts: Sequence[str], n: int, steps: int, de
         def eps_fn(x, t, e=e):
             return unet(x, t, encoder_hidden_states=e.expand(x.shape[0], *e.shape[1:])).sample.float()
 
-        x = _sample(eps_fn, models.sample_shape, models.alphas_cumprod, steps, n, GRID_SEED + k, dev)
+        x = _sample(eps_fn, models.sample_shape, models.alphas_cumprod, steps, n, f"grid:prompt{k}", dev)
         out.append(decode(models, x))
     return out
 
@@ -259,7 +262,7 @@ def concept_snapshot(run_dir, models, trainable, cfg, budgets, n: int = 4, steps
 
 
 def data_snapshot(run_dir, unet, alphas_cumprod, forget_images: torch.Tensor, retained_images: torch.Tensor,
-                  budgets, n_train: int, n_samples: int = 4, steps: int = 10, method: str = "fu") -> Snapshot | None:
+                  budgets, n_train: int, n_samples: int = 4, steps: int = 10, method: str = "forward_kl") -> Snapshot | None:
     """Grids for a data run: Tweedie reconstructions at the middle of the diffusion of each forget
     image and of the given retained images, and ``n_samples`` unconditional samples (``steps`` sampler
     steps), before vs after; ``None`` inside ``disabled()``."""
@@ -272,16 +275,18 @@ def data_snapshot(run_dir, unet, alphas_cumprod, forget_images: torch.Tensor, re
     names = ["forget images", "forget: denoised", "retained images", "retained: denoised", "samples"]
 
     def draw():
-        rec_f = tweedie_reconstructions(unet, forget_images, alphas_cumprod, t_mid, GRID_SEED)
-        rec_r = tweedie_reconstructions(unet, retained_images, alphas_cumprod, t_mid, GRID_SEED + 1)
+        rec_f = tweedie_reconstructions(unet, forget_images, alphas_cumprod, t_mid,
+                                        derive_seed(GRID_SEED, "grid:forget-noise"))
+        rec_r = tweedie_reconstructions(unet, retained_images, alphas_cumprod, t_mid,
+                                        derive_seed(GRID_SEED, "grid:retained-noise"))
 
         def eps_fn(x, t):
             return unet(x, t).sample.float()
 
-        s = _sample(eps_fn, shape, alphas_cumprod, steps, n_samples, GRID_SEED + 2, dev).clamp(-1, 1)
+        s = _sample(eps_fn, shape, alphas_cumprod, steps, n_samples, "grid:samples", dev).clamp(-1, 1)
         return [forget_images.cpu(), rec_f, retained_images.cpu(), rec_r, s]
 
-    lam_label = "n * lam" if method == "fu" else "n * lam (fixed)"
+    lam_label = "n * lam" if method == "forward_kl" else "n * lam (fixed)"
     return Snapshot(run_dir, lambda: (draw(), names), draw, budgets,
                     [f"forget {i}" for i in range(forget_images.shape[0])], lam_scale=float(n_train), lam_label=lam_label,
                     title=f"{method}: before vs after (denoised from t={t_mid}; samples: {steps} sampler steps)")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from toy.core.seeding import derive_seed
+
 log = logging.getLogger(__name__)
 
 #: ESD-x: the cross-attention projections of every transformer block.
@@ -235,7 +237,7 @@ class Trainable:
             names = [n for n, _ in unet.named_modules() if any(n.endswith(t) for t in targets)]
             if not names:
                 raise ValueError(f"no module of the UNet matches the LoRA targets {list(targets)}")
-            torch.manual_seed(seed)  # peft initialises lora_A from the global generator
+            torch.manual_seed(derive_seed(seed, "lora-init"))  # peft initialises lora_A from the global generator
             unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets),
                                         init_lora_weights=True))
         elif mode == "attn2":

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from toy.core.diffusion import ancestral_step, strided_timesteps
+from toy.core.seeding import seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ def run(cfg: SampleConfig) -> Path:
     device = "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = seeded_generator(cfg.seed, "samples")
 
     def draw(eps_fn, models):
         if cfg.sampler == "scheduler":

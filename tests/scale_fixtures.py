@@ -57,7 +57,7 @@ def concept_cfg(path, out, **kw):
 
     train = TrainConfig(**{**dict(steps=3, batch_size=4, micro_batch=4, lr=1e-2, cpu=True, seed=0),
                            **kw.pop("train", {})})
-    base = dict(model=path, out=str(out), method="ru", concepts=(PROMPT3,), budgets=(5.0,), lr_dual=0.01,
+    base = dict(model=path, out=str(out), method="reverse_kl", concepts=(PROMPT3,), budgets=(5.0,), lr_dual=0.01,
                 sample_steps=4, dual_only_steps=2)
     return ConceptConfig(**{**base, **kw}, train=train)
 
@@ -67,7 +67,7 @@ def data_cfg(model, imgs, out, **kw):
 
     train = TrainConfig(**{**dict(steps=3, batch_size=4, micro_batch=8, lr=1e-3, cpu=True, seed=0),
                            **kw.pop("train", {})})
-    base = dict(model=model, out=str(out), method="fu", train_dir=imgs, forget=("003.png", "007.png"),
+    base = dict(model=model, out=str(out), method="forward_kl", train_dir=imgs, forget=("003.png", "007.png"),
                 budget_factor=1.5, lr_dual=0.5, forget_draws=2)
     return DataConfig(**{**base, **kw}, train=train)
 

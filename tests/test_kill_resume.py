@@ -269,7 +269,7 @@ def test_ctrl_c_in_a_scale_run_checkpoints_the_step_it_is_in_and_resume_finishes
     monkeypatch.setattr(scale.data.DataTask, "step", real_step)
     with caplog.at_level(logging.INFO, logger="toy.core.runs"):
         assert main(["scale", "data", *over, "--out", str(cut), "--resume"]) == 0
-    assert f"resuming data/fu in {cut} at step 3 of 6" in caplog.text
+    assert f"resuming data/forward_kl in {cut} at step 3 of 6" in caplog.text
     assert _rows(cut / "metrics.jsonl") == _rows(full / "metrics.jsonl")
     wa = load_file(str(full / "checkpoint" / "trainable.safetensors"))
     wb = load_file(str(cut / "checkpoint" / "trainable.safetensors"))

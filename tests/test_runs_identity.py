@@ -114,7 +114,7 @@ def test_scale_rerun_needs_resume_and_the_same_config_overwrite_starts_afresh(ti
     out = tmp_path / "fu"
     with caplog.at_level(logging.INFO, logger="toy.core.runs"):
         assert main(_data_args(model, imgs, out, "--resume")) == 0  # --resume into a new directory: starts
-    assert f"nothing to resume in {out}: starting data/fu at step 0 of 2" in caplog.text
+    assert f"nothing to resume in {out}: starting data/forward_kl at step 0 of 2" in caplog.text
     caplog.clear()
     record = (out / "run.json").read_bytes()
     capsys.readouterr()
@@ -128,7 +128,7 @@ def test_scale_rerun_needs_resume_and_the_same_config_overwrite_starts_afresh(ti
 
     with caplog.at_level(logging.INFO, logger="toy.core.runs"):
         assert main(_data_args(model, imgs, out, "--resume")) == 0
-    assert f"data/fu in {out}: all 2 steps done already" in caplog.text
+    assert f"data/forward_kl in {out}: all 2 steps done already" in caplog.text
     assert (out / "run.json").read_bytes() == record
 
     assert main(_data_args(model, imgs, out, "--overwrite", "--set", "train.lr=0.5")) == 0

@@ -18,10 +18,10 @@ def test_cli_dry_run_prints_the_resolved_config_and_rejects_unknown_keys(tmp_pat
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('model = "m"\nconcepts = ["a photo of the digit 3"]\nbudgets = [2.0]\n[train]\nsteps = 7\n')
-    assert main(["scale", "concept", "--config", str(cfg), "--set", "train.lr=0.5", "--set", 'method="lu"',
+    assert main(["scale", "concept", "--config", str(cfg), "--set", "train.lr=0.5", "--set", 'method="likelihood"',
                  "--dry-run"]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert got["train"]["steps"] == 7 and got["train"]["lr"] == 0.5 and got["method"] == "lu"
+    assert got["train"]["steps"] == 7 and got["train"]["lr"] == 0.5 and got["method"] == "likelihood"
     assert got["concepts"] == ["a photo of the digit 3"]
     assert main(["scale", "data", "--set", "bogus=1", "--dry-run"]) == 2
     assert "unknown config key" in capsys.readouterr().err
@@ -72,7 +72,7 @@ class _Brightness(torch.nn.Module):
         return torch.cat([-m, m], 1)
 
 
-@pytest.mark.parametrize("name,command", [("sd_ru.toml", "concept"), ("celebahq_fu.toml", "data")])
+@pytest.mark.parametrize("name,command", [("sd_reverse_kl.toml", "concept"), ("celebahq_forward_kl.toml", "data")])
 def test_example_configs_resolve(name, command, capsys):
     from pathlib import Path
 
@@ -82,3 +82,58 @@ def test_example_configs_resolve(name, command, capsys):
     assert main(["scale", command, "--config", str(path), "--dry-run"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["train"]["batch_size"] == 32 if command == "data" else got["train"]["batch_size"] == 8
+
+
+# ------------------------------------------------------------------ method names (scale.names)
+
+CONCEPT_TOML = 'model = "m"\nconcepts = ["a photo of the digit 3"]\nbudgets = [2.0]\n'
+DATA_TOML = 'model = "m"\ntrain_dir = "d"\nforget = ["a.png"]\nbudget_factor = 1.5\n'
+
+
+@pytest.mark.parametrize("command,alias,canonical", [
+    ("concept", "ru", "reverse_kl"), ("concept", "ru_dual_only", "reverse_kl_dual_only"),
+    ("concept", "lu", "likelihood"), ("data", "fu", "forward_kl")])
+def test_short_method_names_are_accepted_on_input_and_written_long(command, alias, canonical, tmp_path, capsys):
+    """The paper's short forms are aliases on input (the command line, a config file); what the config
+    holds, prints and writes into run.json is the long name."""
+    from scale.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text((CONCEPT_TOML if command == "concept" else DATA_TOML) + f'method = "{alias}"\n')
+    assert main(["scale", command, "--config", str(cfg), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == canonical
+    assert main(["scale", command, "--config", str(cfg), "--set", f'method="{alias}"', "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == canonical
+
+
+def test_rehearsal_methods_accept_the_short_names_and_keep_their_order():
+    from scale.rehearse import RehearseConfig
+
+    cfg = RehearseConfig(methods=("fu", "esd", "ru", "siss", "lu", "ru_dual_only"))
+    assert cfg.methods == ("forward_kl", "esd", "reverse_kl", "siss", "likelihood", "reverse_kl_dual_only")
+
+
+@pytest.mark.parametrize("command,choices", [
+    ("concept", "reverse_kl, reverse_kl_dual_only, esd, likelihood (short forms: ru = reverse_kl, "
+                "ru_dual_only = reverse_kl_dual_only, lu = likelihood)"),
+    ("data", "forward_kl, siss, siss_is (short forms: fu = forward_kl)")])
+def test_an_unknown_method_fails_listing_the_choices_and_aliases(command, choices, tmp_path, capsys):
+    from scale.cli import main
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(CONCEPT_TOML if command == "concept" else DATA_TOML)
+    # a short form of the other kind is not a choice here either
+    for bad in ("retrain", "fu" if command == "concept" else "ru"):
+        assert main(["scale", command, "--config", str(cfg), "--set", f'method="{bad}"', "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert f"method must be one of {choices}, got '{bad}'" in err, err
+
+
+def test_an_unknown_rehearsal_method_fails_listing_every_choice():
+    from scale.rehearse import RehearseConfig
+
+    with pytest.raises(ValueError, match=r"each rehearsal method must be one of reverse_kl, reverse_kl_dual_only, "
+                                         r"esd, likelihood, forward_kl, siss, siss_is \(short forms: ru = reverse_kl, "
+                                         r"ru_dual_only = reverse_kl_dual_only, lu = likelihood, fu = forward_kl\), "
+                                         r"got 'retrain'"):
+        RehearseConfig(methods=("ru", "retrain"))

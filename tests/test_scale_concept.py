@@ -13,34 +13,34 @@ from scale.engine import load_checkpoint
 from tests.scale_fixtures import PROMPT3, RETAIN, assert_resumed_equals_full, concept_cfg, concept_path
 
 
-def test_esd_is_ru_at_the_fixed_multiplier_lam_eta_over_one_plus_eta(concept_path, tmp_path):
+def test_esd_is_reverse_kl_at_the_fixed_multiplier_lam_eta_over_one_plus_eta(concept_path, tmp_path):
     from safetensors.torch import load_file
 
     from scale.concept import run
 
     s_esd = run(concept_cfg(concept_path, tmp_path / "esd", method="esd", esd_eta=1.5, esd_sampler="ancestral"))
-    s_ru = run(concept_cfg(concept_path, tmp_path / "ru", method="ru", lr_dual=0.0, lam_init=(0.6,)))
+    s_ru = run(concept_cfg(concept_path, tmp_path / "reverse_kl", method="reverse_kl", lr_dual=0.0, lam_init=(0.6,)))
     assert float(s_esd["lam"][0]) == pytest.approx(1.5 / 2.5)
     torch.testing.assert_close(torch.as_tensor(s_esd["lam"]), torch.as_tensor(s_ru["lam"]))
     a = load_file(str(tmp_path / "esd" / "checkpoint" / "trainable.safetensors"))
-    b = load_file(str(tmp_path / "ru" / "checkpoint" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "reverse_kl" / "checkpoint" / "trainable.safetensors"))
     assert a.keys() == b.keys() and all("lora" in k for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it did train
 
 
-def test_esd_with_retain_term_is_ru_at_the_fixed_multiplier_with_retain_term(concept_path, tmp_path):
+def test_esd_with_retain_term_is_reverse_kl_at_the_fixed_multiplier_with_retain_term(concept_path, tmp_path):
     from safetensors.torch import load_file
 
     from scale.concept import run
 
     kw = dict(retain_prompts=RETAIN, retain_weight=2.0)
     run(concept_cfg(concept_path, tmp_path / "esd", method="esd", esd_eta=1.5, esd_sampler="ancestral", **kw))
-    run(concept_cfg(concept_path, tmp_path / "ru", method="ru", lr_dual=0.0, lam_init=(0.6,), **kw))
+    run(concept_cfg(concept_path, tmp_path / "reverse_kl", method="reverse_kl", lr_dual=0.0, lam_init=(0.6,), **kw))
     run(concept_cfg(concept_path, tmp_path / "plain", method="esd", esd_eta=1.5, esd_sampler="ancestral"))
     a = load_file(str(tmp_path / "esd" / "checkpoint" / "trainable.safetensors"))
-    b = load_file(str(tmp_path / "ru" / "checkpoint" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "reverse_kl" / "checkpoint" / "trainable.safetensors"))
     c = load_file(str(tmp_path / "plain" / "checkpoint" / "trainable.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
@@ -56,7 +56,7 @@ def test_esd_with_retain_term_is_ru_at_the_fixed_multiplier_with_retain_term(con
 def test_retain_term_does_not_change_the_dual_estimates_or_multipliers(concept_path, tmp_path):
     from scale.concept import run
 
-    kw = dict(method="ru_dual_only", budgets=(1e6,), lr_dual=1e-7, dual_only_steps=2, train={"steps": 1})
+    kw = dict(method="reverse_kl_dual_only", budgets=(1e6,), lr_dual=1e-7, dual_only_steps=2, train={"steps": 1})
     a = run(concept_cfg(concept_path, tmp_path / "a", **kw))
     b = run(concept_cfg(concept_path, tmp_path / "b", retain_prompts=RETAIN, **kw))
     torch.testing.assert_close(torch.as_tensor(a["lam"]), torch.as_tensor(b["lam"]), rtol=0, atol=0)
@@ -79,22 +79,22 @@ def test_interrupted_and_resumed_concept_run_with_retain_term_equals_uninterrupt
     assert_resumed_equals_full(full, resumed, tmp_path)
 
 
-def test_ru_multiplier_rises_while_the_kl_constraint_is_violated(concept_path, tmp_path):
+def test_reverse_kl_multiplier_rises_while_the_kl_constraint_is_violated(concept_path, tmp_path):
     from scale.concept import run
 
-    s = run(concept_cfg(concept_path, tmp_path / "ru", budgets=(1e6,), lr_dual=1e-7))
-    rows = [json.loads(x) for x in (tmp_path / "ru" / "metrics.jsonl").read_text().splitlines()]
+    s = run(concept_cfg(concept_path, tmp_path / "reverse_kl", budgets=(1e6,), lr_dual=1e-7))
+    rows = [json.loads(x) for x in (tmp_path / "reverse_kl" / "metrics.jsonl").read_text().splitlines()]
     lams = [r["lam"][0] for r in rows]
     assert all(v > 0 for r in rows for v in r["violation"])
     assert lams == sorted(lams) and lams[-1] > 0
     # each dual step adds lr_dual * violation (no projection active)
     v0 = rows[0]["violation"][0]
     assert lams[0] == pytest.approx(1e-7 * v0, rel=1e-6)
-    summ = json.loads((tmp_path / "ru" / "summary.json").read_text())
+    summ = json.loads((tmp_path / "reverse_kl" / "summary.json").read_text())
     assert summ["problem"] == "reverse_kl" and len(summ["constraint_values"]) == 1
 
 
-def test_ru_sum_of_multipliers_stays_below_one_with_two_concepts(concept_path, tmp_path):
+def test_reverse_kl_sum_of_multipliers_stays_below_one_with_two_concepts(concept_path, tmp_path):
     from scale.concept import run
 
     s = run(concept_cfg(concept_path, tmp_path / "ru2", concepts=(PROMPT3, "a photo of the digit 5"),
@@ -103,10 +103,10 @@ def test_ru_sum_of_multipliers_stays_below_one_with_two_concepts(concept_path, t
     assert lam.numel() == 2 and float(lam.sum()) == pytest.approx(0.9, abs=1e-6)
 
 
-def test_ru_dual_only_moves_only_the_multiplier_then_fits_the_target(concept_path, tmp_path):
+def test_reverse_kl_dual_only_moves_only_the_multiplier_then_fits_the_target(concept_path, tmp_path):
     from scale.concept import run
 
-    run(concept_cfg(concept_path, tmp_path / "do", method="ru_dual_only", budgets=(1e6,), lr_dual=1e-7,
+    run(concept_cfg(concept_path, tmp_path / "do", method="reverse_kl_dual_only", budgets=(1e6,), lr_dual=1e-7,
                      dual_only_steps=2, train={"steps": 2}))
     rows = [json.loads(x) for x in (tmp_path / "do" / "metrics.jsonl").read_text().splitlines()]
     assert [r["primal"] for r in rows] == [False, False, True, True]
@@ -115,13 +115,13 @@ def test_ru_dual_only_moves_only_the_multiplier_then_fits_the_target(concept_pat
     assert rows[0]["loss"] is None and rows[2]["loss"] is not None
 
 
-def test_lu_runs_and_reports_the_likelihood_ratio_constraint(concept_path, tmp_path):
+def test_likelihood_runs_and_reports_the_likelihood_ratio_constraint(concept_path, tmp_path):
     from scale.concept import run
 
-    s = run(concept_cfg(concept_path, tmp_path / "lu", method="lu", budgets=(0.5,), lr_dual=0.1,
-                         classifier_draws=2, lu_constraint="likelihood_ratio"))
+    s = run(concept_cfg(concept_path, tmp_path / "likelihood", method="likelihood", budgets=(0.5,), lr_dual=0.1,
+                         classifier_draws=2, likelihood_constraint="likelihood_ratio"))
     assert s["problem"] == "likelihood"
-    rows = [json.loads(x) for x in (tmp_path / "lu" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "likelihood" / "metrics.jsonl").read_text().splitlines()]
     for r in rows:  # E_p[r] with r = exp(clamped log ratio) is positive
         assert 0 < r["measured"][0] <= math.exp(5.0)
         assert r["violation"][0] == pytest.approx(r["measured"][0] - 0.5, rel=1e-5, abs=1e-6)

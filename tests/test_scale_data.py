@@ -35,13 +35,13 @@ def test_bad_data_inputs_fail_before_training(ddpm_setup, tmp_path):
         assert not (tmp_path / d / "metrics.jsonl").exists()
 
 
-def test_fu_multipliers_stay_in_the_dual_domain(ddpm_setup, tmp_path):
+def test_forward_kl_multipliers_stay_in_the_dual_domain(ddpm_setup, tmp_path):
     from scale.data import run
 
     model, imgs, _ = ddpm_setup
-    s = run(data_cfg(model, imgs, tmp_path / "fu", budget_factor=100.0, lr_dual=0.6))
+    s = run(data_cfg(model, imgs, tmp_path / "forward_kl", budget_factor=100.0, lr_dual=0.6))
     n = 12
-    rows = [json.loads(x) for x in (tmp_path / "fu" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "forward_kl" / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         assert all(0 <= v <= 1 / n + 1e-15 for v in r["lam"])
     assert np.allclose(s["lam_times_n"], 1.0)  # unreachable budgets: lam at the domain's edge 1/n

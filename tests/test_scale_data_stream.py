@@ -95,7 +95,7 @@ def test_streamed_batches_equal_the_decoded_images_in_draw_order(tmp_path):
         TrainingImages(list_images(tmp_path), (1, 8, 8))
 
 
-@pytest.mark.parametrize("method,form", [("fu", "published"), ("siss", "published"), ("siss_is", "published"),
+@pytest.mark.parametrize("method,form", [("forward_kl", "published"), ("siss", "published"), ("siss_is", "published"),
                                          ("siss_is", "project")])
 def test_interrupted_and_resumed_streamed_run_equals_uninterrupted(tmp_path, method, form):
     """Killed after one step (checkpoint every step), resumed: multipliers and every weight equal the

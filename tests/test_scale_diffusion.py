@@ -10,7 +10,7 @@ import torch
 
 from scale import builders
 from toy.core.diffusion import add_noise, strided_kl_weights, strided_timesteps
-from scale.diffusion import lu_weight, siss_log_weights
+from scale.diffusion import likelihood_weight, siss_log_weights
 from toy.core.diffusion import reverse_step_kl_weights
 from tests.scale_fixtures import T
 
@@ -38,16 +38,16 @@ def test_siss_log_weights_match_naive_where_finite_and_stay_finite_at_small_t():
     assert torch.all(naive == 0)  # what the published code would divide by
 
 
-def test_lu_weight_is_ratio_or_one_and_never_overflows():
+def test_likelihood_weight_is_ratio_or_one_and_never_overflows():
     lr = torch.tensor([-1.0, 0.0, 2.0, 1e4])
-    g, c = lu_weight(lr, "likelihood_ratio", clamp=5.0)
+    g, c = likelihood_weight(lr, "likelihood_ratio", clamp=5.0)
     torch.testing.assert_close(g, torch.tensor([math.exp(-1), 1.0, math.exp(2), math.exp(5)], dtype=torch.float64))
     torch.testing.assert_close(c, g)
-    g2, c2 = lu_weight(lr, "log_likelihood_ratio", clamp=5.0)
+    g2, c2 = likelihood_weight(lr, "log_likelihood_ratio", clamp=5.0)
     torch.testing.assert_close(g2, torch.tensor([-1.0, 0.0, 2.0, 1e4], dtype=torch.float64))  # g = log r: never clamped
     assert torch.all(c2 == 1)
-    with pytest.raises(ValueError, match="LU constraint"):
-        lu_weight(lr, "likelihood")
+    with pytest.raises(ValueError, match="likelihood constraint"):
+        likelihood_weight(lr, "likelihood")
 
 
 def test_strided_kl_weights_reduce_to_the_full_chain():

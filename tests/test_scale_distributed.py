@@ -91,7 +91,7 @@ def _compare(one: Path, two: Path, model_weights: dict | None) -> None:
         assert torch.all((upd_a - upd_b).abs() <= bound), k
 
 
-def test_two_process_fu_multipliers_match_across_ranks_and_one_process(setup, tmp_path):
+def test_two_process_forward_kl_multipliers_match_across_ranks_and_one_process(setup, tmp_path):
     from diffusers import UNet2DModel
 
     common = ["--set", f'model="{setup / "ddpm"}"', "--set", f'train_dir="{setup / "imgs"}"',
@@ -106,7 +106,7 @@ def test_two_process_fu_multipliers_match_across_ranks_and_one_process(setup, tm
     assert np.all(lam > 0) and np.all(lam <= 1 / 12 + 1e-15)
 
 
-def test_two_process_ru_lora_multipliers_match_across_ranks_and_one_process(setup, tmp_path):
+def test_two_process_reverse_kl_lora_multipliers_match_across_ranks_and_one_process(setup, tmp_path):
     common = ["--set", f'model="{setup / "concept"}"', "--set", 'concepts=["a photo of the digit 3"]',
               "--set", "budgets=[1e6]", "--set", "lr_dual=1e-7", "--set", "sample_steps=4",
               "--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "train.micro_batch=1",

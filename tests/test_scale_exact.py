@@ -138,13 +138,13 @@ def _per_sample(task, dual, batch, steps=1):
                          for s in range(steps) for j in range(batch)], dtype=torch.float64)
 
 
-def lu_agreement(batch=32, sample_steps=20, draws=4):
+def likelihood_agreement(batch=32, sample_steps=20, draws=4):
     """(estimate, se, exact ELBO difference at the chain's end points, exact log ratio there, values)."""
     from toy.core.diffusion import strided_timesteps
     from toy.core.dual import DualState
     from toy.core.diffusion import reverse_step_kl_weights
 
-    task = _concept_task("lu", sample_steps, batch, classifier_draws=draws)
+    task = _concept_task("likelihood", sample_steps, batch, classifier_draws=draws)
     vals = _per_sample(task, DualState("likelihood", [0.0], 0.0), batch)
     (mu_b, var_b), (mu_c, var_c), (mu_p, var_p) = _instance()
     ab = sd_scheduler().alphas_cumprod.double()
@@ -157,12 +157,12 @@ def lu_agreement(batch=32, sample_steps=20, draws=4):
     return float(vals.mean()), float(vals.std() / math.sqrt(len(vals))), elbo, true, vals
 
 
-def ru_agreement(batch=32, sample_steps=20):
+def reverse_kl_agreement(batch=32, sample_steps=20):
     """(one-term path-KL estimate, se, exact path KL of the strided chain)."""
     from toy.core.diffusion import strided_kl_weights, strided_timesteps
     from toy.core.dual import DualState
 
-    task = _concept_task("ru", sample_steps, batch)
+    task = _concept_task("reverse_kl", sample_steps, batch)
     vals = _per_sample(task, DualState("reverse_kl", [1.0], 0.0), batch)
     (_, _), (mu_c, var_c), (mu_p, var_p) = _instance()
     ab = sd_scheduler().alphas_cumprod.double()
@@ -178,7 +178,7 @@ def ru_agreement(batch=32, sample_steps=20):
     return float(vals.mean()), float(vals.std() / math.sqrt(len(vals))), exact
 
 
-def fu_agreement(copies=16, draws=4):
+def forward_kl_agreement(copies=16, draws=4):
     """(forget-loss estimate of ``scale.data.forget_losses``, se, exact mean denoising loss)."""
     from scale.data import forget_losses
 
@@ -196,8 +196,8 @@ def fu_agreement(copies=16, draws=4):
     return float(vals.mean()), float(vals.std() / math.sqrt(copies)), exact
 
 
-def test_lu_estimate_at_real_size_is_unbiased_for_the_elbo_difference_at_the_model_end_points_and_unclamped():
-    est, se, elbo, true, vals = lu_agreement()
+def test_likelihood_estimate_at_real_size_is_unbiased_for_the_elbo_difference_at_the_model_end_points_and_unclamped():
+    est, se, elbo, true, vals = likelihood_agreement()
     assert abs(est - elbo) <= 3 * se, (est, elbo, se)
     # the ELBO difference is the log ratio up to the discretisation gap, here far below the se
     assert abs(elbo - true) < 0.1 * se
@@ -205,19 +205,19 @@ def test_lu_estimate_at_real_size_is_unbiased_for_the_elbo_difference_at_the_mod
     assert vals.abs().max() > 10 and torch.isfinite(vals).all()
 
 
-def test_ru_path_kl_estimate_at_real_size_matches_the_exact_path_kl():
-    est, se, exact = ru_agreement()
+def test_reverse_kl_path_kl_estimate_at_real_size_matches_the_exact_path_kl():
+    est, se, exact = reverse_kl_agreement()
     assert abs(est - exact) <= 3 * se, (est, exact, se)
     assert se < 0.5 * exact  # the comparison has power
 
 
-def test_fu_forget_loss_at_real_size_matches_the_exact_denoising_loss():
-    est, se, exact = fu_agreement()
+def test_forward_kl_forget_loss_at_real_size_matches_the_exact_denoising_loss():
+    est, se, exact = forward_kl_agreement()
     assert abs(est - exact) <= 3 * se, (est, exact, se)
     assert se < 0.2 * exact
 
 
-def test_ru_path_kl_estimate_with_two_component_mixtures_matches_full_trajectory_monte_carlo():
+def test_reverse_kl_path_kl_estimate_with_two_component_mixtures_matches_full_trajectory_monte_carlo():
     """Nonlinear (mixture) noise predictions at real size: the engine's one-term estimates against
     the full path-KL sum along independent float64 trajectories of the model, simulated here."""
     from toy.core.diffusion import strided_timesteps
@@ -234,7 +234,7 @@ def test_ru_path_kl_estimate_with_two_component_mixtures_matches_full_trajectory
     q_b, q_c = two(0.0, 0.01), two(0.0, 0.01)
     p = DiagonalMixture(q_c.weights, 0.5 * (q_b.means + q_c.means), q_c.variances)
     B, S = 32, 10
-    task = _concept_task("ru", S, B, mixtures=(q_b, q_c, p))
+    task = _concept_task("reverse_kl", S, B, mixtures=(q_b, q_c, p))
     vals = _per_sample(task, DualState("reverse_kl", [1.0], 0.0), B)
     est, se = float(vals.mean()), float(vals.std() / math.sqrt(B))
     # independent: N ancestral trajectories of p in float64, the whole sum over steps on each
@@ -261,10 +261,10 @@ def test_ru_path_kl_estimate_with_two_component_mixtures_matches_full_trajectory
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    est, se, elbo, true, _ = lu_agreement()
+    est, se, elbo, true, _ = likelihood_agreement()
     print("| quantity | estimate | exact | se |\n|---|---|---|---|")
     print(f"| LU E_p[log r] (ELBO difference at end points) | {est:.3f} | {elbo:.3f} (true log ratio {true:.3f}) | {se:.3f} |")
-    est, se, exact = ru_agreement()
+    est, se, exact = reverse_kl_agreement()
     print(f"| RU path KL(p || q_c) | {est:.3f} | {exact:.3f} | {se:.3f} |")
-    est, se, exact = fu_agreement()
+    est, se, exact = forward_kl_agreement()
     print(f"| FU forget loss | {est:.5f} | {exact:.5f} | {se:.5f} |")

@@ -75,17 +75,17 @@ def _bench(*args: str) -> dict[tuple[str, str], dict]:
     return {(r["model"], r["step"]): r for r in rows}
 
 
-def test_fu_bf16_throughput_targets():
+def test_forward_kl_bf16_throughput_targets():
     big = _bench("--only", "ddpm", "--batch", "32", "--mixed-precision", "bf16")
     paper = _bench("--only", "ddpm", "--batch", "32", "--micro-batch", "2", "--mixed-precision", "no")
-    fu, plain = big[("ddpm", "fu")]["images_per_s"], big[("ddpm", "plain")]["images_per_s"]
+    fu, plain = big[("ddpm", "forward_kl")]["images_per_s"], big[("ddpm", "plain")]["images_per_s"]
     assert fu >= 0.9 * plain, (fu, plain)
-    assert fu >= 5 * paper[("ddpm", "fu")]["images_per_s"], (fu, paper[("ddpm", "fu")])
-    assert big[("ddpm", "fu")]["dual_fraction"] <= 0.05, big[("ddpm", "fu")]
+    assert fu >= 5 * paper[("ddpm", "forward_kl")]["images_per_s"], (fu, paper[("ddpm", "forward_kl")])
+    assert big[("ddpm", "forward_kl")]["dual_fraction"] <= 0.05, big[("ddpm", "forward_kl")]
 
 
 def test_esd_batched_step_throughput_and_dual_overhead():
     one = _bench("--only", "sd", "--batch", "1", "--mixed-precision", "bf16")
     eight = _bench("--only", "sd", "--batch", "8", "--mixed-precision", "bf16")
     assert eight[("sd", "esd")]["images_per_s"] >= 6 * one[("sd", "esd")]["images_per_s"], (eight, one)
-    assert eight[("sd", "ru")]["dual_fraction"] <= 0.05, eight[("sd", "ru")]
+    assert eight[("sd", "reverse_kl")]["dual_fraction"] <= 0.05, eight[("sd", "reverse_kl")]

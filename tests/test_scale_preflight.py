@@ -36,13 +36,35 @@ def tiny(tmp_path_factory):
                 p.mul_(20.0)
     builders.save_concept_pipeline(root / "concept", unet, te, tok,
                                    builders.build_scheduler(T, beta_start=2e-3, beta_end=0.4))
-    builders.save_ddpm(root / "ddpm", builders.build_uncond_unet(seed=3),
-                       builders.build_scheduler(T, beta_start=2e-3, beta_end=0.4))
     (root / "imgs").mkdir()
     rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / "imgs" / f"{i:03d}.png")
+    pixels = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(12)]
+    for i, px in enumerate(pixels):
+        Image.fromarray(px).save(root / "imgs" / f"{i:03d}.png")
+    ddpm_sch = builders.build_scheduler(T, beta_start=2e-3, beta_end=0.4)
+    builders.save_ddpm(root / "ddpm", _fit_ddpm(builders.build_uncond_unet(seed=3), pixels, ddpm_sch), ddpm_sch)
     return root
+
+
+def _fit_ddpm(unet, pixels, scheduler, steps: int = 60):
+    """A few denoising steps on the training images: a random UNet's loss is about the zero predictor's
+    1 (a coin flip above or below it on 8 draws), a fitted one's well below it (about 0.15), as for a
+    pretrained model, so FU's achievable range has its top at 1."""
+    from toy.core.diffusion import add_noise
+    from toy.core.objectives import denoising_loss
+
+    x = torch.from_numpy(np.stack(pixels).astype(np.float32) / 127.5 - 1.0).unsqueeze(1)
+    ab = scheduler.alphas_cumprod.double()
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(unet.parameters(), lr=2e-3)
+    for _ in range(steps):
+        t = torch.randint(0, T, (48,), generator=g)
+        noise = torch.randn((48, *x.shape[1:]), generator=g)
+        loss = denoising_loss(unet(add_noise(x[torch.arange(48) % len(x)], noise, ab[t]), t).sample, noise).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return unet.eval()
 
 
 def _write(path: Path, text: str) -> str:
@@ -50,7 +72,7 @@ def _write(path: Path, text: str) -> str:
     return str(path)
 
 
-def concept_toml(root: Path, budget: str = "[5.0]", method: str = "ru", extra: str = "") -> str:
+def concept_toml(root: Path, budget: str = "[5.0]", method: str = "reverse_kl", extra: str = "") -> str:
     return _write(root / f"c_{method}_{abs(hash(budget + extra))}.toml", f"""
 model = "{root / 'concept'}"
 method = "{method}"
@@ -71,7 +93,7 @@ cpu = true
 def data_toml(root: Path, budget: str = "budgets = [0.999]", extra: str = "") -> str:
     return _write(root / f"d_{abs(hash(budget + extra))}.toml", f"""
 model = "{root / 'ddpm'}"
-method = "fu"
+method = "forward_kl"
 train_dir = "{root / 'imgs'}"
 forget = ["003.png", "007.png"]
 {budget}
@@ -129,7 +151,7 @@ def test_unet_evaluations_per_step_count_every_forward():
     assert unet_evals_per_step("concept", ru) == 8 * 15
     # + retain: another 9 + 1 + 3 = 13 per image -> 28 * 8 = 224; LU with 4 classifier draws: + 4 * 3 = 12
     assert unet_evals_per_step("concept", ConceptConfig(**{**ru.__dict__, "retain_prompts": ("c",)})) == 8 * 28
-    assert unet_evals_per_step("concept", ConceptConfig(**{**ru.__dict__, "method": "lu", "classifier_draws": 4})) == 8 * 27
+    assert unet_evals_per_step("concept", ConceptConfig(**{**ru.__dict__, "method": "likelihood", "classifier_draws": 4})) == 8 * 27
     # FU: (8 training images + 3 forget x 2 draws) x 3 = 42; SISS-IS: 8 x 3 = 24
     fu = DataConfig(model="m", train_dir="d", forget=("x",), budget_factor=1.5, forget_draws=2, train=tr)
     assert unet_evals_per_step("data", fu, m_forget=3) == 42
@@ -189,7 +211,7 @@ def test_concept_preflight_passes_and_writes_report_grid_and_curves(tiny, tmp_pa
     assert tuple(before[0].shape[-2:]) == (2, 2)
 
 
-def test_ru_calibration_brackets_the_kl_at_the_largest_multiplier(tiny, tmp_path, capsys):
+def test_reverse_kl_calibration_brackets_the_kl_at_the_largest_multiplier(tiny, tmp_path, capsys):
     """The top of RU's range is the composed reference's path KL at eta_max = 19; along the composed
     chain the per-state distance to q_i is (1 + eta)^2 times the base's, so the top is of the order of
     400 x the scale (not exactly: the states differ)."""
@@ -218,10 +240,10 @@ def test_budget_that_cannot_be_met_is_refused(tiny, tmp_path, capsys):
     rc, text, _ = _preflight(capsys, concept_toml(tiny, "[1e9]"), tmp_path / "pf")
     assert rc == 1 and "cannot be met" in text
     # LU with the likelihood ratio: E[r] > 0, so a budget <= 0 is out of reach
-    rc, text, _ = _preflight(capsys, concept_toml(tiny, "[0.0]", method="lu", extra='lu_constraint = "likelihood_ratio"'),
+    rc, text, _ = _preflight(capsys, concept_toml(tiny, "[0.0]", method="likelihood", extra='likelihood_constraint = "likelihood_ratio"'),
                              tmp_path / "pf2")
     assert rc == 1 and "cannot be met" in text
-    # FU: a forget loss of 1.5 is above the zero predictor's 1 (the pretrained losses are below 1 here)
+    # FU: a forget loss of 1.5 is above the zero predictor's 1 (the fitted DDPM's losses are below 1)
     rc, text, rec = _preflight(capsys, data_toml(tiny, "budgets = [1.5]"), tmp_path / "pf3")
     assert all(v < 1 for v in rec["calibration"]["step0"])
     assert rc == 1 and "cannot be met" in text
@@ -401,18 +423,19 @@ def test_rehearse_report_shows_kid_with_se_esd_budget_na_and_verdicts(tmp_path):
     bad = dict(ok, accuracy_unlearned=0.5)
     last10 = np.full((10, 1), 30.0) + np.linspace(-1, 1, 10)[:, None]
     methods = {
-        "ru": {"after": ok, "lam": [0.3], "budgets": [30.0], "constraint_last10": [30.0], "run": str(tmp_path / "ru")},
+        "reverse_kl": {"after": ok, "lam": [0.3], "budgets": [30.0], "constraint_last10": [30.0],
+                       "run": str(tmp_path / "reverse_kl")},
         "esd": {"after": bad, "lam": [0.5], "budgets": [0.0], "constraint_last10": [12.0], "run": str(tmp_path / "esd")},
     }
-    methods["ru"]["verdict"] = method_verdict("ru", methods["ru"], before, last10)
+    methods["reverse_kl"]["verdict"] = method_verdict("reverse_kl", methods["reverse_kl"], before, last10)
     methods["esd"]["verdict"] = method_verdict("esd", methods["esd"], before)
-    assert methods["ru"]["verdict"]["passed"] and not methods["esd"]["verdict"]["passed"]
+    assert methods["reverse_kl"]["verdict"]["passed"] and not methods["esd"]["verdict"]["passed"]
     # the constraint 3 standard errors below the budget fails RU's verdict
-    far = method_verdict("ru", dict(methods["ru"], budgets=[40.0]), before, last10)
+    far = method_verdict("reverse_kl", dict(methods["reverse_kl"], budgets=[40.0]), before, last10)
     assert not far["passed"] and "budget" in far["reasons"][0]
     text = render_report({"classifier_heldout_accuracy": 0.95, "concept_before": before, "methods": methods,
                           "config": {"out": str(tmp_path)}})
     esd_row = next(line for line in text.splitlines() if line.startswith("| esd |"))
     assert "| n/a |" in esd_row and "[0.0]" not in esd_row and "**fail**" in esd_row
     assert "-2.0e-05 +- 3.0e-04" in text and "-0.0000" not in text
-    assert "| pass |" in next(line for line in text.splitlines() if line.startswith("| ru |"))
+    assert "| pass |" in next(line for line in text.splitlines() if line.startswith("| reverse_kl |"))

@@ -82,7 +82,7 @@ def test_sd_v1_loads_with_its_real_config_and_lora_attaches_to_the_64_attn2_proj
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("method", ["ru", "ru_dual_only", "esd", "lu"])
+@pytest.mark.parametrize("method", ["reverse_kl", "reverse_kl_dual_only", "esd", "likelihood"])
 def test_sd_v1_one_step_of_every_concept_method(sd_path, tmp_path, method, precision):
     from safetensors.torch import load_file
 
@@ -91,7 +91,7 @@ def test_sd_v1_one_step_of_every_concept_method(sd_path, tmp_path, method, preci
     out = tmp_path / method
     cfg = ConceptConfig(model=sd_path, out=str(out), method=method, concepts=(CAT,), budgets=(5.0,),
                         lr_dual=0.05, sample_steps=1, dual_only_steps=1, classifier_draws=1,
-                        train=TrainConfig(steps=1 + (method == "ru_dual_only"), batch_size=1, micro_batch=1,
+                        train=TrainConfig(steps=1 + (method == "reverse_kl_dual_only"), batch_size=1, micro_batch=1,
                                           lr=1e-4, cpu=True, mixed_precision=precision))
     s = run(cfg)
     _assert_finite(out)
@@ -122,7 +122,7 @@ def test_celebahq_ddpm_refuses_lora_naming_trainable_full(ddpm_setup, tmp_path):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("method,form", [("fu", "published"), ("siss", "published"), ("siss_is", "published"),
+@pytest.mark.parametrize("method,form", [("forward_kl", "published"), ("siss", "published"), ("siss_is", "published"),
                                          ("siss", "project"), ("siss_is", "project")])
 def test_celebahq_ddpm_one_step_of_every_data_method(ddpm_setup, tmp_path, method, form, precision):
     from scale.data import DataConfig, run
@@ -135,5 +135,5 @@ def test_celebahq_ddpm_one_step_of_every_data_method(ddpm_setup, tmp_path, metho
                                          mixed_precision=precision)))
     _assert_finite(out)
     assert np.all(np.isfinite(np.asarray(s["forget_loss_after"], dtype=float)))
-    if method != "fu" and form == "published":
+    if method != "forward_kl" and form == "published":
         assert math.isfinite(s["neg_scale"]) and s["neg_scale"] > 0

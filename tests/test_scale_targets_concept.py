@@ -95,8 +95,8 @@ def _dual(problem, lam, lr=0.0):
     return DualState(problem, [1.0], lr, lam_init=[lam])
 
 
-@pytest.mark.parametrize("method,lam", [("ru", 0.3), ("ru_dual_only", 0.45)])
-def test_ru_trains_towards_the_composed_target_at_eta_lam_over_one_minus_lam(parts, method, lam):
+@pytest.mark.parametrize("method,lam", [("reverse_kl", 0.3), ("reverse_kl_dual_only", 0.45)])
+def test_reverse_kl_trains_towards_the_composed_target_at_eta_lam_over_one_minus_lam(parts, method, lam):
     from scale.engine import Slice
 
     task = _task(parts, method)
@@ -108,10 +108,10 @@ def test_ru_trains_towards_the_composed_target_at_eta_lam_over_one_minus_lam(par
     torch.testing.assert_close(_implied_target(eps, grad, 4), want, rtol=1e-4, atol=1e-4)
 
 
-def test_ru_with_retain_prompts_trains_retain_states_towards_the_reference_under_them(parts):
+def test_reverse_kl_with_retain_prompts_trains_retain_states_towards_the_reference_under_them(parts):
     from scale.engine import Slice
 
-    task = _task(parts, "ru", retain_prompts=(RETAIN,), retain_weight=2.5)
+    task = _task(parts, "reverse_kl", retain_prompts=(RETAIN,), retain_weight=2.5)
     dual = _dual("reverse_kl", 0.2)
     x, t, _, eps, grad, _ = _trained_forward(task, lambda: task.step(0, Slice(0, 1), dual, False))
     b = 4
@@ -121,13 +121,13 @@ def test_ru_with_retain_prompts_trains_retain_states_towards_the_reference_under
                                rtol=1e-4, atol=1e-4)
 
 
-def test_ru_dual_only_estimate_is_the_path_kl_of_the_composed_reference(parts):
+def test_reverse_kl_dual_only_estimate_is_the_path_kl_of_the_composed_reference(parts):
     """The dual-only phase samples the composed reference eps* = eps_q - eta (eps_c - eps_q) and sums
     w_s ||eps* - eps_c||^2 = w_s (1 + eta)^2 ||eps_q - eps_c||^2 along its own states."""
     from toy.core.diffusion import strided_timesteps
     from scale.engine import Slice
 
-    task = _task(parts, "ru_dual_only")
+    task = _task(parts, "reverse_kl_dual_only")
     lam = 0.4
     states = []
     h = parts["ref"].register_forward_hook(lambda m, a, o: states.append((a[0][:4].clone(), a[1][:4].clone())))
@@ -191,12 +191,12 @@ def test_esd_published_states_are_guided_ddim_states_of_the_model_being_trained(
 
 
 @pytest.mark.parametrize("constraint", ["log_likelihood_ratio", "likelihood_ratio"])
-def test_lu_trains_towards_the_tilt_target_with_its_state_dependent_weight(parts, constraint):
+def test_likelihood_trains_towards_the_tilt_target_with_its_state_dependent_weight(parts, constraint):
     from scale.engine import Slice
 
     lam = 0.7
     for j in range(4):  # one sample per slice: the step's constraint value is that sample's g
-        task = _task(parts, "lu", lu_constraint=constraint, classifier_draws=2)
+        task = _task(parts, "likelihood", likelihood_constraint=constraint, classifier_draws=2)
         x, t, _, eps, grad, out = _trained_forward(task, lambda: task.step(0, Slice(j, 4), _dual("likelihood", lam), False))
         g = float(out.measured_sum[0])
         c = g if constraint == "likelihood_ratio" else 1.0

@@ -59,7 +59,7 @@ def _cfg(setup, out, **kw):
     model, imgs, _ = setup
     train = TrainConfig(**{**dict(steps=1, batch_size=B, micro_batch=B, lr=1.0, optimizer="sgd", cpu=True,
                                   seed=SEED, checkpoint_every=1), **kw.pop("train", {})})
-    base = dict(model=model, out=str(out), method="fu", train_dir=str(imgs),
+    base = dict(model=model, out=str(out), method="forward_kl", train_dir=str(imgs),
                 forget=tuple(f"{i:03d}.png" for i in FORGET), budget_factor=1.5, lr_dual=0.5, forget_draws=2,
                 data_workers=0)
     return DataConfig(**{**base, **kw}, train=train)
@@ -130,7 +130,7 @@ def _sgd_update(setup, out):
 # ------------------------------------------------------------------ FU and SISS (project form)
 
 
-def _fu_step0_losses(model, x, ab, m: int, K: int):
+def _forward_kl_step0_losses(model, x, ab, m: int, K: int):
     """Step 0's draws of the FU/SISS (project form) step in their documented order (retain batch:
     indices, t, noise; then K draws per forget image), and the per-sample denoising losses of a fresh
     copy of the reference. Returns ``(ref, l_retain, l_forget, forget_image_of_each_draw)``."""
@@ -147,14 +147,14 @@ def _fu_step0_losses(model, x, ab, m: int, K: int):
     return ref, l_r, l_f, f_img
 
 
-def test_fu_step_gradient_is_the_signed_denoising_objective_written_out(setup, tmp_path):
+def test_forward_kl_step_gradient_is_the_signed_denoising_objective_written_out(setup, tmp_path):
     """FU at multipliers lam = (0.3, 0.8)/n: ``grad [ (1/B) sum_b l(x_b) - sum_i lam_i (1/K) sum_k l(a_i, k) ]``."""
     from scale.data import DataTask, TrainingImages, list_images
     from scale.models import load_ddpm_models
     from toy.core.dual import DualState
 
     model, imgs, _ = setup
-    cfg = _cfg(setup, tmp_path / "fu", forget_draws=3)
+    cfg = _cfg(setup, tmp_path / "forward_kl", forget_draws=3)
     K, m = 3, len(FORGET)
     lam = torch.tensor([0.3, 0.8], dtype=torch.float64) / N_IMG
     dual = DualState("forward_kl", torch.ones(m), 0.0, lam_init=lam)
@@ -170,7 +170,7 @@ def test_fu_step_gradient_is_the_signed_denoising_objective_written_out(setup, t
     # independent: the draws of step 0 in their documented order, then the formula
     x = _images(imgs)
     ab = _ab(model)
-    ref, l_r, l_f, f_img = _fu_step0_losses(model, x, ab, m, K)
+    ref, l_r, l_f, f_img = _forward_kl_step0_losses(model, x, ab, m, K)
     E_q = l_r.mean()
     E_qi = torch.stack([l_f[f_img == i].mean() for i in range(m)])
     want = _grads(E_q - (lam.float() * E_qi).sum(), ref)
@@ -179,7 +179,7 @@ def test_fu_step_gradient_is_the_signed_denoising_objective_written_out(setup, t
     torch.testing.assert_close(out.measured_sum / out.measured_count, E_qi.detach().double(), rtol=1e-5, atol=1e-7)
 
 
-def test_siss_project_form_trains_fu_at_the_fixed_weight(setup, tmp_path):
+def test_siss_project_form_trains_forward_kl_at_the_fixed_weight(setup, tmp_path):
     """SISS (project form, no importance sampling) through ``run``: the SGD update is the gradient of
     ``E_q[l] - (w/n) sum_i E_{q_i}[l]`` on the full training set."""
     from scale.data import run
@@ -189,7 +189,7 @@ def test_siss_project_form_trains_fu_at_the_fixed_weight(setup, tmp_path):
     run(_cfg(setup, tmp_path / "s", method="siss", siss_form="project", siss_weight=w))
     got, w1 = _sgd_update(setup, tmp_path / "s")
     x, ab, m, K = _images(imgs), _ab(model), len(FORGET), 2
-    ref, l_r, l_f, f_img = _fu_step0_losses(model, x, ab, m, K)
+    ref, l_r, l_f, f_img = _forward_kl_step0_losses(model, x, ab, m, K)
     want = _grads(l_r.mean() - (w / N_IMG) * sum(l_f[f_img == i].mean() for i in range(m)), ref)
     _assert_grads_close(got, want, w1)
 

@@ -1,8 +1,8 @@
-"""Conditional spread of the LU log-ratio estimator (``ConceptTask.lu_log_ratio``) at fixed end points,
+"""Conditional spread of the LU log-ratio estimator (``ConceptTask.likelihood_log_ratio``) at fixed end points,
 at Stable Diffusion's latent size 4x64x64 and schedule, on the exact harness of
 ``tests/test_scale_exact.py`` (docs/scale.md, "LU (likelihood)"). Prints the markdown table.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/lu_estimator_variance.py
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/likelihood_estimator_variance.py
 """
 import math
 
@@ -27,13 +27,13 @@ print("| estimator | K | ref. forwards per end point | mean - true (avg over 4 p
 print("|---|---|---|---|---|---|")
 for K in (1, 4, 16, 64):
     for strata, anti in (("uniform", False), ("uniform", True)):
-        task = _concept_task("lu", 20, X, classifier_draws=K, lu_antithetic=anti)
-        est = torch.stack([task.lu_log_ratio(x0, torch.Generator().manual_seed(100 + r), X, Slice(0, 1))[0] for r in range(R)])
+        task = _concept_task("likelihood", 20, X, classifier_draws=K, likelihood_antithetic=anti)
+        est = torch.stack([task.likelihood_log_ratio(x0, torch.Generator().manual_seed(100 + r), X, Slice(0, 1))[0] for r in range(R)])
         sd = est.std(0).mean().item(); bias = (est.mean(0) - true).mean().item()
         f = K * (2 if anti else 1) * 2
         print(f"| equal strata{' + antithetic' if anti else ''} | {K} | {f} | {bias:+.2f} | {sd:.2f} | {sd*math.sqrt(f):.1f} |")
     # the old scheme: K iid uniform t, one noise draw each (no stratification, no antithetic pair)
-    task = _concept_task("lu", 20, X, classifier_draws=K, lu_antithetic=False)
+    task = _concept_task("likelihood", 20, X, classifier_draws=K, likelihood_antithetic=False)
     w = task.w_full; vals = []
     for r in range(R):
         gg = torch.Generator().manual_seed(500 + r); tot = torch.zeros(X, dtype=torch.float64)
