@@ -101,7 +101,7 @@ def bench_verify_busy(quick: bool) -> None:
 
     def verify() -> float:
         out = tempfile.mkdtemp(prefix="bench-verify-")
-        cmd = [sys.executable, "-m", "scale.cli", "verify", "--tiers", "toy", "--out", out] + (["--quick"] if quick else [])
+        cmd = [sys.executable, "-m", "dualunlearn.cli", "verify", "--tiers", "toy", "--out", out] + (["--quick"] if quick else [])
         # without OMP_NUM_THREADS: the toy section must set its own thread count
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
         import resource

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scale.cli import main
+from dualunlearn.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -253,7 +253,7 @@ def test_ctrl_c_stops_a_real_run_cleanly_and_the_printed_command_resumes_it(tmp_
             *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TOY_SET.items()), [])]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
            "DUALUNLEARN_TEST_PAUSE": "step@8", "DUALUNLEARN_TEST_PAUSE_MARKER": str(marker)}
-    proc = subprocess.Popen([sys.executable, "-m", "scale.cli", *argv], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "dualunlearn.cli", *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240

@@ -86,7 +86,7 @@ def warm_imports():
     of imports), so that the forked attempts do not each pay for it."""
     import importlib
 
-    for name in ("scale.cli", "scale.commands", "toy.run", "toy.cli", "scale.data", "accelerate", "diffusers"):
+    for name in ("dualunlearn.cli", "scale.commands", "toy.run", "toy.cli", "scale.data", "accelerate", "diffusers"):
         importlib.import_module(name)
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
@@ -107,7 +107,7 @@ def _attempt(argv: list[str], tmp: Path, pause: str | None) -> int | None:
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
             os.dup2(null, 2)
-            from scale.cli import main
+            from dualunlearn.cli import main
 
             code = main(argv)
         finally:
@@ -243,7 +243,7 @@ def test_ctrl_c_in_a_scale_run_checkpoints_the_step_it_is_in_and_resume_finishes
     from safetensors.torch import load_file
 
     import scale.data
-    from scale.cli import main
+    from dualunlearn.cli import main
 
     model, imgs = tiny_ddpm
     sets = {"model": str(model), "train_dir": str(imgs), "forget": ["003.png"], "budget_factor": 1.5,

@@ -1,15 +1,15 @@
-"""Architecture rules: imports only go downward (theory <- toy.core <- toy, scale), theory and toy never
-import diffusers, scale reuses nothing of toy but its shared core, and no module imports another's
-private names."""
+"""Architecture rules: imports only go downward (theory <- toy.core <- toy, scale <- the dualunlearn
+shell), theory and toy never import diffusers, scale reuses nothing of toy but its shared core, no tier
+imports the shell, and no module imports another's private names."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: The application shell (the ``dualunlearn`` command and its ``verify`` report) composes every tier,
-#: so it alone may reach into the toy tier beyond ``toy.core``.
-SHELL = {"scale/cli.py", "scale/verify.py"}
+#: The packages of the project: the three tiers and the application shell above them (the
+#: ``dualunlearn`` command and its ``verify`` report, which compose every tier).
+PACKAGES = ("theory", "toy", "scale", "dualunlearn")
 
 
 def _import_nodes(path: Path):
@@ -50,17 +50,22 @@ def test_toy_core_imports_nothing_of_toy_outside_the_core():
 
 
 def _scale_violations(root: Path = ROOT) -> list[tuple[str, str]]:
-    return sorted({(f, mod) for f, imports in _modules("scale", skip=SHELL, root=root).items() for mod, _ in imports
+    return sorted({(f, mod) for f, imports in _modules("scale", root=root).items() for mod, _ in imports
                    if mod.split(".")[0] == "toy" and not (mod == "toy.core" or mod.startswith("toy.core."))})
 
 
 def _private_violations(root: Path = ROOT) -> list[tuple[str, str, str]]:
     bad = []
-    for package in ("theory", "toy", "scale"):
+    for package in PACKAGES:
         for f, imports in _modules(package, root=root).items():
             bad += [(f, mod, name) for mod, name in imports
-                    if mod.split(".")[0] in {"theory", "toy", "scale"} and name and name.startswith("_")]
+                    if mod.split(".")[0] in set(PACKAGES) and name and name.startswith("_")]
     return bad
+
+
+def test_no_tier_imports_the_application_shell():
+    for tier in ("theory", "toy", "scale"):
+        assert "dualunlearn" not in _top_level(tier), f"{tier} imports the dualunlearn shell"
 
 
 def test_scale_reuses_only_the_toy_core():
@@ -82,7 +87,7 @@ def _module_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """Module -> the project modules it imports anywhere in its body (function-level imports too);
     ``from pkg import sub`` counts as importing ``pkg.sub`` when that is a module, else ``pkg``."""
     mods = {}
-    for package in ("theory", "toy", "scale"):
+    for package in PACKAGES:
         for path in (root / package).rglob("*.py"):
             name = ".".join(path.relative_to(root).with_suffix("").parts)
             mods[name.removesuffix(".__init__")] = path

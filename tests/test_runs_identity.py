@@ -54,7 +54,7 @@ def test_toy_rerun_with_another_budget_is_refused_and_an_identical_one_resumes(t
     """The reported case: a directory trained at budget 0.004, rerun at 0.01, must refuse (exit 2,
     naming the key and --resume/--overwrite) and keep run.json; rerun at 0.004 it resumes from the
     last checkpoint (step 10 of 22: 20 with dual steps, 2 settling) and says so."""
-    from scale.cli import main
+    from dualunlearn.cli import main
     from toy.config import ToyConfig, override
     from toy.run import run
 
@@ -108,7 +108,7 @@ def _data_args(model, imgs, out, *extra):
 
 def test_scale_rerun_needs_resume_and_the_same_config_overwrite_starts_afresh(tiny_ddpm, tmp_path, capsys,
                                                                               caplog):
-    from scale.cli import main
+    from dualunlearn.cli import main
 
     model, imgs = tiny_ddpm
     out = tmp_path / "fu"
@@ -194,7 +194,7 @@ def test_a_live_holder_is_refused_and_a_dead_ones_lock_is_recovered(tmp_path, ca
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunDirError, match=rf"in use by process {holder.pid} "):
             RunDir(out, {"a": 1}, 0)
-        from scale.cli import main  # the CLI says the same in one line, exit 2
+        from dualunlearn.cli import main  # the CLI says the same in one line, exit 2
         args = _toy_args(out, 0.004, tiny_pretrained)
         assert main(args) == 2
         assert f"in use by process {holder.pid}" in _one_error_line(capsys.readouterr().err)

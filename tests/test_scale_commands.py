@@ -14,7 +14,7 @@ from tests.scale_fixtures import ddpm_setup
 
 
 def test_cli_dry_run_prints_the_resolved_config_and_rejects_unknown_keys(tmp_path, capsys):
-    from scale.cli import main
+    from dualunlearn.cli import main
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('model = "m"\nconcepts = ["a photo of the digit 3"]\nbudgets = [2.0]\n[train]\nsteps = 7\n')
@@ -30,7 +30,7 @@ def test_cli_dry_run_prints_the_resolved_config_and_rejects_unknown_keys(tmp_pat
 
 
 def test_cli_data_run_writes_metrics_summary_and_sample_evaluate(ddpm_setup, tmp_path, capsys):
-    from scale.cli import main
+    from dualunlearn.cli import main
 
     model, imgs, _ = ddpm_setup
     out = tmp_path / "run"
@@ -76,7 +76,7 @@ class _Brightness(torch.nn.Module):
 def test_example_configs_resolve(name, command, capsys):
     from pathlib import Path
 
-    from scale.cli import main
+    from dualunlearn.cli import main
 
     path = Path(__file__).resolve().parents[1] / "configs" / name
     assert main(["scale", command, "--config", str(path), "--dry-run"]) == 0
@@ -96,7 +96,7 @@ DATA_TOML = 'model = "m"\ntrain_dir = "d"\nforget = ["a.png"]\nbudget_factor = 1
 def test_short_method_names_are_accepted_on_input_and_written_long(command, alias, canonical, tmp_path, capsys):
     """The paper's short forms are aliases on input (the command line, a config file); what the config
     holds, prints and writes into run.json is the long name."""
-    from scale.cli import main
+    from dualunlearn.cli import main
 
     cfg = tmp_path / "c.toml"
     cfg.write_text((CONCEPT_TOML if command == "concept" else DATA_TOML) + f'method = "{alias}"\n')
@@ -118,7 +118,7 @@ def test_rehearsal_methods_accept_the_short_names_and_keep_their_order():
                 "ru_dual_only = reverse_kl_dual_only, lu = likelihood)"),
     ("data", "forward_kl, siss, siss_is (short forms: fu = forward_kl)")])
 def test_an_unknown_method_fails_listing_the_choices_and_aliases(command, choices, tmp_path, capsys):
-    from scale.cli import main
+    from dualunlearn.cli import main
 
     cfg = tmp_path / "c.toml"
     cfg.write_text(CONCEPT_TOML if command == "concept" else DATA_TOML)

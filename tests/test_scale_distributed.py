@@ -33,13 +33,13 @@ def _free_port() -> int:
 
 def _run(args: list[str], nproc: int, timeout: int = 240) -> None:
     if nproc == 1:  # the one-process reference runs in this process (same CLI entry point)
-        from scale.cli import main
+        from dualunlearn.cli import main
 
         assert main(args) == 0
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "scale.cli", *args]
+           f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "dualunlearn.cli", *args]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:]
 

@@ -37,7 +37,7 @@ def full_size(tmp_path_factory):
 
 @pytest.mark.parametrize("precision", ["bf16", "no"])
 def test_preflight_on_full_size_sd_v1(full_size, tmp_path, precision, capsys):
-    from scale.cli import main
+    from dualunlearn.cli import main
 
     root, rm, _, _ = full_size
     cfg = tmp_path / "sd.toml"
@@ -55,7 +55,7 @@ def test_preflight_on_full_size_sd_v1(full_size, tmp_path, precision, capsys):
 
 @pytest.mark.parametrize("precision", ["bf16", "no"])
 def test_preflight_on_full_size_celebahq_ddpm(full_size, tmp_path, precision, capsys):
-    from scale.cli import main
+    from dualunlearn.cli import main
 
     root, rm, model, imgs = full_size
     cfg = tmp_path / "ddpm.toml"

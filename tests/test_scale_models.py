@@ -83,7 +83,7 @@ def test_latent_pipeline_with_vae_loads_unlearns_and_decodes_samples(tmp_path):
     """The SD layout with a VAE: training runs on latents (no decoding), sampling decodes."""
     from diffusers import AutoencoderKL
 
-    from scale.cli import main
+    from dualunlearn.cli import main
     from scale.concept import run
 
     tok = builders.build_word_tokenizer("a photo of cat dog".split())

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from scale import builders
-from scale.cli import main as cli_main
+from dualunlearn.cli import main as cli_main
 
 T = 50
 PROMPT3 = "a photo of the digit 3"

@@ -130,7 +130,7 @@ def test_override_names_an_unknown_key_and_its_section():
 
 
 def _parse(*argv):
-    from scale.cli import build_parser
+    from dualunlearn.cli import build_parser
     return build_parser().parse_args(["toy", *argv])
 
 
@@ -156,7 +156,7 @@ def test_cli_flags_map_to_their_fields_and_set_wins_over_flags(tmp_path):
     ("train=3", "train is a table of keys"),
 ])
 def test_a_bad_set_key_is_one_line_naming_it(tmp_path, capsys, override_, must):
-    from scale.cli import main
+    from dualunlearn.cli import main
     out = tmp_path / "bad"
     assert main(["toy", "--problem", "forward_kl", "--no-progress", "--out", str(out), "--set", override_]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

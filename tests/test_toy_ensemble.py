@@ -97,7 +97,7 @@ def test_pretraining_together_equals_pretraining_alone(tmp_path):
 
 
 def test_toy_sweep_cli_writes_records_with_verdicts_and_exits_on_failure(tmp_path, tiny_pretrained, capsys):
-    from scale.cli import main
+    from dualunlearn.cli import main
     over = [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in TINY.items() if k != "figure"]
     sets = sum((["--set", o] for o in over), [])
     args = ["toy", "sweep", "--problems", "forward_kl", "--budgets", "10.5", "--out", str(tmp_path / "sw"), "--no-progress",
@@ -144,7 +144,7 @@ def test_torch_threads_sets_and_restores_the_intra_op_thread_count():
 def test_toy_cli_prints_a_verdict_per_check_and_exits_1_on_failure(tmp_path, tiny_pretrained, capsys):
     """With the dual step off (lr_dual = 0) FU stays at lam = 0, where KL(q_1||p) = 5.8 +- 1.1 is far
     below the budget 10.5: the constraint check fails, the exit status is 1, and 0 with --no-check."""
-    from scale.cli import main
+    from dualunlearn.cli import main
     over = [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in TINY.items() if k != "figure"]
     args = ["toy", "--problem", "forward_kl", "--budget", "10.5", "--out", str(tmp_path / "cli"), "--no-progress",
             "--set", f'pretrained="{tiny_pretrained}"', "--set", "dual.lr=0.0"] + sum((["--set", o] for o in over), [])

@@ -185,7 +185,7 @@ def test_divergence_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, tin
 
 
 def test_cli_runs_a_case_and_writes_summary_and_figure(tmp_path, tiny_pretrained):
-    from scale.cli import main
+    from dualunlearn.cli import main
     over = [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in TINY.items() if k != "figure"]
     args = ["toy", "--problem", "forward_kl", "--out", str(tmp_path / "cli"), "--no-progress",
             "--set", f'pretrained="{tiny_pretrained}"'] + sum((["--set", o] for o in over), [])

@@ -1,5 +1,5 @@
 """Sections of the ``dualunlearn verify`` pre-flight report (plain data, rendered to Markdown and
-to a terminal table). Each tier contributes ``Section`` objects; ``scale.verify`` assembles them.
+to a terminal table). Each tier contributes ``Section`` objects; ``dualunlearn.verify`` assembles them.
 """
 
 from __future__ import annotations

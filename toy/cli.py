@@ -133,7 +133,7 @@ def main(args) -> int:
     cfg = config_from_args(args)
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    # errors (divergence: exit 3, with the last good checkpoint kept) are reported by scale.cli
+    # errors (divergence: exit 3, with the last good checkpoint kept) are reported by dualunlearn.cli
     if args.overwrite:  # the run's files go; a config file or model kept inside it stays
         from toy.core.runs import clear_run_dir
         clear_run_dir(cfg.out, keep=(args.config or "", cfg.pretrained or ""))

@@ -1,6 +1,6 @@
 """The ``dualunlearn`` command line. Commands only build a config and call a ``run(cfg)``:
 
-- ``dualunlearn verify [--out DIR] [--quick]``       pre-flight report (``scale.verify``)
+- ``dualunlearn verify [--out DIR] [--quick]``       pre-flight report (``dualunlearn.verify``)
 - ``dualunlearn toy --problem P --out DIR``          toy-tier unlearning run (``toy.cli``)
 - ``dualunlearn scale concept|data|sample|evaluate|rehearse``  scale tier (``scale.commands``)
 """
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiers", default="theory,toy", help="comma-separated tiers (default: theory,toy)")
     p.add_argument("--config", help="also run the pre-flight of this scale run config (concept or data TOML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of --config")
-    p.set_defaults(func=lambda a: __import__("scale.verify", fromlist=["main_verify"]).main_verify(a))
+    p.set_defaults(func=lambda a: __import__("dualunlearn.verify", fromlist=["main_verify"]).main_verify(a))
 
     from toy.cli import register as register_toy
     register_toy(sub)

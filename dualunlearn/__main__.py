@@ -1,0 +1,7 @@
+"""``python -m dualunlearn ...`` is the ``dualunlearn`` command."""
+
+import sys
+
+from dualunlearn.cli import main
+
+sys.exit(main())
