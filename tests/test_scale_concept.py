@@ -97,7 +97,7 @@ def test_reverse_kl_multiplier_rises_while_the_kl_constraint_is_violated(concept
 def test_reverse_kl_sum_of_multipliers_stays_below_one_with_two_concepts(concept_path, tmp_path):
     from scale.concept import run
 
-    s = run(concept_cfg(concept_path, tmp_path / "ru2", concepts=(PROMPT3, "a photo of the digit 5"),
+    s = run(concept_cfg(concept_path, tmp_path / "reverse_kl2", concepts=(PROMPT3, "a photo of the digit 5"),
                          budgets=(1e6, 1e6), lr_dual=10.0, lam_sum_max=0.9))
     lam = torch.as_tensor(s["lam"])
     assert lam.numel() == 2 and float(lam.sum()) == pytest.approx(0.9, abs=1e-6)
