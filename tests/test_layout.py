@@ -146,3 +146,14 @@ def test_cycle_finder_sees_a_function_level_cycle(tmp_path):
     (tmp_path / "scale" / "b.py").write_text("def f():\n    from scale.a import g\n")
     (tmp_path / "scale" / "c.py").write_text("import scale.a\n")
     assert _cycles(_module_graph(tmp_path)) == [["scale.a", "scale.b"]]
+
+
+def test_the_shell_runs_as_a_module():
+    """``python -m dualunlearn`` is the ``dualunlearn`` command (the console script points at the same
+    ``dualunlearn.cli:main``)."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "dualunlearn", "--help"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: dualunlearn"), out.stderr
+    assert 'dualunlearn = "dualunlearn.cli:main"' in (ROOT / "pyproject.toml").read_text()
