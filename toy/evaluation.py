@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Trained:
     """What one run's training produced: the models (``net`` the unlearned network, ``frozen`` the
-    pretrained one), the final dual state, the history of ``toy.algorithms.unlearn`` and the
+    pretrained one), the final dual state, the history of ``toy.loop.unlearn`` and the
     pretrained model's metadata (its loss and distance to q)."""
 
     models: Models
