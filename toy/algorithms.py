@@ -237,15 +237,21 @@ def gibbs_step(ctx: Context, lam: torch.Tensor) -> Batch:
     return Batch([(x_t, t, target)], _mean_loss)
 
 
-def batch_loss(net, frozen, batch: Batch) -> torch.Tensor:
-    """The step's loss for one plain network (``Composed`` targets resolved with ``frozen``)."""
+def segment_losses(net, frozen, batch: Batch) -> list[torch.Tensor]:
+    """Per-row denoising losses of one plain network on each of ``batch``'s segments (``Composed``
+    targets resolved with ``frozen``, without gradient)."""
     losses = []
     for x_t, t, target in batch.segments:
         if isinstance(target, Composed):
             with torch.no_grad():
                 target = target.resolve(frozen(x_t, t))
         losses.append(denoising_loss(net(x_t, t), target))
-    return batch.objective(losses)
+    return losses
+
+
+def batch_loss(net, frozen, batch: Batch) -> torch.Tensor:
+    """The step's loss for one plain network: ``batch.objective`` of its ``segment_losses``."""
+    return batch.objective(segment_losses(net, frozen, batch))
 
 
 def ru_primal_loss(net, frozen, forget, x0, ab, gen, eta) -> torch.Tensor:

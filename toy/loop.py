@@ -19,10 +19,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from toy.algorithms import Algorithm, Batch, Composed, Context, LoopConfig, Models, algorithm
+from toy.algorithms import Algorithm, Batch, Context, LoopConfig, Models, algorithm, segment_losses
 from toy.core.diffusion import reverse_step_kl_weights
 from toy.core.dual import DualState
-from toy.core.objectives import denoising_loss
 from toy.core.runs import RunDir
 from toy.sampling import TrajectoryPool
 
@@ -112,16 +111,7 @@ class NetworkTrainer:
         return self.net
 
     def losses(self, batches: list[Batch]) -> list[list[torch.Tensor]]:
-        out = []
-        for b in batches:
-            ls = []
-            for x_t, t, target in b.segments:
-                if isinstance(target, Composed):
-                    with torch.no_grad():
-                        target = target.resolve(self.frozen(x_t, t))
-                ls.append(denoising_loss(self.net(x_t, t), target))
-            out.append(ls)
-        return out
+        return [segment_losses(self.net, self.frozen, b) for b in batches]
 
     def eval_mode(self):
         return _EvalMode(self.net if self._toggle else None)
