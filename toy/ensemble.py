@@ -221,10 +221,15 @@ class StackedTrainer:
                 x = torch.stack([batches[i].segments[k][0] for i in idx])
                 t = torch.stack([batches[i].segments[k][1] for i in idx])
                 targets = [batches[i].segments[k][2] for i in idx]
-                eps_q = None
-                if any(isinstance(tg, Composed) for tg in targets):
+                # the pretrained network only where a target needs it (the composed rows), batched
+                comp = [j for j, tg in enumerate(targets) if isinstance(tg, Composed)]
+                eps_q = {}
+                if comp:
                     with torch.no_grad():
-                        eps_q = self.frozen(x, t, sub)
+                        got = self.frozen(x[comp] if len(comp) < len(idx) else x,
+                                          t[comp] if len(comp) < len(idx) else t,
+                                          self._sub([idx[j] for j in comp]))
+                    eps_q = {j: got[k] for k, j in enumerate(comp)}
                 target = torch.stack([tg.resolve(eps_q[j]) if isinstance(tg, Composed) else tg
                                       for j, tg in enumerate(targets)])
                 l = (self.net(x, t, sub) - target).pow(2).mean(2)  # (M', B): denoising_loss per row
