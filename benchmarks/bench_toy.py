@@ -91,6 +91,54 @@ def bench_sweep(steps: int, pretrain_steps: int) -> None:
     print("\n| problem | algorithm | target | budget | lam ensemble | lam sequential |\n|---|---|---|---|---|---|")
     for r, (p, a, t, b, lam) in zip(res["records"], lams):
         print(f"| {p} | {a} | {t} | {b:.4g} | {r['lam'][0]:.4g} | {lam:.4g} |")
+    # whole steps (primal, pools, estimates, dual) on both sides: the FLOP count below covers them all
+    ens_ms = 1e3 * sum(float(np.mean(m["hist"][f"{k}_seconds"])) for m in ck["members"]
+                       for k in ("step", "pool", "estimate", "dual"))
+    seq_ms = sum(sum(_per_step_ms(work / f"seq-{i:02d}").values()) for i in range(len(lams)))
+    _roofline(seq, ens_ms, seq_ms)
+
+
+def _roofline(cfg: ToyConfig, ens_step_ms: float, seq_step_ms: float) -> None:
+    """Why stacking cannot give much more: the matmul FLOPs of one ensemble step (forward and
+    backward of every member's segments, the pretrained network where a composed target needs it,
+    the pool advances and the constraint estimates; counted by ``torch.utils.flop_counter`` over a few steps of the same sweep) against this core's
+    batched-matmul rate at the members' shapes, measured in the same process."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from toy.ensemble import prepare_member, unlearn_ensemble
+    from toy.pretrain import load_model
+    from toy.sweep import sweep_configs
+
+    frozen, meta = load_model(cfg.pretrained)
+    frozen = frozen.eval().requires_grad_(False)
+
+    def flops(n: int) -> tuple[int, int]:
+        work = Path(tempfile.mkdtemp(prefix="bench-flops-"))
+        small = override(cfg, {"train.steps": n, "train.settle_frac": 0.0})
+        members = [prepare_member(replace(c, out=str(work / f"m{i}")), frozen, meta)
+                   for i, c in enumerate(sweep_configs(small))]
+        with FlopCounterMode(display=False) as fc:
+            unlearn_ensemble(members)
+        return fc.get_total_flops(), len(members)
+
+    # the difference of two run lengths: the pools' initial fill (one whole chain each) cancels
+    (f1, M), (f2, _) = flops(20), flops(60)
+    gflop = (f2 - f1) / 40 / 1e9
+    B, H = cfg.train.batch, cfg.model.hidden
+    a, w, b = torch.randn(M, B, H), torch.randn(M, H, H), torch.randn(M, 1, H)
+    for _ in range(5):
+        torch.baddbmm(b, a, w)
+    reps, t0 = 100, time.perf_counter()
+    for _ in range(reps):
+        torch.baddbmm(b, a, w)
+    peak = 2 * M * B * H * H * reps / (time.perf_counter() - t0) / 1e9
+    print(f"\nroofline: one ensemble step is {gflop:.2f} GFLOP of matmuls ({gflop / M * 1e3:.0f} MFLOP per member); "
+          f"the batched matmul ({M}, {B}, {H}) x ({M}, {H}, {H}) runs at {peak:.0f} GFLOP/s on "
+          f"{torch.get_num_threads()} thread(s) here, so a step costs at least {gflop / peak * 1e3:.1f} ms of matmuls. "
+          f"Measured: ensemble step {ens_step_ms:.1f} ms ({gflop / ens_step_ms * 1e3:.0f} GFLOP/s), the members one at a "
+          f"time {seq_step_ms:.1f} ms per step of all of them ({gflop / seq_step_ms * 1e3:.0f} GFLOP/s): no batching "
+          f"of the training steps can beat the one-at-a-time runs by more than {seq_step_ms / (gflop / peak * 1e3):.1f}x "
+          f"at this thread count.")
 
 
 def bench_verify_busy(quick: bool) -> None:
