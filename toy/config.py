@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, TypeVar
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -34,9 +34,12 @@ from theory.diffusion import alphas_cumprod_for_schedule
 from toy.algorithms import ALGORITHMS, LoopConfig
 from toy.problems import Problem, build_problem, default_instance
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 log = logging.getLogger(__name__)
 
-C = TypeVar("C")  # a config dataclass
+C = TypeVar("C", bound="DataclassInstance")  # a config dataclass
 
 
 #: dual step size = DUAL_GAIN / |d constraint / d lam| at lam* (a Newton-scaled ascent; see docs/toy.md)
