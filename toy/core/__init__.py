@@ -5,7 +5,8 @@ every primal-dual algorithm (``toy.core.dual``: violations, projected ascent, th
 directories (``toy.core.runs``: ``RunDir`` and the names below it, re-exported; ``toy.core.identity``
 fingerprints and ``run.json``, ``toy.core.files`` atomic writes, ``toy.core.lock`` one process per
 directory, ``toy.core.checkpoints`` checkpoints, ``toy.core.events`` errors, announcements and test
-pause points).
+pause points), and the type aliases their signatures share (``toy.core.hints``: ``EpsModel``,
+``Floats``).
 
 ``scale`` may import this subpackage and nothing else of ``toy`` (``tests/test_layout.py`` checks it).
 """
