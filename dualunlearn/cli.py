@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -51,7 +52,7 @@ def _resume_command(argv: list[str]) -> str:
     return shlex.join(["dualunlearn", *args])
 
 
-def run_command(func, args, argv: list[str]) -> int:
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, argv: list[str]) -> int:
     """Call a command's function; every failure is one line on stderr and an exit code:
     2 bad input (config, arguments, a run directory that cannot be used as asked), 1 a failed
     check or an unusable checkpoint or file error, 3 divergence (NaN/Inf or multipliers past their

@@ -9,6 +9,7 @@ data run's TOML) the report gains the pre-flight of that run (``scale.preflight`
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import logging
 import time
@@ -74,7 +75,7 @@ def run(cfg: VerifyConfig) -> tuple[list[Section], Path]:
     return sections, report
 
 
-def main_verify(args) -> int:
+def main_verify(args: argparse.Namespace) -> int:
     cfg = VerifyConfig(out=args.out, quick=args.quick, seed=args.seed,
                        tiers=tuple(t.strip() for t in args.tiers.split(",") if t.strip()),
                        config=getattr(args, "config", None) or "", overrides=tuple(getattr(args, "set", None) or ()))

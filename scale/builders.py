@@ -8,14 +8,20 @@ UNets for benchmarking.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 
 
-def build_word_tokenizer(words, model_max_length: int = 16):
+def build_word_tokenizer(words: Sequence[str], model_max_length: int = 16) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose vocabulary is exactly ``words`` (each a single token, built by
     left-to-right merges) plus single characters; out-of-vocabulary words map to the unknown
     token, so a prompt of unknown words tokenizes to nothing."""
@@ -41,7 +47,7 @@ def build_word_tokenizer(words, model_max_length: int = 16):
 
 
 def build_text_encoder(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4,
-                       max_positions: int = 16, seed: int = 0, init_scale: float = 1.0):
+                       max_positions: int = 16, seed: int = 0, init_scale: float = 1.0) -> CLIPTextModel:
     """A randomly initialised CLIP text encoder. ``init_scale`` is CLIP's ``initializer_factor`` (it
     multiplies the initial standard deviation of the token/position embeddings and the projections);
     larger values make the hidden states of prompts that differ in one word less alike."""
@@ -55,9 +61,9 @@ def build_text_encoder(vocab_size: int, hidden: int = 32, layers: int = 2, heads
     return CLIPTextModel(cfg).eval()
 
 
-def build_cond_unet(sample_size: int = 8, channels: int = 1, block_out_channels=(16, 32),
+def build_cond_unet(sample_size: int = 8, channels: int = 1, block_out_channels: Sequence[int] = (16, 32),
                     cross_attention_dim: int = 32, layers_per_block: int = 1, attention_head_dim: int = 4,
-                    norm_num_groups: int = 8, mid_block: bool = True, seed: int = 0):
+                    norm_num_groups: int = 8, mid_block: bool = True, seed: int = 0) -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -71,8 +77,9 @@ def build_cond_unet(sample_size: int = 8, channels: int = 1, block_out_channels=
         norm_num_groups=norm_num_groups, mid_block_type="UNetMidBlock2DCrossAttn" if mid_block else None)
 
 
-def build_uncond_unet(sample_size: int = 8, channels: int = 1, block_out_channels=(16, 32),
-                      layers_per_block: int = 1, norm_num_groups: int = 8, attention: bool = False, seed: int = 0):
+def build_uncond_unet(sample_size: int = 8, channels: int = 1, block_out_channels: Sequence[int] = (16, 32),
+                      layers_per_block: int = 1, norm_num_groups: int = 8, attention: bool = False,
+                      seed: int = 0) -> UNet2DModel:
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
@@ -87,14 +94,16 @@ def build_uncond_unet(sample_size: int = 8, channels: int = 1, block_out_channel
 
 
 def build_scheduler(num_train_timesteps: int = 1000, beta_schedule: str = "linear",
-                    beta_start: float = 1e-4, beta_end: float = 0.02):
+                    beta_start: float = 1e-4, beta_end: float = 0.02) -> DDPMScheduler:
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                          beta_start=beta_start, beta_end=beta_end, prediction_type="epsilon")
 
 
-def save_concept_pipeline(path, unet, text_encoder, tokenizer, scheduler, vae=None) -> Path:
+def save_concept_pipeline(path: str | Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                          tokenizer: CLIPTokenizer, scheduler: DDPMScheduler,
+                          vae: torch.nn.Module | None = None) -> Path:
     """Write the Stable Diffusion folder layout (``model_index.json`` + one subfolder per part)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -112,7 +121,7 @@ def save_concept_pipeline(path, unet, text_encoder, tokenizer, scheduler, vae=No
     return path
 
 
-def save_ddpm(path, unet, scheduler) -> Path:
+def save_ddpm(path: str | Path, unet: UNet2DModel, scheduler: DDPMScheduler) -> Path:
     """Write the ``google/ddpm-celebahq-256`` layout: ``config.json`` + weights + ``scheduler_config.json``."""
     path = Path(path)
     unet.save_pretrained(path)
@@ -123,7 +132,7 @@ def save_ddpm(path, unet, scheduler) -> Path:
 # ---------------------------------------------------------------- the published architectures
 
 
-def build_sd_v1_unet(sample_size: int = 64, seed: int = 0):
+def build_sd_v1_unet(sample_size: int = 64, seed: int = 0) -> UNet2DConditionModel:
     """Stable Diffusion v1.x's UNet (859.5 M parameters) with random weights: the published config
     (4 latent channels, widths 320/640/1280/1280, two layers per block, cross-attention width 768,
     8 heads, groups of 32, eps 1e-5, sin/cos flipped, no frequency shift); ``sample_size`` 64 is
@@ -141,7 +150,7 @@ def build_sd_v1_unet(sample_size: int = 64, seed: int = 0):
         cross_attention_dim=768, attention_head_dim=8)
 
 
-def build_sd_v1_text_encoder(vocab_size: int, layers: int = 12, seed: int = 0):
+def build_sd_v1_text_encoder(vocab_size: int, layers: int = 12, seed: int = 0) -> CLIPTextModel:
     """A CLIP ViT-L/14 text tower's shape (width 768, 12 heads, MLP 3072, 77 positions, quick-GELU)
     with random weights; ``layers`` 12 is the published depth (fewer keep CPU tests cheap; the
     UNet only sees the 768-wide output)."""
@@ -154,7 +163,7 @@ def build_sd_v1_text_encoder(vocab_size: int, layers: int = 12, seed: int = 0):
     return CLIPTextModel(cfg).eval()
 
 
-def build_sd_v1_scheduler():
+def build_sd_v1_scheduler() -> DDPMScheduler:
     """SD v1's noise schedule as a DDPM scheduler: scaled-linear betas 0.00085..0.012 over 1000
     steps, no clipping, steps offset 1 (the published PNDM config read by ``DDPMScheduler``)."""
     from diffusers import DDPMScheduler
@@ -164,7 +173,7 @@ def build_sd_v1_scheduler():
 
 
 def build_celebahq_ddpm_unet(sample_size: int = 256, seed: int = 0,
-                             block_out_channels=(128, 128, 256, 256, 512, 512)):
+                             block_out_channels: Sequence[int] = (128, 128, 256, 256, 512, 512)) -> UNet2DModel:
     """``google/ddpm-celebahq-256``'s UNet2DModel (113.7 M parameters) with random weights: widths
     128/128/256/256/512/512, two layers per block, self-attention in the fifth down block (16x16 at
     256 px) and the matching up block, positional time embedding with ``freq_shift=1`` and
@@ -184,7 +193,7 @@ def build_celebahq_ddpm_unet(sample_size: int = 256, seed: int = 0,
         downsample_padding=0, act_fn="silu", attention_head_dim=None, norm_num_groups=32, norm_eps=1e-6)
 
 
-def build_celebahq_scheduler():
+def build_celebahq_scheduler() -> DDPMScheduler:
     """``google/ddpm-celebahq-256``'s scheduler: linear betas 1e-4..0.02 over 1000 steps,
     ``variance_type="fixed_small"``, ``clip_sample=True``."""
     from diffusers import DDPMScheduler

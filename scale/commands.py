@@ -6,10 +6,19 @@ calls the module's ``run(cfg)`` (which tests call directly).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+from typing import TYPE_CHECKING
 
 from theory.config import config_to_dict, load_config
+
+if TYPE_CHECKING:
+    from scale.concept import ConceptConfig
+    from scale.data import DataConfig
+    from scale.evaluate import EvaluateConfig
+    from scale.rehearse import RehearseConfig
+    from scale.sample import SampleConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +56,9 @@ def _rehearse_sizes() -> list[str]:
     return [f"{k} ({v['pretrain_steps']} pretraining / {v['unlearn_steps']} unlearning steps)" for k, v in PRESETS.items()]
 
 
-def build_config(command: str, config_file: str | None, overrides: list[str] | None, out: str | None = None):
+def build_config(command: str, config_file: str | None, overrides: list[str] | None,
+                 out: str | None = None) -> ConceptConfig | DataConfig | SampleConfig | EvaluateConfig | RehearseConfig:
+    """The frozen config of a ``scale`` sub-command: its TOML file, then ``--set``, then ``--out``."""
     cls = _config_classes()[command]
     ov = list(overrides or [])
     if out:
@@ -59,7 +70,7 @@ def build_config(command: str, config_file: str | None, overrides: list[str] | N
 RUN_COMMANDS = ("concept", "data")
 
 
-def main_scale(args) -> int:
+def main_scale(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from toy.core.runs import RunDirError, check_run_dir, clear_run_dir
@@ -95,7 +106,7 @@ def main_scale(args) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``scale`` with its sub-commands to the ``dualunlearn`` parser."""
     p = subparsers.add_parser("scale", help="scale tier: diffusers models (SD concept, DDPM data unlearning)")
     sub = p.add_subparsers(dest="scale_command", required=True)

@@ -246,7 +246,7 @@ class ConceptTask:
             x = torch.where((s < stop).to(dev).reshape(-1, *[1] * (x.dim() - 1)), x_next, x)
         return x, ts[stop].to(dev), k, emb
 
-    def likelihood_log_ratio(self, x0: torch.Tensor, gen, B: int, sl: Slice) -> torch.Tensor:
+    def likelihood_log_ratio(self, x0: torch.Tensor, gen: torch.Generator, B: int, sl: Slice) -> torch.Tensor:
         """Diffusion-classifier ``log q(x0|c_i) / q(x0|base)`` for every concept: (m, b), float64.
 
         The ELBO difference ``sum_{t >= t_min} w_t d E_n[l_base,t - l_c_i,t]`` (``w_t`` the
@@ -329,7 +329,9 @@ class ConceptTask:
         extras["target_gap"] = float((eps_base - eps_i).pow(2).flatten(2).mean(2).sum()) / (B * self.m)
         return StepOut(loss, measured_sum, torch.full((self.m,), float(b)), extras)
 
-    def target_weights(self, lam, eps_theta, eps_i, stop, t, x_end, gen, B: int, sl: Slice, extras: dict):
+    def target_weights(self, lam: torch.Tensor, eps_theta: torch.Tensor, eps_i: torch.Tensor, stop: torch.Tensor | None,
+                       t: torch.Tensor, x_end: torch.Tensor | None, gen: torch.Generator, B: int, sl: Slice,
+                       extras: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """The weights ``eta`` of the composed target ``eps_base - sum_i eta_i (eps_{c_i} - eps_base)``
         and the sums (m,) of this slice's constraint estimates.
 

@@ -29,6 +29,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,13 +38,16 @@ from scale import figures
 from scale.diffusion import siss_log_weights
 from toy.core.diffusion import add_noise
 from scale.engine import Slice, StepOut, TrainConfig, make_accelerator, make_optimizer, run_loop, step_generator
-from scale.models import Trainable, load_ddpm_models
+from scale.models import DDPMModels, Trainable, load_ddpm_models
 from scale.names import DATA_METHODS, canonical_method
 from theory.config import config_to_dict
 from toy.core.dual import DualState, dual_domain
 from toy.core.objectives import denoising_loss
 from toy.core.runs import RunDir
 from toy.core.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +191,7 @@ def resolve_forget(cfg: DataConfig, files: list[Path]) -> list[int]:
     return idx
 
 
-def denoising_losses(unet, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+def denoising_losses(unet: UNet2DModel, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                      alphas_cumprod: torch.Tensor, batch: int = 64) -> torch.Tensor:
     """Per-sample denoising losses (N,), float32, at given timesteps and noise (no grad)."""
     out = []
@@ -206,7 +210,7 @@ def forget_loss_seed(seed: int) -> int:
     return derive_seed(seed, "forget-loss-eval")
 
 
-def forget_losses(unet, images: torch.Tensor, alphas_cumprod: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+def forget_losses(unet: UNet2DModel, images: torch.Tensor, alphas_cumprod: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
     """Mean denoising loss of each image over ``draws`` fixed (seeded) noise/timestep draws: (N,)."""
     g = torch.Generator().manual_seed(seed)
     n = images.shape[0]
@@ -398,7 +402,7 @@ class DataTask:
                        {"keep_loss": float(l_x.detach()), "neg_scale": c / sl.count})
 
 
-def prepare_data(cfg: DataConfig):
+def prepare_data(cfg: DataConfig) -> tuple[DDPMModels, list[Path], list[int], TrainingImages]:
     """Validate everything (model, folder, forget list, image shapes) before training starts."""
     models = load_ddpm_models(cfg.model, cfg.local_files_only)
     files = list_images(cfg.train_dir)

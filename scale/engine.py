@@ -25,7 +25,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import torch
@@ -34,6 +34,12 @@ from tqdm.auto import tqdm
 from toy.core.dual import DualState
 from toy.core.runs import CheckpointStore, RunDir, announce
 from toy.core.seeding import seeded_generator
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from scale.exact import ExactTrainable
+    from scale.models import Trainable
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +85,7 @@ class TrainConfig:
             raise ValueError(f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
 
-def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam (the paper's choice) or plain SGD (whose update is linear in the gradient, so runs that
     differ only in float summation order stay comparable)."""
     params = list(params)
@@ -122,7 +128,7 @@ class StepOut:
     extras: dict[str, float] = field(default_factory=dict)
 
 
-def make_accelerator(cfg: TrainConfig):
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """A fresh ``Accelerator`` for one run. accelerate keeps its mixed-precision setting in a
     process-wide singleton; runs executed one after another in one process (tests, the rehearsal)
     may differ in it, so that part is cleared (the process group, if any, is kept)."""
@@ -167,7 +173,8 @@ def _set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------- the loop
 
 
-def run_loop(*, run_dir: RunDir, accelerator, model, trainable, optimizer, dual: DualState,
+def run_loop(*, run_dir: RunDir, accelerator: Accelerator, model: torch.nn.Module,
+             trainable: Trainable | ExactTrainable, optimizer: torch.optim.Optimizer, dual: DualState,
              step_fn: Callable[[int, Slice], StepOut], cfg: TrainConfig, total_steps: int,
              dual_active: Callable[[int], bool] = lambda s: True, resume: bool = False,
              desc: str = "unlearn", stop_after: int | None = None,

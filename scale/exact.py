@@ -24,10 +24,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
 
 __all__ = ["DiagonalMixture", "MixtureUNet", "ExactTrainable", "sd_scheduler"]
 
@@ -87,11 +92,11 @@ class DiagonalMixture:
         log_terms = self.weights.to(x.device).log() - 0.5 * ((diff * z) + v.log() + _LOG_2PI).sum(2)
         return log_terms, z
 
-    def log_prob(self, x: torch.Tensor, alpha_bar=1.0) -> torch.Tensor:
+    def log_prob(self, x: torch.Tensor, alpha_bar: float | torch.Tensor = 1.0) -> torch.Tensor:
         """``log q_t(x)`` (B,) of the mixture noised to ``alpha_bar`` (scalar or (B,); 1 = the data law)."""
         return torch.logsumexp(self._terms(x, alpha_bar)[0], dim=1)
 
-    def eps(self, x_t: torch.Tensor, alpha_bar) -> torch.Tensor:
+    def eps(self, x_t: torch.Tensor, alpha_bar: float | torch.Tensor) -> torch.Tensor:
         """Exact noise prediction ``-sqrt(1 - ab) grad log q_t(x_t)`` (B, d), float64."""
         log_terms, z = self._terms(x_t, alpha_bar)
         r = torch.softmax(log_terms, dim=1)
@@ -160,7 +165,8 @@ class MixtureUNet(torch.nn.Module):
                              f"{float(best.max()):.3g} > {self.match_tol})")
         return idx.cpu()
 
-    def eps(self, x_t: torch.Tensor, timestep, encoder_hidden_states=None) -> torch.Tensor:
+    def eps(self, x_t: torch.Tensor, timestep: int | torch.Tensor,
+            encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
         """Exact noise prediction, float64, shaped like ``x_t``."""
         n = x_t.shape[0]
         t = torch.as_tensor(timestep, device=self.alphas_cumprod.device).long().reshape(-1)
@@ -174,7 +180,9 @@ class MixtureUNet(torch.nn.Module):
             out[sel] = self.mixtures[j].eps(flat[sel], ab.to(x_t.device)[sel])
         return out.reshape(x_t.shape)
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states=None, return_dict: bool = True, **_):
+    def forward(self, sample: torch.Tensor, timestep: int | torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                return_dict: bool = True, **_: object) -> SimpleNamespace | tuple[torch.Tensor]:
+        """As a diffusers UNet: the exact eps in ``.sample`` (or a 1-tuple without ``return_dict``)."""
         eps = self.eps(sample, timestep, encoder_hidden_states).to(sample.dtype)
         return SimpleNamespace(sample=eps) if return_dict else (eps,)
 
@@ -190,14 +198,14 @@ class ExactTrainable:
         return []
 
     @contextlib.contextmanager
-    def reference(self):
+    def reference(self) -> Iterator[MixtureUNet]:
         yield self._ref
 
     def state_dict(self) -> dict:
         return {}
 
 
-def sd_scheduler(num_train_timesteps: int = 1000):
+def sd_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
     """Stable Diffusion v1's DDPM scheduler, built from its config (scaled-linear betas 0.00085..0.012)."""
     from diffusers import DDPMScheduler
 

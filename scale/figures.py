@@ -23,20 +23,43 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
 
+from toy.core.hints import Floats
 from toy.core.seeding import derive_seed, seeded_generator
+
+if TYPE_CHECKING:
+    from scale.exact import ExactTrainable
+    from scale.models import ConceptModels, Trainable
 
 log = logging.getLogger(__name__)
 
 _DISABLED: list[bool] = []
 
 
+class ConceptGridConfig(Protocol):
+    """What ``concept_snapshot`` reads of a concept run's config (``scale.concept.ConceptConfig``, which
+    imports this module)."""
+
+    @property
+    def concepts(self) -> Sequence[str]: ...
+
+    @property
+    def retain_prompts(self) -> Sequence[str]: ...
+
+    @property
+    def sample_steps(self) -> int: ...
+
+    @property
+    def method(self) -> str: ...
+
+
 @contextlib.contextmanager
-def disabled():
+def disabled() -> Iterator[None]:
     """No pictures for the runs inside this context (the pre-flight's resume check)."""
     _DISABLED.append(True)
     try:
@@ -153,7 +176,8 @@ def _sample(eps_fn, shape, alphas_cumprod, steps: int, n: int, purpose: str, dev
     return sample_images(eps_fn, shape, alphas_cumprod, steps, n, seeded_generator(GRID_SEED, purpose), device)
 
 
-def concept_samples(models, unet, prompts: Sequence[str], n: int, steps: int, device) -> list[torch.Tensor]:
+def concept_samples(models: ConceptModels, unet: torch.nn.Module, prompts: Sequence[str], n: int, steps: int,
+                    device: torch.device | str) -> list[torch.Tensor]:
     """``n`` samples per prompt (conditional model, no guidance) from the streams ``grid:prompt{k}`` of
     ``GRID_SEED``, decoded by the VAE when there is one; a list of (n, C, H, W)."""
     from scale.models import encode_prompts
@@ -173,7 +197,7 @@ def concept_samples(models, unet, prompts: Sequence[str], n: int, steps: int, de
     return out
 
 
-def tweedie_reconstructions(unet, images: torch.Tensor, alphas_cumprod: torch.Tensor, t: int, seed: int) -> torch.Tensor:
+def tweedie_reconstructions(unet: torch.nn.Module, images: torch.Tensor, alphas_cumprod: torch.Tensor, t: int, seed: int) -> torch.Tensor:
     """One-step denoising ``(x_t - sqrt(1 - a_t) eps_theta) / sqrt(a_t)`` of each image noised to step ``t``
     with fixed noise (seed ``seed``): what the model still "remembers" of the image."""
     from toy.core.diffusion import add_noise, predict_x0
@@ -240,7 +264,8 @@ class Snapshot:
                           self.lam_scale, self.lam_label)
 
 
-def concept_snapshot(run_dir, models, trainable, cfg, budgets, n: int = 4, steps: int = 10) -> Snapshot | None:
+def concept_snapshot(run_dir: str | Path, models: ConceptModels, trainable: Trainable | ExactTrainable,
+                     cfg: ConceptGridConfig, budgets: Floats, n: int = 4, steps: int = 10) -> Snapshot | None:
     """Grids for a concept run: every concept and retain prompt, reference vs current model
     (sampler steps ``min(steps, cfg.sample_steps)``); ``None`` inside ``disabled()``."""
     if _DISABLED:
@@ -261,8 +286,8 @@ def concept_snapshot(run_dir, models, trainable, cfg, budgets, n: int = 4, steps
                     title=f"{cfg.method}: samples before vs after ({k} sampler steps, fixed seeds)")
 
 
-def data_snapshot(run_dir, unet, alphas_cumprod, forget_images: torch.Tensor, retained_images: torch.Tensor,
-                  budgets, n_train: int, n_samples: int = 4, steps: int = 10, method: str = "forward_kl") -> Snapshot | None:
+def data_snapshot(run_dir: str | Path, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, forget_images: torch.Tensor,
+                  retained_images: torch.Tensor, budgets: Floats, n_train: int, n_samples: int = 4, steps: int = 10, method: str = "forward_kl") -> Snapshot | None:
     """Grids for a data run: Tweedie reconstructions at the middle of the diffusion of each forget
     image and of the given retained images, and ``n_samples`` unconditional samples (``steps`` sampler
     steps), before vs after; ``None`` inside ``disabled()``."""

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from toy.core.seeding import derive_seed
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +93,7 @@ _SAMPLE_SIZE_OVERRIDE: list[int] = []
 
 
 @contextlib.contextmanager
-def sample_size_override(size: int | None):
+def sample_size_override(size: int | None) -> Iterator[None]:
     """Inside this context every model bundle's ``sample_shape`` has spatial size ``size`` instead of
     the UNet's configured ``sample_size`` (the pre-flight's reduced resolution on CPU; diffusers
     UNets take any size divisible by ``min_sample_size``). ``None`` changes nothing."""
@@ -191,7 +196,7 @@ def load_ddpm_models(path_or_id: str, local_files_only: bool = False) -> DDPMMod
     return DDPMModels(unet, scheduler, location)
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str], check_nonempty: bool = True) -> torch.Tensor:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, text_encoder: torch.nn.Module, prompts: list[str], check_nonempty: bool = True) -> torch.Tensor:
     """Token ids -> text-encoder hidden states (float32), with a clear error for a prompt that
     tokenizes to nothing but special tokens (e.g. an empty prompt, or only out-of-vocabulary words)."""
     max_len = int(getattr(tokenizer, "model_max_length", 77))
@@ -222,7 +227,7 @@ class Trainable:
     MODES = ("lora", "attn2", "full")
 
     def __init__(self, unet: torch.nn.Module, mode: str = "lora", rank: int = 4, alpha: float | None = None,
-                 targets=ESD_X_TARGETS, seed: int = 0):
+                 targets: Sequence[str] = ESD_X_TARGETS, seed: int = 0):
         if mode not in self.MODES:
             raise ValueError(f"trainable mode must be one of {self.MODES}, got {mode!r}")
         self.unet = unet
@@ -251,11 +256,12 @@ class Trainable:
             unet.requires_grad_(True)
         self.names = [n for n, p in unet.named_parameters() if p.requires_grad]
 
-    def parameters(self):
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the run trains (``requires_grad``)."""
         return [p for p in self.unet.parameters() if p.requires_grad]
 
     @contextlib.contextmanager
-    def reference(self):
+    def reference(self) -> Iterator[torch.nn.Module]:
         """Run the pretrained (frozen) model inside this context, without a second UNet."""
         if self.mode == "lora":
             self.unet.disable_adapters()

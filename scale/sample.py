@@ -9,20 +9,28 @@ for latent models, and ``dualunlearn scale sample``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from toy.core.diffusion import ancestral_step, strided_timesteps
+from toy.core.hints import EpsModel
 from toy.core.seeding import seeded_generator
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
+
+    from scale.models import ConceptModels, DDPMModels
 
 log = logging.getLogger(__name__)
 
 
-def sample_images(eps_fn, shape, alphas_cumprod: torch.Tensor, num_steps: int, n: int,
-                  generator: torch.Generator, device="cpu", batch: int = 256) -> torch.Tensor:
+def sample_images(eps_fn: EpsModel, shape: Sequence[int], alphas_cumprod: torch.Tensor, num_steps: int, n: int,
+                  generator: torch.Generator, device: torch.device | str = "cpu", batch: int = 256) -> torch.Tensor:
     """Draw ``n`` samples with ``eps_fn(x_t, t) -> eps`` (float32), in batches; returns (n, *shape)
     on CPU. All noise comes from ``generator`` (CPU) so results do not depend on the device."""
     ab = alphas_cumprod.double()
@@ -50,7 +58,7 @@ def sample_images(eps_fn, shape, alphas_cumprod: torch.Tensor, num_steps: int, n
 SCHEDULER_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 
-def scheduler_timesteps(scheduler, num_steps: int) -> list[tuple[int, int]]:
+def scheduler_timesteps(scheduler: DDPMScheduler, num_steps: int) -> list[tuple[int, int]]:
     """``(t, t_prev)`` pairs the scheduler visits with ``num_steps`` inference steps (its own
     ``timestep_spacing`` and ``steps_offset``); ``t_prev = -1`` means ``alpha_bar_prev = 1``."""
     from diffusers import DDPMScheduler
@@ -83,8 +91,8 @@ def scheduler_step(x_t: torch.Tensor, eps: torch.Tensor, ab_t: torch.Tensor, ab_
     return mean + var ** 0.5 * noise.float()
 
 
-def scheduler_sample_images(eps_fn, shape, scheduler, num_steps: int, n: int, generator: torch.Generator,
-                            device="cpu", batch: int = 256) -> torch.Tensor:
+def scheduler_sample_images(eps_fn: EpsModel, shape: Sequence[int], scheduler: DDPMScheduler, num_steps: int, n: int,
+                            generator: torch.Generator, device: torch.device | str = "cpu", batch: int = 256) -> torch.Tensor:
     """Draw ``n`` samples with the DDPM sampler the model's scheduler config describes (the one it
     was trained with): returns (n, *shape) float32 on CPU, not clamped. For ``n <= batch`` the
     noise is drawn exactly as ``diffusers.DDPMPipeline`` draws it (initial noise for the batch, then
@@ -116,7 +124,7 @@ def scheduler_sample_images(eps_fn, shape, scheduler, num_steps: int, n: int, ge
     return torch.cat(out)
 
 
-def guided_eps_fn(unet, emb_cond: torch.Tensor, emb_null: torch.Tensor, guidance: float):
+def guided_eps_fn(unet: torch.nn.Module, emb_cond: torch.Tensor, emb_null: torch.Tensor, guidance: float) -> EpsModel:
     """Classifier-free guidance ``eps_null + g (eps_c - eps_null)``; ``g = 1`` is the conditional model."""
 
     def fn(x, t):
@@ -132,7 +140,7 @@ def guided_eps_fn(unet, emb_cond: torch.Tensor, emb_null: torch.Tensor, guidance
     return fn
 
 
-def decode(models, x: torch.Tensor) -> torch.Tensor:
+def decode(models: ConceptModels | DDPMModels, x: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [-1, 1] through the VAE (pixel-space models return ``x`` clamped)."""
     if getattr(models, "vae", None) is None:
         return x.clamp(-1, 1)
@@ -147,7 +155,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def load_unlearned_unet(models, run_dir: str | None, trainable_mode: str | None = None):
+def load_unlearned_unet(models: ConceptModels | DDPMModels, run_dir: str | None,
+                        trainable_mode: str | None = None) -> torch.nn.Module:
     """Apply a run's trainable weights (``<run>/checkpoint/trainable.safetensors``) to the loaded UNet."""
     if not run_dir:
         return models.unet

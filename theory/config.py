@@ -13,12 +13,17 @@ import dataclasses
 import sys
 import typing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")  # a config dataclass
 
 
 def _parse_value(key: str, text: str) -> Any:
@@ -130,7 +135,7 @@ def _build(cls, data: dict, where: str):
         raise ValueError(f"{where or cls.__name__}: {exc}") from None
 
 
-def config_to_dict(cfg) -> dict:
+def config_to_dict(cfg: DataclassInstance) -> dict:
     """A plain dict of a (nested) config dataclass, tuples as lists, paths as strings."""
 
     def conv(v):
@@ -145,7 +150,7 @@ def config_to_dict(cfg) -> dict:
     return conv(cfg)
 
 
-def load_config(cls, path: str | Path | None = None, overrides: list[str] | dict | None = None):
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | dict | None = None) -> C:
     """Build the frozen dataclass ``cls`` from TOML ``path`` (optional) and ``overrides``.
 
     Raises ``ValueError`` naming any unknown key, malformed override or value of the wrong type.

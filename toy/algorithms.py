@@ -36,6 +36,11 @@ from toy.sampling import TrajectoryPool, ddpm_sample, path_kl_to_models
 
 if TYPE_CHECKING:
     from toy.core.dual import DualState
+    from toy.core.hints import EpsModel
+    from toy.models import MixtureEps
+
+#: a constraint estimator's answer: the estimates (m,) and their standard errors (m,) or None
+Estimate = tuple[torch.Tensor, torch.Tensor | None]
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +242,7 @@ def gibbs_step(ctx: Context, lam: torch.Tensor) -> Batch:
     return Batch([(x_t, t, target)], _mean_loss)
 
 
-def segment_losses(net, frozen, batch: Batch) -> list[torch.Tensor]:
+def segment_losses(net: EpsModel, frozen: EpsModel, batch: Batch) -> list[torch.Tensor]:
     """Per-row denoising losses of one plain network on each of ``batch``'s segments (``Composed``
     targets resolved with ``frozen``, without gradient)."""
     losses = []
@@ -249,12 +254,13 @@ def segment_losses(net, frozen, batch: Batch) -> list[torch.Tensor]:
     return losses
 
 
-def batch_loss(net, frozen, batch: Batch) -> torch.Tensor:
+def batch_loss(net: EpsModel, frozen: EpsModel, batch: Batch) -> torch.Tensor:
     """The step's loss for one plain network: ``batch.objective`` of its ``segment_losses``."""
     return batch.objective(segment_losses(net, frozen, batch))
 
 
-def ru_primal_loss(net, frozen, forget, x0, ab, gen, eta) -> torch.Tensor:
+def ru_primal_loss(net: EpsModel, frozen: EpsModel, forget: list[EpsModel], x0: torch.Tensor, ab: torch.Tensor,
+                   gen: torch.Generator, eta: torch.Tensor) -> torch.Tensor:
     """Regression of ``net`` on the composed target ``eps_q - sum eta_i (eps_i - eps_q)`` at x_t
     drawn from the noised data ``x0`` (``composed_step``'s loss, for a given eta)."""
     x_t, t, _ = noised(x0, ab, gen)
@@ -265,7 +271,7 @@ def ru_primal_loss(net, frozen, forget, x0, ab, gen, eta) -> torch.Tensor:
 
 # ---------------------------------------------------------------- the x_0 tilt and the estimators
 
-def tilt_log_weights(problem: str, lam: torch.Tensor, x0: torch.Tensor, q_exact, forget_exact: list,
+def tilt_log_weights(problem: str, lam: torch.Tensor, x0: torch.Tensor, q_exact: MixtureEps, forget_exact: list[MixtureEps],
                      variant: str = "likelihood") -> torch.Tensor:
     """log of the x_0 density ratio target/q up to a constant (B,): RU ``sum eta_i (log q - log q_i)``,
     LU ``-sum lam_i g_i``. Exact densities here; at scale a diffusion classifier gives the ratios."""
@@ -297,14 +303,15 @@ def effective_sample_size(log_w: torch.Tensor) -> float:
 
 
 
-def ru_constraint_path_kl(net, forget, n, ab, gen) -> tuple[torch.Tensor, torch.Tensor]:
+def ru_constraint_path_kl(net: EpsModel, forget: list[EpsModel], n: int, ab: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """RU: path-wise KL(P_theta || Q_i) (m,) and its standard error from n fresh own trajectories
     (``estimate="fresh"``; the default amortises the same sum along a ``TrajectoryPool``)."""
     kl, per, _ = path_kl_to_models(net, forget, n, ab, gen)
     return kl, per.std(1) / np.sqrt(n)
 
 
-def lu_constraint_exact(net, forget_exact, q_exact, n, ab, gen, variant,
+def lu_constraint_exact(net: EpsModel, forget_exact: list[MixtureEps], q_exact: MixtureEps, n: int, ab: torch.Tensor,
+                        gen: torch.Generator, variant: str,
                         x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """LU: ``E_{p_theta}[g_i(x_0)]`` (m,) with the exact g at n DDPM samples of the network (or at
     the given samples ``x0`` of it, e.g. a ``TrajectoryPool``'s end points)."""
@@ -317,7 +324,8 @@ def lu_constraint_exact(net, forget_exact, q_exact, n, ab, gen, variant,
 
 
 @torch.no_grad()
-def diffusion_classifier_log_ratio(x0, model_c, model_ref, ab, gen, n_t: int | None = None) -> torch.Tensor:
+def diffusion_classifier_log_ratio(x0: torch.Tensor, model_c: EpsModel, model_ref: EpsModel, ab: torch.Tensor,
+                                   gen: torch.Generator, n_t: int | None = None) -> torch.Tensor:
     """``log q_c(x0)/q_ref(x0)`` (B,) from denoising-loss differences (eq. 32,
     ``toy.core.objectives.log_ratio_from_denoising_losses``), summed over every timestep (n_t None) with
     one shared noise draw per (sample, t)."""
@@ -338,7 +346,8 @@ def diffusion_classifier_log_ratio(x0, model_c, model_ref, ab, gen, n_t: int | N
     return out
 
 
-def lu_constraint_network(net, frozen, forget_nets, n, ab, gen,
+def lu_constraint_network(net: EpsModel, frozen: EpsModel, forget_nets: list[EpsModel], n: int, ab: torch.Tensor,
+                          gen: torch.Generator,
                           x0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """LU ratio variant from networks only: ``E_{p_theta}[exp(log q_i/q)]`` with the log ratio from
     the diffusion classifier of the forget network against the pretrained one (at n fresh samples of
@@ -354,7 +363,7 @@ def lu_constraint_network(net, frozen, forget_nets, n, ab, gen,
 
 # ---------------------------------------------------------------- estimators behind the row contract
 
-def elbo_estimate(ctx: Context, batch: Batch, losses: list):
+def elbo_estimate(ctx: Context, batch: Batch, losses: list) -> Estimate:
     """FU: the ELBO constraint estimate from the step's own forget rows (free; eq. 31)."""
     dim = ctx.models.dim
     terms = [elbo_constraint_terms(l.detach(), l_ref, tf, ctx.kl_weights, dim)
@@ -362,24 +371,24 @@ def elbo_estimate(ctx: Context, batch: Batch, losses: list):
     return torch.stack([term.mean() for term in terms]).double(), None
 
 
-def path_kl_pool(ctx: Context, batch: Batch, losses: list):
+def path_kl_pool(ctx: Context, batch: Batch, losses: list) -> Estimate:
     """RU: the path KL accumulated along the pool's advances since the last dual step."""
     return ctx.pool.take_path_kl()
 
 
-def path_kl_fresh(ctx: Context, batch: Batch, losses: list):
+def path_kl_fresh(ctx: Context, batch: Batch, losses: list) -> Estimate:
     """RU: the path KL on ``dual_batch`` fresh trajectories of the network."""
     return ru_constraint_path_kl(ctx.net, ctx.models.forget, ctx.loop.dual_batch, ctx.ab, ctx.gen)
 
 
-def g_exact(ctx: Context, batch: Batch, losses: list):
+def g_exact(ctx: Context, batch: Batch, losses: list) -> Estimate:
     """LU: ``E_{p_theta}[g_i]`` with the exact g at the pool's end points (or fresh samples)."""
     own = ctx.pool.samples() if ctx.pool is not None else None
     return lu_constraint_exact(ctx.net, ctx.models.forget_exact, ctx.models.q_exact, ctx.loop.dual_batch, ctx.ab,
                                ctx.gen, ctx.variant, own)
 
 
-def g_network(ctx: Context, batch: Batch, losses: list):
+def g_network(ctx: Context, batch: Batch, losses: list) -> Estimate:
     """LU (ratio variant): g from the diffusion classifier of the forget networks (eq. 32)."""
     own = ctx.pool.samples() if ctx.pool is not None else None
     return lu_constraint_network(ctx.net, ctx.models.frozen, ctx.models.forget_nets, ctx.loop.dual_batch, ctx.ab,
@@ -428,7 +437,7 @@ def averaged_lam(hist: dict, dual: DualState, frac: float) -> np.ndarray:
     return lam[-k:].mean(0)
 
 
-def lam_window(lam_hist, gain: float) -> dict:
+def lam_window(lam_hist: np.ndarray | list, gain: float) -> dict:
     """The averaging window of a dual trajectory, derived from the dual loop's time constant, and
     whether lam has settled in it (docs/toy.md, "LU's multiplier window").
 
@@ -465,7 +474,7 @@ def lam_window(lam_hist, gain: float) -> dict:
             "drift_se": drift_se, "settled": settled}
 
 
-def lam_stderr(lam_hist, gain: float, start: int) -> np.ndarray:
+def lam_stderr(lam_hist: np.ndarray | list, gain: float, start: int) -> np.ndarray:
     """Standard error (m,) of the mean of the dual iterates ``lam_hist[start:]`` (the reported
     multiplier), for noise of correlation time ``tau = 1/gain`` dual steps (``lam_window``): the mean
     of W values of an AR(1) sequence has variance ``sd^2 2 tau / W`` (sd of the residuals about a

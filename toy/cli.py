@@ -15,16 +15,21 @@ with status 1 on a failed check unless ``--no-check``. ``--threads`` sets torch'
 from __future__ import annotations
 
 import argparse
-
 import json
 import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from theory.config import load_config
+
+if TYPE_CHECKING:
+    from theory.report import Check
+    from toy.config import ToyConfig
 
 log = logging.getLogger(__name__)
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     from theory import PROBLEMS
     from toy.algorithms import ALGORITHMS
 
@@ -88,7 +93,7 @@ def _common(p, sweep: bool = False) -> None:
         p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
 
 
-def print_verdicts(checks) -> bool:
+def print_verdicts(checks: Sequence[Check]) -> bool:
     """One line per check, ``PASS``/``FAIL name: measured (expected)``, then the overall verdict."""
     for c in checks:
         print(f"{'PASS' if c.passed else 'FAIL'}  {c.name}: {c.measured} ({c.expected})")
@@ -107,7 +112,7 @@ def _literal(value) -> str:
     return json.dumps(value)
 
 
-def config_from_args(args):
+def config_from_args(args: argparse.Namespace) -> ToyConfig:
     """The run's ``ToyConfig``: the TOML file, then the flags, then ``--set`` (each wins over the one before)."""
     from toy.config import ToyConfig
 
@@ -121,7 +126,7 @@ def config_from_args(args):
     return load_config(ToyConfig, args.config, [f"{k}={_literal(v)}" for k, v in flags.items()] + list(args.overrides))
 
 
-def main(args) -> int:
+def main(args: argparse.Namespace) -> int:
     from toy.models import torch_threads
     from toy.run import run
     from toy.verify import member_checks
@@ -148,7 +153,7 @@ def main(args) -> int:
     return 0 if ok or args.no_check else 1
 
 
-def main_sweep(args) -> int:
+def main_sweep(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from toy.models import torch_threads

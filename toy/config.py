@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -34,7 +34,12 @@ from theory.diffusion import alphas_cumprod_for_schedule
 from toy.algorithms import ALGORITHMS, LoopConfig
 from toy.problems import Problem, build_problem, default_instance
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 log = logging.getLogger(__name__)
+
+C = TypeVar("C", bound="DataclassInstance")  # a config dataclass
 
 
 #: dual step size = DUAL_GAIN / |d constraint / d lam| at lam* (a Newton-scaled ascent; see docs/toy.md)
@@ -117,7 +122,7 @@ class ToyConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
 
-def override(cfg, values: Mapping[str, Any]):
+def override(cfg: C, values: Mapping[str, Any]) -> C:
     """``cfg`` with the dotted keys of ``values`` replaced: ``override(cfg, {"train.steps": 40,
     "problem": "likelihood"})`` (lists become tuples). An unknown key is a ``ValueError`` naming it."""
     for key, value in values.items():

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from toy.algorithms import LoopConfig, Models
 from toy.loop import unlearn
 from toy.distances import energy_distance
 from toy.core.dual import DualState, dual_domain
+from toy.core.hints import Floats
 from toy.models import EpsMLP, MixtureEps
 from toy.pretrain import PointData, train_denoiser
 from toy.core.runs import RunDir
@@ -42,7 +44,7 @@ class FiniteSetResult:
     upper: np.ndarray
 
 
-def retrain(net: EpsMLP, points, ab, steps: int, batch: int, lr: float, seed: int, lr_final_frac: float) -> EpsMLP:
+def retrain(net: EpsMLP, points: Floats, ab: torch.Tensor, steps: int, batch: int, lr: float, seed: int, lr_final_frac: float) -> EpsMLP:
     """Plain DSM on ``points`` from ``net``'s weights, with ``unlearn``'s optimiser and lr schedule."""
     net = copy.deepcopy(net).train().requires_grad_(True)
     data = PointData(points, derive_seed(seed, "retrain:data"))
@@ -64,9 +66,9 @@ def retrain(net: EpsMLP, points, ab, steps: int, batch: int, lr: float, seed: in
     return net.eval()
 
 
-def finite_set_experiment(points, forget_idx: list[int], ab, out: Path, seed: int = 0, pretrain_steps: int = 3000,
+def finite_set_experiment(points: npt.ArrayLike, forget_idx: list[int], ab: torch.Tensor, out: Path, seed: int = 0, pretrain_steps: int = 3000,
                           steps: int = 2000, batch: int = 256, lr: float = 1e-3, hidden: int = 128,
-                          algorithm: str = "siss", budgets=None, lr_dual: float = 0.0, forget_batch: int | None = None,
+                          algorithm: str = "siss", budgets: Floats | None = None, lr_dual: float = 0.0, forget_batch: int | None = None,
                           pretrained: EpsMLP | None = None) -> FiniteSetResult:
     """See the module docstring. ``algorithm="siss"``: lam fixed at 1/n for every forget point;
     ``"primal_dual"``: lam from 0 by dual ascent on the ELBO constraint with the given budgets,
@@ -100,12 +102,13 @@ def finite_set_experiment(points, forget_idx: list[int], ab, out: Path, seed: in
     return FiniteSetResult(pretrained, net.eval(), r1, r2, dual.lam.numpy().copy(), upper)
 
 
-def mass_near(x: torch.Tensor, point, radius: float) -> float:
+def mass_near(x: torch.Tensor, point: Floats, radius: float) -> float:
     """Fraction of samples within ``radius`` of ``point``."""
     return float(((x - torch.as_tensor(point, dtype=x.dtype)).norm(dim=1) < radius).double().mean())
 
 
-def compare_to_retraining(res: FiniteSetResult, points, forget_idx, ab, n_samples: int, seed: int, radius: float) -> dict:
+def compare_to_retraining(res: FiniteSetResult, points: torch.Tensor, forget_idx: list[int], ab: torch.Tensor,
+                          n_samples: int, seed: int, radius: float) -> dict:
     """Samples of every model; distances of the unlearned and of the other-seed retrained model to
     the retrained one; mass near the forgotten points."""
     g = lambda k: seeded_generator(seed, f"compare:{k}")  # noqa: E731

@@ -24,8 +24,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -42,6 +45,11 @@ from toy.pretrain import MixtureData, save_model
 from toy.problems import Problem, default_instance
 from toy.core.runs import CheckpointStore, RunDir
 from toy.sampling import TrajectoryPool, ddpm_sample
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from toy.config import ToyConfig
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +78,7 @@ class StackedEpsMLP(nn.Module):
             [nn.Parameter(torch.stack([ls[k].bias.detach().unsqueeze(0) for ls in lins]).contiguous()) for k in range(len(lins[0]))])
         self.register_buffer("_emb", nets[0]._emb.clone(), persistent=False)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, members=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, members: Sequence[int] | None = None) -> torch.Tensor:
         if members is None:
             ws, bs = list(self.weights), list(self.biases)
         else:
@@ -116,7 +124,7 @@ class MemberView:
 
 # ---------------------------------------------------------------- pretraining, one network per seed
 
-def pretrain_ensemble(cfgs: list, out_dir: Path, progress=None, tuner: ThreadTuner | None = None) -> list[Path]:
+def pretrain_ensemble(cfgs: list[ToyConfig], out_dir: Path, progress: tqdm | None = None, tuner: ThreadTuner | None = None) -> list[Path]:
     """Pretrain one ``EpsMLP`` per config (one per seed) on fresh samples of q, stacked: each member's
     initialisation, data stream and noise generator are those of ``toy.run.pretrain_on_mixture``
     with purpose "pretrain", and ``torch.optim.Adam`` on stacked parameters is the members' own
@@ -239,7 +247,7 @@ class StackedTrainer:
                 out[i] = per[j]
         return out
 
-    def eval_mode(self):
+    def eval_mode(self) -> AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     @torch.no_grad()
@@ -294,7 +302,7 @@ class Prepared:
         return self.member.hist
 
 
-def prepare_member(cfg, frozen: EpsMLP, pmeta: dict) -> Prepared:
+def prepare_member(cfg: ToyConfig, frozen: EpsMLP, pmeta: dict) -> Prepared:
     """Everything ``toy.run.run`` sets up before its loop, for one member (same seeds, same resolved
     config, dual domain, step size and initial multipliers). Raises ``ValueError`` for what the
     ensemble does not train: fresh-trajectory estimates, the LU network estimator, LU's composed target."""
@@ -335,7 +343,7 @@ def _check_same_schedule(members: list[Prepared]) -> None:
                              f"and pool_every, got {keys(l)} and {keys(l0)}")
 
 
-def unlearn_ensemble(members: list[Prepared], ckpt_path: Path | None = None, progress=None,
+def unlearn_ensemble(members: list[Prepared], ckpt_path: Path | None = None, progress: tqdm | None = None,
                      stop_after: int | None = None, tuner: ThreadTuner | None = None) -> StackedEpsMLP:
     """Train every member's network for ``steps`` steps with ``toy.loop.train`` and a
     ``StackedTrainer`` (see the module docstring); the members' histories go to ``member.hist``.

@@ -4,16 +4,19 @@ its tolerance band and averaging window, and the constraint against its budget."
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from theory.gmm import GaussianMixture
 from toy.config import ToyConfig
+from toy.reference import Quadrature
 
 log = logging.getLogger(__name__)
 
 
-def draw_figure(path: Path, cfg: ToyConfig, q, quads, summary: dict, hist: dict) -> Path:
+def draw_figure(path: Path, cfg: ToyConfig, q: GaussianMixture, quads: Sequence[Quadrature], summary: dict, hist: dict) -> Path:
     """Learned samples over the target density (view clipped to the target's support, the samples
     outside it counted), and the lam trajectory over the whole run against lam*, with the derived
     tolerance band and, for LU, the averaging window. Drawn on a ``matplotlib.figure.Figure``: no

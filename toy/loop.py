@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import torch
@@ -23,12 +24,16 @@ from toy.algorithms import Algorithm, Batch, Context, LoopConfig, Models, algori
 from toy.core.diffusion import reverse_step_kl_weights
 from toy.core.dual import DualState
 from toy.core.runs import RunDir
+from toy.core.hints import EpsModel
 from toy.sampling import TrajectoryPool
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 _MODE_DEPENDENT = (torch.nn.modules.dropout._DropoutNd, torch.nn.modules.batchnorm._NormBase)
 
 
-def has_mode_dependent_layers(net) -> bool:
+def has_mode_dependent_layers(net: EpsModel) -> bool:
     """Whether ``net``'s output depends on train/eval mode (dropout, batch or instance norm). The
     loop switches to eval mode for its no-grad evaluations (pool advances, estimates) only then:
     the switch walks every submodule twice, ~0.1 ms per advance, a sixth of the LU pool's cost."""
@@ -97,6 +102,27 @@ def make_member(problem: str, name: str, models: Models, dual: DualState, loop: 
     return Member(alg, ctx, dual, run=run)
 
 
+class Trainer(Protocol):
+    """What ``train`` asks of a trainer: ``NetworkTrainer`` (one network) or
+    ``toy.ensemble.StackedTrainer`` (stacked networks)."""
+
+    opt: torch.optim.Optimizer
+
+    def model(self, i: int) -> Callable: ...
+
+    def losses(self, batches: list[Batch]) -> list[list[torch.Tensor]]: ...
+
+    def eval_mode(self) -> AbstractContextManager[None]: ...
+
+    def fill(self, i: int, pool: TrajectoryPool, gen: torch.Generator) -> None: ...
+
+    def advance(self, members: list[Member], index: list[int]) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, s: dict) -> None: ...
+
+
 class NetworkTrainer:
     """One network behind the model contract, trained with Adam; ``frozen`` evaluates composed
     targets. Switches to eval mode for no-grad evaluations only when the network has mode-dependent
@@ -113,7 +139,7 @@ class NetworkTrainer:
     def losses(self, batches: list[Batch]) -> list[list[torch.Tensor]]:
         return [segment_losses(self.net, self.frozen, b) for b in batches]
 
-    def eval_mode(self):
+    def eval_mode(self) -> AbstractContextManager[None]:
         return _EvalMode(self.net if self._toggle else None)
 
     def fill(self, i: int, pool: TrajectoryPool, gen: torch.Generator) -> None:
@@ -158,7 +184,8 @@ class Checkpoints:
     flat: bool = True
 
 
-def train(members: list[Member], trainer, loop: LoopConfig, checkpoints: Checkpoints | None = None, progress=None,
+def train(members: list[Member], trainer: Trainer, loop: LoopConfig, checkpoints: Checkpoints | None = None,
+          progress: tqdm | None = None,
           stop_after: int | None = None) -> None:
     """Train every member for ``loop.steps`` steps with its dual steps, then ``loop.settle_steps``
     more at its reported multiplier held fixed and the final lr (see the module docstring); histories
@@ -255,7 +282,8 @@ def train(members: list[Member], trainer, loop: LoopConfig, checkpoints: Checkpo
 
 def unlearn(problem: str, algorithm_name: str, models: Models, dual: DualState, cfg: LoopConfig,
             run: RunDir, gen: torch.Generator, variant: str = "likelihood", lu_estimator: str = "exact",
-            progress=None, stop_after: int | None = None, reported_lam=None) -> dict:
+            progress: tqdm | None = None, stop_after: int | None = None,
+            reported_lam: Callable[[Member], np.ndarray] | None = None) -> dict:
     """Train ``models.net`` with row ``(problem, algorithm_name)``; multipliers live in ``dual``
     (fixed for baselines and dual-only, where ``dual.lr_dual`` is 0). Resumes from ``run``'s
     checkpoint when present (same result as an uninterrupted run: all RNG states are checkpointed).

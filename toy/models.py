@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from theory.gmm import GaussianMixture
+from toy.core.hints import Floats
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -101,12 +102,12 @@ class MixtureEps:
         self.dim = self.means.shape[1]
 
     @classmethod
-    def from_mixture(cls, g: GaussianMixture, alphas_cumprod) -> "MixtureEps":
+    def from_mixture(cls, g: GaussianMixture, alphas_cumprod: Floats) -> "MixtureEps":
         vals, vecs = np.linalg.eigh(g.covs)
         return cls(g.weights, g.means, vals, vecs, alphas_cumprod)
 
     @classmethod
-    def from_points(cls, points, alphas_cumprod, weights=None) -> "MixtureEps":
+    def from_points(cls, points: Floats, alphas_cumprod: Floats, weights: Floats | None = None) -> "MixtureEps":
         """The empirical law of ``points`` (n, d) (uniform weights unless given): atoms."""
         pts = torch.as_tensor(points, dtype=torch.float64)
         n, d = pts.shape

@@ -6,16 +6,22 @@ mixture (fresh every step) or of a finite training set (minibatches of its point
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from theory.gmm import GaussianMixture
+from toy.core.hints import Floats
 from toy.models import EpsMLP
 from toy.core.diffusion import noised
 from toy.core.objectives import denoising_loss
 from toy.core.runs import CheckpointStore, announce, atomic_torch_save, pause_point
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +36,10 @@ class MixtureData:
     def __call__(self, n: int) -> torch.Tensor:
         return torch.as_tensor(self.mixture.sample(n, self.rng), dtype=torch.float32)
 
-    def state(self):
+    def state(self) -> dict:
         return self.rng.bit_generator.state
 
-    def set_state(self, s) -> None:
+    def set_state(self, s: dict) -> None:
         self.rng.bit_generator.state = s
 
 
@@ -48,17 +54,17 @@ class PointData:
         idx = torch.randint(0, self.points.shape[0], (n,), generator=self.gen)
         return self.points[idx]
 
-    def state(self):
+    def state(self) -> torch.Tensor:
         return self.gen.get_state()
 
-    def set_state(self, s) -> None:
+    def set_state(self, s: torch.Tensor) -> None:
         self.gen.set_state(s)
 
 
 
 
-def train_denoiser(model: EpsMLP, data, alphas_cumprod, steps: int, batch: int, lr: float,
-                   generator: torch.Generator, progress=None, checkpoint: str | Path | None = None,
+def train_denoiser(model: EpsMLP, data: Callable[[int], torch.Tensor], alphas_cumprod: Floats, steps: int, batch: int,
+                   lr: float, generator: torch.Generator, progress: tqdm | None = None, checkpoint: str | Path | None = None,
                    checkpoint_every: int = 250) -> list[float]:
     """Adam with a cosine-decayed learning rate on the simple (unweighted) denoising loss.
     Returns the per-step losses; raises ``FloatingPointError`` with the step number on NaN/Inf.

@@ -9,9 +9,11 @@ rules every tier shares for budgets are ``theory.validation.check_budgets``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 import theory.gmm as gmm
 from theory.gmm import GaussianMixture
@@ -39,14 +41,15 @@ def default_instance() -> Instance:
     return Instance(q, tuple(forget), budgets, "theory.gmm.default_instance")
 
 
-def lam_star(problem: str, q, forget, budgets, variant: str = "likelihood") -> tuple[np.ndarray, str]:
+def lam_star(problem: str, q: GaussianMixture, forget: Sequence[GaussianMixture], budgets: npt.ArrayLike, variant: str = "likelihood") -> tuple[np.ndarray, str]:
     """lam* from ``theory.gmm.solve``. Returns (lam*, source)."""
     budgets = np.atleast_1d(np.asarray(budgets, dtype=np.float64))
     sol = gmm.solve(problem, q, list(forget), budgets, variant=variant)
     return np.atleast_1d(np.asarray(sol.lam, dtype=np.float64)), "theory.gmm.solve"
 
 
-def check_budgets(problem: str, q, forget, budgets, variant: str = "likelihood") -> None:
+def check_budgets(problem: str, q: GaussianMixture, forget: Sequence[GaussianMixture], budgets: npt.ArrayLike,
+                  variant: str = "likelihood") -> None:
     """Refuse budgets that break the rules every tier shares (``theory.validation.check_budgets``:
     shape, finite, KL budgets >= 0, LU budgets > 0 where g_i >= 0) or lie outside the achievable
     range along the dual path, naming the range."""
@@ -104,7 +107,7 @@ class Problem:
     lam_surrogate: np.ndarray | None = None
 
 
-def build_problem(problem: str, budgets, variant: str = "likelihood") -> Problem:
+def build_problem(problem: str, budgets: npt.ArrayLike, variant: str = "likelihood") -> Problem:
     """``Problem`` of the default instance at ``budgets`` (one per forget distribution), refused
     here when theory says they cannot be met (``check_budgets``)."""
     inst = default_instance()

@@ -16,9 +16,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from theory.gmm import GaussianMixture
@@ -78,7 +80,7 @@ class Quadrature:
             return self.log_qi
         raise ValueError(f"unknown LU variant {self.variant!r}")
 
-    def log_target(self, lam) -> np.ndarray:
+    def log_target(self, lam: npt.ArrayLike) -> np.ndarray:
         """Normalised log density of the target at multipliers lam on the grid (N,)."""
         lam = np.atleast_1d(np.asarray(lam, dtype=np.float64))
         if self.problem == "reverse_kl":
@@ -104,7 +106,7 @@ class Quadrature:
         m = a > 0
         return float(np.sum(a[m] * (log_a[m] - log_b[m])))
 
-    def constraint_values(self, lam) -> np.ndarray:
+    def constraint_values(self, lam: npt.ArrayLike) -> np.ndarray:
         """(m,) KL(p||q_i), KL(q_i||p) or E_p[g_i] at the target for lam."""
         lp = self.log_target(lam)
         if self.problem == "reverse_kl":
@@ -113,7 +115,8 @@ class Quadrature:
             return np.array([self._kl(lqi, lp) for lqi in self.log_qi])
         return (np.exp(lp) * self.grid.area * self.g()).sum(1)
 
-    def objective(self, lam) -> float:
+    def objective(self, lam: npt.ArrayLike) -> float:
+        """The retention objective at the target for lam: KL(q||p) (FU), else KL(p||q)."""
         lp = self.log_target(lam)
         return self._kl(self.log_q, lp) if self.problem == "forward_kl" else self._kl(lp, self.log_q)
 
@@ -156,7 +159,7 @@ class Quadrature:
                 lo = mid
         return 0.5 * (lo + hi)
 
-    def sample(self, lam, n: int, rng: np.random.Generator) -> np.ndarray:
+    def sample(self, lam: npt.ArrayLike, n: int, rng: np.random.Generator) -> np.ndarray:
         """n samples of the target at lam: a cell by its mass, then uniform inside the cell."""
         p = np.exp(self.log_target(lam) + self.log_area)
         idx = rng.choice(p.shape[0], size=n, p=p / p.sum())
@@ -166,7 +169,7 @@ class Quadrature:
         return self.grid.points[idx] + jitter
 
 
-def surrogate_lam(constraint_at, budget: float, lower_is_feasible: bool, lam_hi: float,
+def surrogate_lam(constraint_at: Callable[[float], float], budget: float, lower_is_feasible: bool, lam_hi: float,
                   iters: int = 14) -> float:
     """Bisection for the multiplier where ``constraint_at(lam)`` (an exact-score estimate with
     common random numbers, monotone in lam) meets ``budget``; 0 if already feasible at lam = 0."""

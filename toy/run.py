@@ -15,7 +15,9 @@ import logging
 import time
 from contextlib import ExitStack
 from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ from toy.algorithms import Models
 from toy.loop import unlearn
 from toy.distances import energy_distance
 from toy.core.dual import DualState
+from toy.core.hints import Floats
 from toy.models import EpsMLP, MixtureEps
 from toy.core.objectives import lam_from_eta
 from toy.pretrain import MixtureData, load_model, save_model, train_denoiser
@@ -37,10 +40,16 @@ from toy.core.seeding import derive_seed, seeded_generator
 from toy.evaluation import Trained, evaluate, reported_lam, surrogate_reference
 from toy.figures import draw_figure
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from theory.gmm import GaussianMixture
+
 log = logging.getLogger(__name__)
 
 
-def pretrain_on_mixture(mixture, cfg: ToyConfig, purpose: str, path: Path | None = None, progress=None,
+def pretrain_on_mixture(mixture: GaussianMixture, cfg: ToyConfig, purpose: str, path: Path | None = None,
+                        progress: tqdm | None = None,
                         checkpoint: Path | None = None) -> tuple[EpsMLP, dict]:
     """Pretrain an ``EpsMLP`` on fresh samples of ``mixture``; reload from ``path`` if it exists.
     With ``checkpoint`` (a folder), pretraining is checkpointed every ``cfg.train.checkpoint_every``
@@ -79,7 +88,8 @@ def schedule_key(cfg: ToyConfig) -> list:
     return [d.num_timesteps, d.beta_start, d.beta_end, d.schedule]
 
 
-def check_pretrained_meta(meta: dict, mixture, cfg: ToyConfig) -> None:
+def check_pretrained_meta(meta: dict, mixture: GaussianMixture, cfg: ToyConfig) -> None:
+    """Refuse a pretrained model trained on another schedule or mixture than the run's."""
     if meta.get("schedule") != schedule_key(cfg):
         raise ValueError(f"pretrained model was trained on schedule {meta.get('schedule')}, the run uses "
                          f"{schedule_key(cfg)}")
@@ -167,15 +177,16 @@ def _run(cfg: ToyConfig, problem: Problem, progress: bool, stop_after: int | Non
     return summary
 
 
-def progress_bar(enabled: bool):
+def progress_bar(enabled: bool) -> Callable[..., tqdm]:
+    """A factory of ``tqdm`` bars (``make(total=..., desc=...)``), disabled unless ``enabled``."""
     from tqdm.auto import tqdm
 
-    def make(**kw):
+    def make(**kw: Any) -> tqdm:
         return tqdm(disable=not enabled, **kw)
     return make
 
 
-def dual_only_lam(quads: list[Quadrature], budgets, lr_dual: float, sum_max, steps: int = 400) -> np.ndarray:
+def dual_only_lam(quads: list[Quadrature], budgets: Floats, lr_dual: float, sum_max: float | None, steps: int = 400) -> np.ndarray:
     """RU dual-only: projected dual ascent on lam alone, the slack ``b - KL(p_lam||q_i)`` evaluated
     on the explicit x_0 tilt (no network), from lam = 0. One constraint per quadrature."""
     state = DualState("reverse_kl", budgets, lr_dual, None, None, sum_max)

@@ -14,11 +14,13 @@ mixtures alike), on a DDPM schedule ``alphas_cumprod`` (0-based t, diffusers' co
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from toy.core.diffusion import reverse_step_kl_weights, step_schedule
+from toy.core.hints import EpsModel, Floats
 from toy.core.objectives import path_kl_estimate
 
 
@@ -30,8 +32,8 @@ def _check_finite(x: torch.Tensor, t: int, what: str) -> None:
 
 
 @torch.no_grad()
-def ddpm_sample(model, n: int, alphas_cumprod, generator: torch.Generator, dim: int = 2,
-                on_step=None) -> torch.Tensor:
+def ddpm_sample(model: EpsModel, n: int, alphas_cumprod: Floats, generator: torch.Generator, dim: int = 2,
+                on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
     """``n`` samples (n, dim) float32 by ancestral DDPM; ``on_step(t, x_t, eps)`` is called at every
     step before the update (used to evaluate other models along the trajectory)."""
     ab, alpha, beta = step_schedule(alphas_cumprod)
@@ -49,7 +51,7 @@ def ddpm_sample(model, n: int, alphas_cumprod, generator: torch.Generator, dim: 
 
 
 @torch.no_grad()
-def ddim_sample(model, n: int, alphas_cumprod, generator: torch.Generator, num_steps: int = 50,
+def ddim_sample(model: EpsModel, n: int, alphas_cumprod: Floats, generator: torch.Generator, num_steps: int = 50,
                 dim: int = 2) -> torch.Tensor:
     """``n`` samples by deterministic DDIM on ``num_steps`` evenly spaced timesteps (T-1 ... 0)."""
     ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
@@ -69,7 +71,7 @@ def ddim_sample(model, n: int, alphas_cumprod, generator: torch.Generator, num_s
     return x
 
 
-def sample(model, n: int, alphas_cumprod, generator: torch.Generator, sampler: str = "ddpm",
+def sample(model: EpsModel, n: int, alphas_cumprod: Floats, generator: torch.Generator, sampler: str = "ddpm",
            dim: int = 2, num_steps: int = 50) -> torch.Tensor:
     """Dispatch to ``ddpm_sample`` or ``ddim_sample``."""
     if sampler == "ddpm":
@@ -80,7 +82,7 @@ def sample(model, n: int, alphas_cumprod, generator: torch.Generator, sampler: s
 
 
 @torch.no_grad()
-def path_kl_to_models(model, others: list, n: int, alphas_cumprod, generator: torch.Generator,
+def path_kl_to_models(model: EpsModel, others: list[EpsModel], n: int, alphas_cumprod: Floats, generator: torch.Generator,
                       dim: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Path-wise ``KL(P_model || P_other_i)`` (m,) for the DDPM reverse processes (equal variances
     ``beta_t``; both start at N(0, I), so the x_T term is 0): ``E_P sum_t w_t ||eps_p - eps_i||^2``
@@ -161,7 +163,7 @@ class TrajectoryPool:
         self.others_seconds = 0.0  # wall time of the last advance's evaluation of ``others``
 
     @torch.no_grad()
-    def fill(self, model, generator: torch.Generator) -> None:
+    def fill(self, model: EpsModel, generator: torch.Generator) -> None:
         """One ancestral pass of ``n`` chains from N(0, I); chain j keeps its state at its own
         timestep; the pass's end points seed the sample buffer."""
         snap = torch.empty(self.n, self.dim)
@@ -176,7 +178,7 @@ class TrajectoryPool:
         self.filled = True
 
     @torch.no_grad()
-    def advance(self, model, generator: torch.Generator, others: tuple = ()) -> None:
+    def advance(self, model: EpsModel, generator: torch.Generator, others: tuple[EpsModel, ...] = ()) -> None:
         """One reverse step of every chain; with ``others`` also one stratified path-KL term each."""
         if not self.filled:
             raise RuntimeError("call fill(model, generator) before advance")

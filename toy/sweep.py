@@ -16,12 +16,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from toy.core.runs import atomic_write_json
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from toy.config import ToyConfig
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,8 @@ def default_budgets(problem: str) -> list[float]:
     return [float(inst.budgets[problem][0])] + [float(b) for b in extra]
 
 
-def sweep_configs(base, problems=PROBLEMS, budgets: dict | None = None, seeds=(0,), baselines: bool = True) -> list:
+def sweep_configs(base: ToyConfig, problems: Sequence[str] = PROBLEMS, budgets: dict | None = None,
+                  seeds: Sequence[int] = (0,), baselines: bool = True) -> list[ToyConfig]:
     """The members of a sweep as ``ToyConfig``s (``base`` gives the shared schedule)."""
     from toy.config import override
 
@@ -67,7 +75,7 @@ def sweep_configs(base, problems=PROBLEMS, budgets: dict | None = None, seeds=(0
     return cfgs
 
 
-def member_record(cfg, summary: dict) -> dict:
+def member_record(cfg: ToyConfig, summary: dict) -> dict:
     """One ``sweep.json`` record: what the member is, what it reached, and its verdict."""
     from toy.verify import member_checks
 
@@ -104,7 +112,8 @@ def _reference_distance(summary: dict) -> tuple[str, str]:
     return "distance_to_target", "x_0 target"
 
 
-def run_sweep(out: str | Path, base=None, problems=PROBLEMS, budgets: dict | None = None, seeds=(0,),
+def run_sweep(out: str | Path, base: ToyConfig | None = None, problems: Sequence[str] = PROBLEMS,
+              budgets: dict | None = None, seeds: Sequence[int] = (0,),
               baselines: bool = True, progress: bool = False, figure: bool = True, threads: int | str = "auto") -> dict:
     """Train a sweep as one ensemble into ``out``; write ``sweep.json`` (and ``sweep.png``). Returns
     ``{"records": [...], "seconds": ..., "passed": bool, "threads_chosen": [...]}`` (``threads``: see
@@ -137,7 +146,7 @@ def draw_sweep(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def sweep_figure(records: list[dict]):
+def sweep_figure(records: list[dict]) -> Figure:
     """A ``matplotlib.figure.Figure`` (no backend forced; shown inline in Jupyter). Three rows per problem column: the learned (constraint, objective) points on theory's P*(b),
     the learned lam on theory's lam*(b) (bars: derived tolerance; ESD's and SISS's fixed multipliers
     as horizontal lines), and each member's energy distance to the x_0 target at lam* against the

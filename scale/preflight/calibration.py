@@ -6,11 +6,19 @@ from __future__ import annotations
 import gc
 import math
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from theory.report import Check
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from scale.concept import ConceptConfig
+    from scale.data import DataConfig
+    from scale.models import ConceptModels, DDPMModels, Trainable
 
 GROUPS = 8
 #: constraint-estimate agreement of a resumed run with the uninterrupted one: CPU kernels are
@@ -43,7 +51,8 @@ def _describe_trainable(trainable) -> str:
     return "every UNet parameter"
 
 
-def load_like_run(kind: str, cfg):
+def load_like_run(kind: str, cfg: ConceptConfig | DataConfig
+                  ) -> tuple[ConceptModels | DDPMModels, Trainable, Accelerator, dict]:
     """The run's own loading: loader, accelerator, trainable set. Returns ``(models, trainable,
     accelerator, counts)``; ``counts`` reports parameters, trainable parameters, modules and dtypes."""
     from scale.engine import make_accelerator
@@ -89,7 +98,7 @@ def _concept_estimates(task, dual, steps: int, B: int, dual_only: bool) -> torch
     return torch.stack(cols, 1)
 
 
-def calibrate_concept(cfg, models, trainable, acc, draws: int = 1) -> dict:
+def calibrate_concept(cfg: ConceptConfig, models: ConceptModels, trainable: Trainable, acc: Accelerator, draws: int = 1) -> dict:
     """Budget calibration of a concept config at the pretrained model (see the module docstring)."""
     from scale.concept import ConceptTask, initial_dual
     from toy.core.dual import DualState
@@ -134,7 +143,7 @@ def calibrate_concept(cfg, models, trainable, acc, draws: int = 1) -> dict:
     return out
 
 
-def calibrate_data(cfg, models, draws: int = 16) -> dict:
+def calibrate_data(cfg: DataConfig, models: DDPMModels, draws: int = 16) -> dict:
     """Each forget image's denoising loss at the pretrained model over ``draws`` seeded (timestep,
     noise) draws, with its standard error over the draws.
 
@@ -166,7 +175,7 @@ def calibrate_data(cfg, models, draws: int = 16) -> dict:
             "n_train": len(files)}
 
 
-def config_budgets(kind: str, cfg, cal: dict) -> np.ndarray | None:
+def config_budgets(kind: str, cfg: ConceptConfig | DataConfig, cal: dict) -> np.ndarray | None:
     """The budgets the run will use (``None`` for ESD and for SISS without budgets)."""
     m = len(cal["step0"])
     if kind == "concept":
@@ -225,7 +234,8 @@ def budget_checks(cal: dict, budgets: np.ndarray | None) -> list[Check]:
     return checks
 
 
-def refusal_message(cal: dict, budgets, checks: list[Check], suggestions) -> str:
+def refusal_message(cal: dict, budgets: np.ndarray | None, checks: list[Check], suggestions: list[list[float]]) -> str:
+    """The refusal of the failed budget checks, with the suggested budgets (``""`` when none failed)."""
     bad = [c for c in checks if not c.passed and c.name.startswith("budget")]
     if not bad:
         return ""
@@ -240,11 +250,12 @@ def refusal_message(cal: dict, budgets, checks: list[Check], suggestions) -> str
     return "\n".join(lines)
 
 
-def on_gpu(cfg) -> bool:
+def on_gpu(cfg: ConceptConfig | DataConfig) -> bool:
+    """Whether the run would train on a GPU (one is there and the config does not ask for the CPU)."""
     return torch.cuda.is_available() and not cfg.train.cpu
 
 
-def calibrate(kind: str, cfg, draws: int = 0, batch: int = 0) -> tuple[dict, dict]:
+def calibrate(kind: str, cfg: ConceptConfig | DataConfig, draws: int = 0, batch: int = 0) -> tuple[dict, dict]:
     """Load like the run and calibrate: ``(calibration, counts)`` (full resolution, config's sampler
     steps; concept estimates from ``draws`` global batches of ``batch`` samples, by default 1 x min(config, 4)
     on CPU and 4 x the config's batch on a GPU)."""

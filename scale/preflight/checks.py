@@ -7,16 +7,23 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from theory.report import Check
+
+if TYPE_CHECKING:
+    from scale.concept import ConceptConfig
+    from scale.data import DataConfig
 
 #: deterministic (exact equality); CUDA kernels may reorder float sums
 RESUME_RTOL = {"cpu": 0.0, "cuda": 1e-3}
 
 
-def run_method(kind: str, cfg, **kw) -> dict:
+def run_method(kind: str, cfg: ConceptConfig | DataConfig, **kw: Any) -> dict:
+    """Run the unlearning method of ``kind`` (``scale.concept.run`` or ``scale.data.run``); its summary."""
     from scale import concept, data
 
     return (concept if kind == "concept" else data).run(cfg, **kw)
@@ -26,7 +33,7 @@ def metrics_rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def direction_check(rows: list[dict], lam0, lr_dual: float, upper=None, sum_max: float | None = None) -> Check:
+def direction_check(rows: list[dict], lam0: npt.ArrayLike, lr_dual: float, upper: npt.ArrayLike | None = None, sum_max: float | None = None) -> Check:
     """Every dual step moves each multiplier in the direction of its violation (``violation > 0``:
     up), except where the projection holds it on the boundary of the dual domain; with ``lr_dual = 0``
     the multipliers stay fixed."""
@@ -54,7 +61,7 @@ def direction_check(rows: list[dict], lam0, lr_dual: float, upper=None, sum_max:
                  "fixed" if lr_dual == 0 else "up when violated, down when slack (or on the boundary)", not bad)
 
 
-def initial_multipliers(kind: str, cfg, m: int, n: int) -> tuple[np.ndarray, float, np.ndarray | None, float | None]:
+def initial_multipliers(kind: str, cfg: ConceptConfig | DataConfig, m: int, n: int) -> tuple[np.ndarray, float, np.ndarray | None, float | None]:
     if kind == "concept":
         from scale.concept import initial_dual
 
@@ -67,7 +74,7 @@ def initial_multipliers(kind: str, cfg, m: int, n: int) -> tuple[np.ndarray, flo
     return np.full(m, cfg.siss_weight / n), 0.0, None, None
 
 
-def resume_check(kind: str, pcfg, out: Path, reference_rows: list[dict], device: str) -> Check:
+def resume_check(kind: str, pcfg: ConceptConfig | DataConfig, out: Path, reference_rows: list[dict], device: str) -> Check:
     """A run stopped after one step and resumed for two more reproduces the uninterrupted run's
     first three rows (loss, multipliers, constraint estimates)."""
     k = min(3, len(reference_rows))

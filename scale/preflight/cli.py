@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+
+import numpy as np
 
 from scale.preflight.calibration import calibrate, config_budgets, suggest_budgets
 from scale.preflight.config import KINDS, load_run_config
@@ -11,7 +14,9 @@ from scale.preflight.runner import PreflightOptions, preflight
 from theory.report import Section, render_table
 from toy.core.runs import jsonable
 
-def calibration_table(cal: dict, budgets, suggestions) -> str:
+def calibration_table(cal: dict, budgets: np.ndarray | None, suggestions: list[list[float]]) -> str:
+    """The calibration as a markdown table: per constraint its step-0 value, scale, achievable range,
+    budget and suggested budgets."""
     names = cal.get("concepts") or cal.get("forget") or []
     rows = [f"{cal['quantity']} ({cal['kind']}/{cal['method']})",
             "| constraint | step 0 +- se | scale +- se | achievable | budget | suggested |", "|---|---|---|---|---|---|"]
@@ -24,7 +29,7 @@ def calibration_table(cal: dict, budgets, suggestions) -> str:
     return "\n".join(rows)
 
 
-def main_preflight(args) -> int:
+def main_preflight(args: argparse.Namespace) -> int:
     opts = PreflightOptions(out=args.out or "runs/preflight", steps=args.steps, resolution=args.resolution,
                             batch=args.batch, sample_steps=args.sample_steps, processes=args.processes)
     section, record = preflight(args.config, args.set, opts, kind=args.kind)
@@ -37,7 +42,7 @@ def main_preflight(args) -> int:
     return 0 if section.passed else 1
 
 
-def main_calibrate(args) -> int:
+def main_calibrate(args: argparse.Namespace) -> int:
     kind, cfg = load_run_config(args.config, args.set, args.kind, placeholder_budgets=True)
     cal, _ = calibrate(kind, cfg, args.draws)
     budgets = config_budgets(kind, cfg, cal) if _has_budgets(args.config, args.set, kind) else None
@@ -58,7 +63,7 @@ def _has_budgets(config_file, overrides, kind) -> bool:
         return False
 
 
-def register(sub) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     """Add ``preflight`` and ``calibrate`` to the ``scale`` sub-commands."""
     for name, text in (("preflight", "check your own run before a GPU run: loading, budgets, N steps, resume, "
                                      "time and memory projection, pictures"),

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from theory.config import load_config
+
+if TYPE_CHECKING:
+    from scale.concept import ConceptConfig
+    from scale.data import DataConfig
 
 KINDS = ("concept", "data")
 
@@ -30,7 +35,7 @@ def detect_kind(config_file: str | None, overrides: list[str] | None = None) -> 
 
 
 def load_run_config(config_file: str | None, overrides: list[str] | None = None, kind: str | None = None,
-                    placeholder_budgets: bool = False):
+                    placeholder_budgets: bool = False) -> tuple[str, ConceptConfig | DataConfig]:
     """``(kind, cfg)``: the run's frozen config. ``placeholder_budgets`` (calibration for writing a
     config) fills in a budget where the config has none yet; it is never used."""
     from scale.concept import ConceptConfig

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-def unet_evals_per_step(kind: str, cfg, m_forget: int = 1) -> float:
+if TYPE_CHECKING:
+    from scale.concept import ConceptConfig
+    from scale.data import DataConfig
+
+def unet_evals_per_step(kind: str, cfg: ConceptConfig | DataConfig, m_forget: int = 1) -> float:
     """UNet image-evaluations of one optimizer step over all processes (a backward counted as two
     forwards). Concept: per image the on-policy chain (counted as ``S - 1`` steps: a micro-batch runs to
     its latest stop), ``1 + m`` reference evaluations and one trained forward + backward, the same again

@@ -28,10 +28,11 @@ class DigitClassifier(nn.Module):
         self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU())
         self.head = nn.Linear(64, 10)
 
-    def features(self, x):
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The 64-d penultimate layer (before the class head)."""
         return self.body(x.float())
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
@@ -62,11 +63,11 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, seed: int, steps: int = 1
 class DigitFeatures(nn.Module):
     """The classifier's 64-d penultimate layer, L2-normalised: the KID feature network."""
 
-    def __init__(self, clf):
+    def __init__(self, clf: DigitClassifier):
         super().__init__()
         self.clf = clf
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.normalize(self.clf.features(x), dim=1)
 
 

@@ -8,6 +8,8 @@ before/after comparisons (and the FU budgets against the after-unlearning losses
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
@@ -17,8 +19,15 @@ from scale.rehearse.digits import to_pixels
 from scale.sample import guided_eps_fn, sample_images
 from toy.core.seeding import derive_seed, seeded_generator
 
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
 
-def evaluate_concept(models, unet, clf, feat, x_real, y_real, cfg: RehearseConfig) -> dict:
+    from scale.models import ConceptModels
+    from scale.rehearse.digits import DigitClassifier
+
+
+def evaluate_concept(models: ConceptModels, unet: torch.nn.Module, clf: DigitClassifier, feat: torch.nn.Module,
+                     x_real: torch.Tensor, y_real: torch.Tensor, cfg: RehearseConfig) -> dict:
     """Generate ``eval_per_class`` images per digit prompt; classifier accuracy per class; KID of
     the retained classes' images against the real retained digits (classifier features)."""
     from scale.models import encode_prompts
@@ -50,7 +59,8 @@ def evaluate_concept(models, unet, clf, feat, x_real, y_real, cfg: RehearseConfi
             "kid_retained": kid_mean, "kid_retained_std": kid_std, "kid_retained_se": kid_se}
 
 
-def evaluate_ddpm(unet, scheduler, x_forget, x_retain, feat, cfg: RehearseConfig) -> dict:
+def evaluate_ddpm(unet: torch.nn.Module, scheduler: DDPMScheduler, x_forget: torch.Tensor, x_retain: torch.Tensor,
+                  feat: torch.nn.Module, cfg: RehearseConfig) -> dict:
     """Denoising losses on seeded systematic draws (``data_eval_draws`` per forget image, 64 per retained
     image; paired across models), nearest-neighbour distances of generated images, KID to the
     training images."""
@@ -72,7 +82,7 @@ def evaluate_ddpm(unet, scheduler, x_forget, x_retain, feat, cfg: RehearseConfig
     }
 
 
-def paired_forget_losses(unet, x_forget: torch.Tensor, alphas_cumprod: torch.Tensor, cfg: RehearseConfig) -> torch.Tensor:
+def paired_forget_losses(unet: torch.nn.Module, x_forget: torch.Tensor, alphas_cumprod: torch.Tensor, cfg: RehearseConfig) -> torch.Tensor:
     """The forget images' denoising losses on the ``data_eval_draws`` fixed draws of the stream
     ``ddpm-eval:forget-loss``, (draws, m): the same draws for every model (the pretrained one, whose
     losses set the FU budgets, and each unlearned one), so differences are paired."""
@@ -80,7 +90,7 @@ def paired_forget_losses(unet, x_forget: torch.Tensor, alphas_cumprod: torch.Ten
                              derive_seed(cfg.seed, "ddpm-eval:forget-loss"))
 
 
-def kid_standard_error(real: torch.Tensor, fake: torch.Tensor, feat, groups: int = 4, seed: int = 0) -> float:
+def kid_standard_error(real: torch.Tensor, fake: torch.Tensor, feat: torch.nn.Module, groups: int = 4, seed: int = 0) -> float:
     """Standard error of a KID estimate: both image sets are shuffled (seeded) and split into ``groups``
     disjoint equal groups; each group pair gives an independent unbiased MMD^2 (torchmetrics, the whole
     group as the one subset), and ``se = sd(group estimates) / sqrt(groups)``. For distributions that
@@ -98,7 +108,7 @@ def kid_standard_error(real: torch.Tensor, fake: torch.Tensor, feat, groups: int
     return float(np.std(est, ddof=1) / np.sqrt(groups))
 
 
-def fixed_draw_losses(unet, images: torch.Tensor, alphas_cumprod: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+def fixed_draw_losses(unet: torch.nn.Module, images: torch.Tensor, alphas_cumprod: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
     """Denoising loss of every image at ``draws`` seeded (timestep, noise) draws: (draws, N), float32.
 
     Timesteps are a systematic sample of the uniform law (``t_j = floor((u + j) T / draws) mod T``,
@@ -117,7 +127,8 @@ def fixed_draw_losses(unet, images: torch.Tensor, alphas_cumprod: torch.Tensor, 
                             alphas_cumprod).reshape(draws, n)
 
 
-def memorisation_gap(unet, alphas_cumprod, x_retain, x_heldout, draws: int, seed: int) -> dict:
+def memorisation_gap(unet: torch.nn.Module, alphas_cumprod: torch.Tensor, x_retain: torch.Tensor,
+                     x_heldout: torch.Tensor, draws: int, seed: int) -> dict:
     """``G = mean loss on held-out digits - mean loss on the retained training images`` (the
     pretrained DDPM's generalisation gap in denoising-loss units) and its standard error, from
     ``draws`` seeded draws per image (images are the sampling unit of the standard error; streams

@@ -16,7 +16,7 @@ from toy.core.diffusion import add_noise
 from toy.core.objectives import denoising_loss
 from toy.core.seeding import derive_seed, seeded_generator
 
-def lr_schedule(opt, kind: str, steps: int):
+def lr_schedule(opt: torch.optim.Optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """``"one_cycle"``: warm up over 5% of the steps, cosine decay to ~0. ``"wsd"`` (warmup-stable-decay):
     warm up over 5%, constant, linear decay to 0 over the last 30%. Cross-attention conditioning
     appears only after a plateau of a few hundred steps at the peak rate (docs/scale.md "Offline
@@ -55,7 +55,8 @@ def _pretrain(unet, x, eps_fn_cond, steps, batch, lr, scheduler, g: torch.Genera
     return unet
 
 
-def pretrain_concept_model(cfg: RehearseConfig, x, y, path: Path) -> None:
+def pretrain_concept_model(cfg: RehearseConfig, x: torch.Tensor, y: torch.Tensor, path: Path) -> None:
+    """Train the rehearsal's small text-to-image model on the digits ``x`` with labels ``y``; save it to ``path``."""
     pre = cfg.preset
     words = PROMPT.format(" ".join(str(i) for i in range(10))).split()
     tok = builders.build_word_tokenizer(words, model_max_length=pre["prompt_tokens"])

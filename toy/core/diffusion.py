@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from toy.core.hints import Floats
 
 
-def step_schedule(alphas_cumprod) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def step_schedule(alphas_cumprod: Floats) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(alpha_bar_t, alpha_t, beta_t)`` in float64 for t = 0..T-1, with ``alpha_t = ab_t / ab_{t-1}``
     (``ab_{-1} = 1``) and ``beta_t = 1 - alpha_t``: the per-step schedule of a (strided) chain."""
     ab = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
@@ -31,7 +32,8 @@ def reverse_step_kl_weights(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return beta / (2.0 * alpha * (1.0 - ab))
 
 
-def noised(x0: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator):
+def noised(x0: torch.Tensor, alphas_cumprod: torch.Tensor,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_t, t, z)`` for ``t`` uniform on 0..T-1 and standard normal ``z``: the forward process
     (eq. 23) in one draw, as denoising score matching uses it."""
     T = alphas_cumprod.shape[0]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from theory import PROBLEMS
+from toy.core.hints import Floats
 
 _LOWER_IS_FEASIBLE = {"reverse_kl": False, "forward_kl": False, "likelihood": True}
 
@@ -43,7 +44,7 @@ class DualDomain:
     sum_max: float | None = None
 
 
-def dual_domain(problem: str, m: int, *, n_train: int | None = None, upper=None,
+def dual_domain(problem: str, m: int, *, n_train: int | None = None, upper: Floats | None = None,
                 ru_sum_max: float = RU_SUM_MAX) -> DualDomain:
     """The dual domain of ``m`` constraints of ``problem``, in one place for every tier:
 
@@ -202,7 +203,7 @@ class DualUpdate:
         return new, v
 
 
-def dual_update(problem: str, budgets, lr_dual: float, upper=None, sum_max: float | None = None,
+def dual_update(problem: str, budgets: Floats, lr_dual: float, upper: Floats | float | None = None, sum_max: float | None = None,
                 max_lam: float = 1e6, violation_scale: str = "linear") -> DualUpdate:
     """The pieces of one problem's dual step from plain parameters (``upper`` broadcast to ``m``)."""
     budgets = torch.as_tensor(budgets, dtype=torch.float64).reshape(-1).clone()
@@ -245,11 +246,12 @@ class DualState:
     sum_max = property(lambda self: self.update.project.sum_max)
     max_lam = property(lambda self: self.update.max_lam)
 
-    def violation(self, measured, stderr=None) -> torch.Tensor:
+    def violation(self, measured: Floats, stderr: Floats | None = None) -> torch.Tensor:
         """The violation of ``measured`` (see ``Violation``)."""
         return self.update.violation(measured, stderr)
 
-    def step(self, measured, stderr=None) -> torch.Tensor:
+    def step(self, measured: Floats, stderr: Floats | None = None) -> torch.Tensor:
+        """One projected ascent step on the violation of ``measured``; returns the violation."""
         self.lam, v = self.update(self.lam, measured, stderr, self.steps)
         self.steps += 1
         return v
