@@ -4,7 +4,7 @@ to a terminal table). Each tier contributes ``Section`` objects; ``dualunlearn.v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,6 @@ def _ru_face_candidates(log_wq, r, b):
     """Candidate (value, P) pairs on one face for RU; r (m, k), b (m,). Yields feasible points only
     (plus they must satisfy every constraint of b)."""
     m, k = r.shape
-    lo = -logsumexp(log_wq)
     out = []
 
     def feasible(P, log_ratio):

@@ -197,7 +197,7 @@ class TiltedMixture:
                 raise ValueError(f"the {self.problem} tilt vanishes on the whole box at lam={self.lam.tolist()}")
             if boundary_log_mass(log_f, grid) < _BOUNDARY_LOG_TOL:
                 return grid, log_f
-            c, r = 0.5 * (lo + hi), 0.5 * (hi - lo)
+            r = 0.5 * (hi - lo)
             # widen towards where the mass is: recentre on the tilt's mean, then grow
             w = np.exp(log_f - log_f.max())
             mean = (w @ grid.nodes) / w.sum()
