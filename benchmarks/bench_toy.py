@@ -21,12 +21,13 @@ Targets: pretrain + unlearn < 60 s per problem; dual overhead < 5% of step time.
 ``--sweep``: the default sweep (3 problems x 3 budgets primal-dual, RU with both targets, plus ESD,
 SISS and RU dual-only; 15 members) trained as one ensemble (``toy.sweep.run_sweep``, including
 pretraining) against the same members run one at a time with ``toy.run.run`` (sharing one
-pretraining), in one process. Wall time and process CPU time are both printed: on a machine shared
-with other work the CPU time of this single-threaded process is what a quiet machine's wall time
-would be. ``--steps`` / ``--pretrain-steps`` shrink both sides alike.
+pretraining), in one process. The ensemble's members are split across worker processes, one per
+core (``toy.workers``; ``--workers 1``: all in this process). Wall time and CPU time (the workers'
+included) are both printed. ``--steps`` / ``--pretrain-steps`` shrink both sides alike; a roofline
+line closes the output (matmul FLOPs per step against the batched-matmul rate of this core).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_toy.py [--quick]
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_toy.py --sweep [--steps 3000] [--pretrain-steps 4000]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_toy.py --sweep [--steps 3000] [--pretrain-steps 4000] [--workers auto]
 """
 
 from __future__ import annotations
@@ -53,15 +54,23 @@ def _per_step_ms(out: Path) -> dict:
     return {k: 1e3 * float(np.mean(hist[f"{k}_seconds"])) for k in ("step", "pool", "estimate", "dual")}
 
 
-def bench_sweep(steps: int, pretrain_steps: int) -> None:
+def _children_cpu() -> float:
+    """CPU seconds of this process's finished child processes (the ensemble's workers)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def bench_sweep(steps: int, pretrain_steps: int, workers: int | str = "auto") -> None:
     """Ensemble vs one-at-a-time for the default sweep (see the module docstring)."""
     from toy.sweep import run_sweep, sweep_configs
 
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     base = override(ToyConfig(figure=False), {"train.steps": steps, "pretrain.steps": pretrain_steps})
-    w0, c0 = time.perf_counter(), time.process_time()
-    res = run_sweep(work / "ensemble", base, figure=False)
-    w_ens, c_ens = time.perf_counter() - w0, time.process_time() - c0
+    w0, c0, k0 = time.perf_counter(), time.process_time(), _children_cpu()
+    res = run_sweep(work / "ensemble", base, figure=False, workers=workers)
+    w_ens, c_ens = time.perf_counter() - w0, time.process_time() - c0 + _children_cpu() - k0  # with the workers
     q, _, _ = default_instance()
     w0, c0 = time.perf_counter(), time.process_time()
     pretrain_on_mixture(q, base, "pretrain", work / "pretrained.pt")
@@ -83,8 +92,12 @@ def bench_sweep(steps: int, pretrain_steps: int) -> None:
     # the ensemble's step split (each member's history holds an equal share of every ensemble step)
     from toy.core.runs import CheckpointStore
 
-    ck = CheckpointStore(work / "ensemble" / "ensemble-checkpoint").load()[0]
+    # one checkpoint per worker process (toy.workers); each member's history holds its share of its part's steps
+    cks = [CheckpointStore(d).load()[0] for d in sorted((work / "ensemble").glob("ensemble-checkpoint*"))]
+    ck = {"members": [m for c in cks for m in c["members"]]}
     tot = {k: 1e3 * sum(float(np.mean(m["hist"][f"{k}_seconds"])) for m in ck["members"]) for k in ("step", "pool", "dual")}
+    print(f"\nworker processes: {res['workers']} (each its part of the members, one thread; the step times below are "
+          f"summed over them)")
     print(f"ensemble step (ms, mean per step, all members): primal {tot['step']:.1f}, pool advances {tot['pool']:.2f}, "
           f"dual steps incl. estimates {tot['dual']:.2f} ({100 * tot['dual'] / tot['step']:.1f}% of the primal step; "
           f"the pools serve RU's on-policy x_0 as well, {100 * tot['pool'] / tot['step']:.1f}%)")
@@ -136,9 +149,9 @@ def _roofline(cfg: ToyConfig, ens_step_ms: float, seq_step_ms: float) -> None:
           f"the batched matmul ({M}, {B}, {H}) x ({M}, {H}, {H}) runs at {peak:.0f} GFLOP/s on "
           f"{torch.get_num_threads()} thread(s) here, so a step costs at least {gflop / peak * 1e3:.1f} ms of matmuls. "
           f"Measured: ensemble step {ens_step_ms:.1f} ms ({gflop / ens_step_ms * 1e3:.0f} GFLOP/s), the members one at a "
-          f"time {seq_step_ms:.1f} ms per step of all of them ({gflop / seq_step_ms * 1e3:.0f} GFLOP/s): no batching "
-          f"of the training steps can beat the one-at-a-time runs by more than {seq_step_ms / (gflop / peak * 1e3):.1f}x "
-          f"at this thread count.")
+          f"time {seq_step_ms:.1f} ms per step of all of them ({gflop / seq_step_ms * 1e3:.0f} GFLOP/s; the ensemble's "
+          f"figure is summed over its worker processes): on one core no batching of the training steps can beat the "
+          f"one-at-a-time runs by more than {seq_step_ms / (gflop / peak * 1e3):.1f}x; more only comes from more cores.")
 
 
 def bench_verify_busy(quick: bool) -> None:
@@ -183,6 +196,7 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="the default sweep as one ensemble vs one at a time")
     ap.add_argument("--steps", type=int, default=3000, help="--sweep: unlearning steps per member")
     ap.add_argument("--pretrain-steps", type=int, default=4000, help="--sweep: pretraining steps")
+    ap.add_argument("--workers", default="auto", help="--sweep: the ensemble's worker processes ('auto': one per core)")
     ap.add_argument("--verify-busy", action="store_true", help="dualunlearn verify quiet vs beside a busy process")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -190,7 +204,7 @@ def main() -> None:
         bench_verify_busy(args.quick)
         return
     if args.sweep:
-        bench_sweep(args.steps, args.pretrain_steps)
+        bench_sweep(args.steps, args.pretrain_steps, args.workers if args.workers == "auto" else int(args.workers))
         return
     work = Path(tempfile.mkdtemp(prefix="bench-toy-"))
     base = ToyConfig(figure=False)

@@ -72,7 +72,7 @@ def test_every_member_of_an_ensemble_reproduces_its_single_run(tmp_path, tiny_pr
                  **{"evaluation.surrogate_reference": False}, **kw) for i, kw in enumerate(MEMBERS)]
     singles = [run(c) for c in cfgs]
     hists = [CheckpointStore(tmp_path / f"single-{i}" / "checkpoint").load()[0]["hist"] for i in range(len(cfgs))]
-    ens = run_ensemble(cfgs, tmp_path / "ens")
+    ens = run_ensemble(cfgs, tmp_path / "ens", workers=1)
     ck = CheckpointStore(tmp_path / "ens" / "ensemble-checkpoint").load()[0]
     for i, (s, e, h) in enumerate(zip(singles, ens, hists)):
         he = ck["members"][i]["hist"]
@@ -239,3 +239,60 @@ def test_an_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path, t
         assert torch.equal(a.dual.lam, b.dual.lam)
     for (k, wa), wb in zip(net_full.state_dict().items(), net_cut.state_dict().values()):
         assert torch.equal(wa, wb), k
+
+
+def test_partition_balances_the_cost_and_keeps_every_member_once():
+    from toy.workers import member_cost, partition
+
+    costs = [5.0, 3.0, 3.0, 2.0, 2.0, 1.0]
+    parts = partition(costs, 2)
+    assert sorted(i for p in parts for i in p) == list(range(6)) and all(p == sorted(p) for p in parts)
+    assert sorted(sum(costs[i] for i in p) for p in parts) == [8.0, 8.0]
+    assert partition([1.0, 1.0, 1.0], 3) == [[0], [1], [2]]
+    with pytest.raises(ValueError, match="cannot split 2 members into 3"):
+        partition([1.0, 1.0], 3)
+    # a composed RU member costs a training pass plus the pretrained and forget forwards; FU trains on the forget rows too
+    ru, fu, lu = (member_cost(tiny(problem=p)) for p in ("reverse_kl", "forward_kl", "likelihood"))
+    assert ru == 5 * 64 and fu == 3 * (64 + 32) and lu == 3 * 64
+
+
+def test_members_split_across_worker_processes_equal_one_process_bitwise(tmp_path, tiny_pretrained):
+    """Three members in two spawned worker processes against the same three in this process: every
+    member's multipliers, histories and samples are bitwise equal (a member's arithmetic does not
+    depend on the members stacked beside it). The split is recorded and a rerun with another worker
+    count reuses it (resuming the parts' complete checkpoints: the same results again)."""
+    from toy.core.runs import CheckpointStore
+
+    cfgs = [tiny(pretrained=str(tiny_pretrained), **{"evaluation.surrogate_reference": False}, **kw) for kw in MEMBERS[:3]]
+    one = run_ensemble(cfgs, tmp_path / "one", threads=1, workers=1)
+    two = run_ensemble(cfgs, tmp_path / "two", threads=1, workers=2)
+    rec = json.loads((tmp_path / "two" / "workers.json").read_text())
+    assert rec["workers"] == 2 and sorted(i for p in rec["parts"] for i in p) == [0, 1, 2]
+    assert [s["workers"] for s in one] == [1, 1, 1] and [s["workers"] for s in two] == [2, 2, 2]
+    hist_one = CheckpointStore(tmp_path / "one" / "ensemble-checkpoint").load()[0]["members"]
+    hist_two = {}
+    for j, part in enumerate(rec["parts"]):
+        ck = CheckpointStore(tmp_path / "two" / f"ensemble-checkpoint-{j + 1}of2").load()[0]["members"]
+        hist_two.update({i: m["hist"] for i, m in zip(part, ck)})
+    for i in range(3):
+        assert hist_one[i]["hist"]["lam"] == hist_two[i]["lam"] and hist_one[i]["hist"]["measured"] == hist_two[i]["measured"]
+        a = np.load(tmp_path / "one" / f"member-{i:03d}" / "samples.npy")
+        b = np.load(tmp_path / "two" / f"member-{i:03d}" / "samples.npy")
+        assert np.array_equal(a, b), MEMBERS[i]
+        assert np.array_equal(np.asarray(one[i]["lam"]), np.asarray(two[i]["lam"]))
+    again = run_ensemble(cfgs, tmp_path / "two", threads=1, workers=1)
+    assert [s["workers"] for s in again] == [2, 2, 2]
+    for i in range(3):
+        assert np.array_equal(np.asarray(again[i]["lam"]), np.asarray(two[i]["lam"]))
+        assert again[i]["constraint_values"] == pytest.approx(two[i]["constraint_values"], rel=0, abs=0)
+
+
+def test_a_failing_worker_process_is_reported_with_its_error(tmp_path):
+    from toy.ensemble import train_part
+    from toy.workers import run_parts
+
+    cfgs = [tiny(problem=p) for p in ("forward_kl", "likelihood")]
+    with pytest.raises(RuntimeError, match=r"toy worker \d of 2 failed: FileNotFoundError"):
+        run_parts(train_part, cfgs, [[0], [1]], tmp_path, {0: str(tmp_path / "missing.pt")})
+    with pytest.raises(ValueError, match="workers must be 'auto' or a positive integer"):
+        run_ensemble(cfgs, tmp_path / "bad", workers=0)

@@ -18,7 +18,7 @@ import argparse
 import json
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from theory.config import load_config
 
@@ -71,24 +71,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sw.set_defaults(func=main_sweep)
 
 
-def _threads(value: str):
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"--threads must be 'auto' or a positive integer, got {value!r}")
-    return n
+def _positive_or_auto(flag: str) -> Callable[[str], int | str]:
+    def parse(value: str) -> int | str:
+        if value == "auto":
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be 'auto' or a positive integer, got {value!r}")
+        return n
+    return parse
 
 
 def _common(p, sweep: bool = False) -> None:
     p.add_argument("--no-check", action="store_true", help="exit 0 even when a check fails (the verdicts still print)")
     if sweep:
-        p.add_argument("--threads", type=_threads, default="auto",
-                       help="torch intra-op threads: 'auto' (default: the ensemble times 1..the available cores as it "
-                            "runs and keeps the fastest, following the machine's load) or a fixed count")
+        p.add_argument("--workers", type=_positive_or_auto("--workers"), default="auto",
+                       help="processes the members are split across, one thread each: 'auto' (default: one per "
+                            "available core) or a count; results do not depend on it")
+        p.add_argument("--threads", type=_positive_or_auto("--threads"), default="auto",
+                       help="torch intra-op threads of pretraining and of a one-process ensemble: 'auto' (default: "
+                            "times 1..the available cores as it runs and keeps the fastest, following the machine's "
+                            "load) or a fixed count")
     else:
         p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
 
@@ -170,7 +176,8 @@ def main_sweep(args: argparse.Namespace) -> int:
     torch_threads(base.threads)
     budgets = {args.problems[0]: list(args.budgets)} if args.budgets else None
     res = run_sweep(args.out, base, tuple(args.problems), budgets, tuple(range(args.seeds)),
-                    baselines=not args.no_baselines, progress=not args.no_progress, threads=args.threads)
+                    baselines=not args.no_baselines, progress=not args.no_progress, threads=args.threads,
+                    workers=args.workers)
     for r in res["records"]:
         v = r["verdict"]
         tol = r["lam_tolerance_interval"]

@@ -380,13 +380,18 @@ def evaluate_members(members: list[Prepared], net: StackedEpsMLP) -> list[dict]:
     return out
 
 
-def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False, threads: int | str = "auto") -> list[dict]:
+def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False, threads: int | str = "auto",
+                 workers: int | str = "auto") -> list[dict]:
     """Pretrain (one network per seed, together), train every config as one ensemble, evaluate
     each member into ``out_dir / member-{i}`` (its ``cfg.out`` is replaced). Returns the summaries
-    (each with ``threads_chosen``, the tuner's decisions). ``threads``: ``"auto"`` lets a
-    ``ThreadTuner`` choose among 1..the available cores by measurement as the run goes (stacked
-    members are large batched matmuls, faster on two threads on a quiet machine, slower beside a busy
-    process); an integer fixes the count."""
+    (each with ``workers``, and ``threads_chosen``: the tuner's decisions).
+
+    ``workers``: the members are split into that many parts of about equal cost, each trained as its
+    own stacked ensemble in a process of its own with one thread (``toy.workers``; ``"auto"``: one per
+    available core; results do not depend on the split). With one worker everything runs in this
+    process and ``threads`` applies: ``"auto"`` lets a ``ThreadTuner`` choose among 1..the available
+    cores by measurement as the run goes; an integer fixes the count. Pretraining runs here, with
+    ``threads``, before the split."""
     from toy.models import torch_threads
 
     if threads == "auto":
@@ -396,15 +401,18 @@ def run_ensemble(cfgs: list, out_dir: str | Path, progress: bool = False, thread
     else:
         raise ValueError(f"threads must be 'auto' or a positive integer, got {threads!r}")
     with torch_threads(n0):  # restores the caller's counts on exit
-        return _run_ensemble(cfgs, Path(out_dir), progress, tuner)
+        return _run_ensemble(cfgs, Path(out_dir), progress, tuner, workers)
 
 
-def _run_ensemble(cfgs: list, out_dir: Path, progress: bool, tuner: ThreadTuner | None) -> list[dict]:
-    from toy.models import torch_threads
-    from toy.pretrain import load_model
-    from toy.run import check_pretrained_meta, progress_bar
+def _run_ensemble(cfgs: list, out_dir: Path, progress: bool, tuner: ThreadTuner | None,
+                  workers: int | str) -> list[dict]:
+    from toy.run import progress_bar
+    from toy.workers import resolve_parts, run_parts
 
+    if not cfgs:
+        raise ValueError("an ensemble needs at least one member, got 0")
     out_dir.mkdir(parents=True, exist_ok=True)
+    parts = resolve_parts(cfgs, out_dir, workers)  # before anything is trained: fails fast on a bad value
     bar = progress_bar(progress)
     seeds = sorted({c.seed for c in cfgs})
     by_seed = {s: next(c for c in cfgs if c.seed == s) for s in seeds}
@@ -416,19 +424,39 @@ def _run_ensemble(cfgs: list, out_dir: Path, progress: bool, tuner: ThreadTuner 
         for c, p in zip(need, pretrain_ensemble(need, out_dir, b, tuner)):
             paths[c.seed] = str(p)
         b.close()
+    if len(parts) == 1:
+        b = bar(total=cfgs[0].train.total_steps, desc=f"ensemble of {len(cfgs)}")
+        summaries = train_part(list(enumerate(cfgs)), out_dir, paths, "ensemble-checkpoint", b, tuner)
+    else:
+        b = bar(total=cfgs[0].train.total_steps * len(parts),
+                desc=f"ensemble of {len(cfgs)} in {len(parts)} processes")
+        summaries = run_parts(train_part, cfgs, parts, out_dir, paths, b)
+    b.close()
+    for s in summaries:
+        s["workers"] = len(parts)
+    return summaries
+
+
+def train_part(items: list[tuple[int, ToyConfig]], out_dir: Path, paths: dict, checkpoint: str,
+               progress: tqdm | None, tuner: ThreadTuner | None) -> list[dict]:
+    """Members ``(i, cfg)`` (written to ``out_dir / member-{i:03d}``) trained as one ensemble, their
+    checkpoint ``out_dir / checkpoint``, the pretrained networks ``paths[seed]``; evaluated. Returns
+    their summaries in the order given. Runs in a worker process or in the caller's."""
+    from toy.models import torch_threads
+    from toy.pretrain import load_model
+    from toy.run import check_pretrained_meta
+
     frozen = {}
-    for s, p in paths.items():
-        f, meta = load_model(p)
-        check_pretrained_meta(meta, default_instance().q, by_seed[s])
+    for s in sorted({c.seed for _, c in items}):
+        f, meta = load_model(paths[s])
+        check_pretrained_meta(meta, default_instance().q, next(c for _, c in items if c.seed == s))
         frozen[s] = (f.eval().requires_grad_(False), meta)
     members = []
-    for i, c in enumerate(cfgs):
+    for i, c in items:
         m = prepare_member(replace(c, out=str(out_dir / f"member-{i:03d}"), pretrained=paths[c.seed]), *frozen[c.seed])
         RunDir(m.cfg.out, config_to_dict(m.cfg), m.cfg.seed)  # the resolved config, as a single run records it
         members.append(m)
-    b = bar(total=members[0].loop.total_steps, desc=f"ensemble of {len(members)}")
-    net = unlearn_ensemble(members, out_dir / "ensemble-checkpoint", b, tuner=tuner)
-    b.close()
+    net = unlearn_ensemble(members, out_dir / checkpoint, progress, tuner=tuner)
     chosen = [] if tuner is None else [{"phase": ph, "step": st, "threads": n, "median_seconds": med}
                                        for ph, st, n, med in tuner.history]
     # the evaluation: large sample batches, at the count the training settled on

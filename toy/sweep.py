@@ -114,10 +114,11 @@ def _reference_distance(summary: dict) -> tuple[str, str]:
 
 def run_sweep(out: str | Path, base: ToyConfig | None = None, problems: Sequence[str] = PROBLEMS,
               budgets: dict | None = None, seeds: Sequence[int] = (0,),
-              baselines: bool = True, progress: bool = False, figure: bool = True, threads: int | str = "auto") -> dict:
+              baselines: bool = True, progress: bool = False, figure: bool = True, threads: int | str = "auto",
+              workers: int | str = "auto") -> dict:
     """Train a sweep as one ensemble into ``out``; write ``sweep.json`` (and ``sweep.png``). Returns
-    ``{"records": [...], "seconds": ..., "passed": bool, "threads_chosen": [...]}`` (``threads``: see
-    ``toy.ensemble.run_ensemble``)."""
+    ``{"records": [...], "seconds": ..., "passed": bool, "workers": k, "threads_chosen": [...]}``
+    (``threads``, ``workers``: see ``toy.ensemble.run_ensemble``)."""
     from toy.ensemble import run_ensemble
     from toy.config import ToyConfig
 
@@ -125,12 +126,12 @@ def run_sweep(out: str | Path, base: ToyConfig | None = None, problems: Sequence
     base = replace(base or ToyConfig(), figure=False)
     out = Path(out)
     cfgs = sweep_configs(base, problems, budgets, seeds, baselines)
-    summaries = run_ensemble(cfgs, out, progress=progress, threads=threads)
+    summaries = run_ensemble(cfgs, out, progress=progress, threads=threads, workers=workers)
     records = [member_record(replace(c, out=s_out), s) for c, s, s_out in
                zip(cfgs, summaries, [str(out / f"member-{i:03d}") for i in range(len(cfgs))])]
     result = {"members": len(records), "seconds": time.perf_counter() - t0,
               "passed": all(r["verdict"]["passed"] for r in records), "records": records,
-              "threads": threads, "threads_chosen": summaries[0].get("threads_chosen", []) if summaries else [],
+              "workers": summaries[0]["workers"] if summaries else 0, "threads": threads, "threads_chosen": summaries[0].get("threads_chosen", []) if summaries else [],
               "config": {"steps": base.train.steps, "pretrain_steps": base.pretrain.steps, "hidden": base.model.hidden,
                          "seeds": list(seeds), "problems": list(problems)}}
     atomic_write_json(out / "sweep.json", result)

@@ -1,0 +1,154 @@
+"""An ensemble's members split across worker processes, one per core (docs/toy.md, "Workers").
+
+A stacked ensemble step is compute-bound (``benchmarks/bench_toy.py --sweep`` prints the roofline):
+two intra-op threads speed its batched matmuls up ~1.7x on a quiet 2-core machine but leave the rest
+of the step (the primal steps' draws and targets, the optimiser, Python) on one core, and beside a
+busy process the two threads wait on each other (``toy.threads``). Independent processes scale the
+whole step and never wait on each other: here the members are split into ``k`` parts of about equal
+cost (``partition``), each part trains as its own stacked ensemble in a spawned process with one
+thread (``toy.ensemble.train_part``, passed in: this module does not import the ensemble), and the parent only aggregates progress and results.
+
+A member's arithmetic does not depend on which other members share its stacked matmuls (every
+member's product, gradient and Adam update is its own), so the split changes no result: tested
+bitwise against one process. The split is recorded in ``out_dir/workers.json`` and reused on a rerun,
+so an interrupted run resumes from the same checkpoints (``ensemble-checkpoint-<j>of<k>``) whatever
+the core count then.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import queue as queue_mod
+import traceback
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from toy.core.files import atomic_write_json
+from toy.threads import available_cores
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from toy.config import ToyConfig
+
+WORKERS_FILE = "workers.json"
+
+
+def member_cost(cfg: ToyConfig) -> float:
+    """Relative per-step cost of a member: the rows its network is trained on (forward and backward,
+    3 units a row), plus one forward each of the pretrained and forget networks at a composed
+    target's rows."""
+    tr = cfg.train
+    rows = 3.0 * tr.batch
+    if cfg.problem == "forward_kl":
+        rows += 3.0 * tr.forget_batch
+    target = tr.target or ("reweighted" if cfg.problem == "likelihood" else "composed")
+    if cfg.problem != "forward_kl" and (target == "composed" or cfg.algorithm in ("esd", "dual_only")):
+        rows += 2.0 * tr.batch
+    return rows
+
+
+def partition(costs: list[float], k: int) -> list[list[int]]:
+    """Indices ``0..len(costs)-1`` in ``k`` parts of about equal total cost (longest first, each to
+    the least loaded part; ties by index), each part in index order; no part is empty."""
+    if k < 1 or int(k) != k:
+        raise ValueError(f"the number of parts must be a positive integer, got {k}")
+    if k > len(costs):
+        raise ValueError(f"cannot split {len(costs)} members into {k} non-empty parts")
+    parts: list[list[int]] = [[] for _ in range(k)]
+    load = [0.0] * k
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        j = min(range(k), key=lambda j: (load[j], j))
+        parts[j].append(i)
+        load[j] += costs[i]
+    return [sorted(p) for p in parts]
+
+
+def resolve_parts(cfgs: list[ToyConfig], out_dir: Path, workers: int | str) -> list[list[int]]:
+    """The split of ``cfgs`` for ``workers`` (``"auto"``: one part per available core, at most one per
+    member): the one recorded in ``out_dir/workers.json`` when that covers these members (a rerun
+    resumes the same parts), else a new ``partition``, recorded."""
+    if workers == "auto":
+        k = min(available_cores(), len(cfgs))
+    elif isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1:
+        k = min(workers, len(cfgs))
+    else:
+        raise ValueError(f"workers must be 'auto' or a positive integer, got {workers!r}")
+    path = Path(out_dir) / WORKERS_FILE
+    if path.exists():
+        rec = json.loads(path.read_text())
+        if sorted(i for p in rec["parts"] for i in p) == list(range(len(cfgs))):
+            return [list(p) for p in rec["parts"]]
+    parts = partition([member_cost(c) for c in cfgs], k)
+    atomic_write_json(path, {"workers": len(parts), "parts": parts})
+    return parts
+
+
+class _QueueProgress:
+    """The loop's progress contract (``update``, ``set_postfix``) sent to the parent's bar."""
+
+    def __init__(self, q: Any, part: int):
+        self.q, self.part = q, part
+
+    def update(self, n: int = 1) -> None:
+        self.q.put(("progress", self.part, n))
+
+    def set_postfix(self, *args: Any, **kw: Any) -> None:
+        pass
+
+
+def _part_main(q: Any, part: int, nparts: int, train: Callable, items: list, out_dir: str, paths: dict) -> None:
+    """A worker process: one thread, its part of the members trained and evaluated as one ensemble."""
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        res = train(items, Path(out_dir), paths, f"ensemble-checkpoint-{part + 1}of{nparts}", _QueueProgress(q, part), None)
+        q.put(("done", part, res))
+    except BaseException as e:  # noqa: BLE001 -- reported to the parent, which raises
+        q.put(("error", part, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def run_parts(train: Callable, cfgs: list[ToyConfig], parts: list[list[int]], out_dir: Path, paths: dict,
+              bar: tqdm | None = None) -> list[dict]:
+    """Train and evaluate every part in its own spawned process with ``train(items, out_dir, paths,
+    checkpoint_name, progress, tuner)`` (``toy.ensemble.train_part``: a module-level function, sent by
+    reference); returns the summaries in member order. A worker's exception is raised here with its traceback; on any exception (or Ctrl-C) the
+    workers are terminated (their checkpoints are atomic: a rerun resumes)."""
+    ctx = mp.get_context("spawn")  # no fork of a process holding torch's thread pools
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_part_main, args=(q, j, len(parts), train, [(i, cfgs[i]) for i in part], str(out_dir), paths),
+                         name=f"toy-worker-{j + 1}of{len(parts)}", daemon=True) for j, part in enumerate(parts)]
+    results: dict[int, list[dict]] = {}
+    try:
+        for p in procs:
+            p.start()
+        while len(results) < len(procs):
+            try:
+                kind, j, payload = q.get(timeout=0.5)
+            except queue_mod.Empty:
+                for j, p in enumerate(procs):
+                    if j not in results and not p.is_alive() and q.empty():
+                        raise RuntimeError(f"toy worker {j + 1} of {len(procs)} exited with code {p.exitcode} "
+                                           f"before reporting (killed? out of memory?)")
+                continue
+            if kind == "progress":
+                if bar is not None:
+                    bar.update(payload)
+            elif kind == "done":
+                results[j] = payload
+            else:
+                raise RuntimeError(f"toy worker {j + 1} of {len(procs)} failed: {payload}")
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    out: list[dict | None] = [None] * len(cfgs)
+    for j, part in enumerate(parts):
+        for i, s in zip(part, results[j]):
+            out[i] = s
+    return out  # type: ignore[return-value]
