@@ -296,3 +296,83 @@ def test_a_failing_worker_process_is_reported_with_its_error(tmp_path):
         run_parts(train_part, cfgs, [[0], [1]], tmp_path, {0: str(tmp_path / "missing.pt")})
     with pytest.raises(ValueError, match="workers must be 'auto' or a positive integer"):
         run_ensemble(cfgs, tmp_path / "bad", workers=0)
+
+
+def _children(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is ``pid`` (Linux /proc)."""
+    from pathlib import Path
+
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    from pathlib import Path
+
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_sweep_stops_its_workers_and_resumes_to_the_uninterrupted_result(tmp_path, tiny_pretrained):
+    """``toy sweep --workers 2`` SIGKILLed while both workers are parked at their second checkpoint:
+    the workers notice their parent is gone and exit (an orphan would go on training into the run
+    directory); the rerun, asked for one worker, reuses the recorded two parts, resumes their
+    checkpoints and ends with exactly the uninterrupted sweep's multipliers and constraint values."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dualunlearn.cli import main
+
+    over = [f"{k}={json.dumps(v) if not isinstance(v, bool) else str(v).lower()}" for k, v in TINY.items() if k != "figure"]
+    sets = sum((["--set", o] for o in over), []) + ["--set", f"pretrained={json.dumps(str(tiny_pretrained))}"]
+
+    def args(out: str, workers: int) -> list[str]:
+        return ["toy", "sweep", "--problems", "forward_kl", "--budgets", "2.5", "--out", str(tmp_path / out),
+                "--no-progress", "--no-check", "--threads", "1", "--workers", str(workers)] + sets
+
+    assert main(args("full", 2)) == 0
+    marker = tmp_path / "paused"
+    env = {**os.environ, "DUALUNLEARN_TEST_PAUSE": "checkpoint-manifest@2", "DUALUNLEARN_TEST_PAUSE_MARKER": str(marker)}
+    parent = subprocess.Popen([sys.executable, "-m", "dualunlearn"] + args("cut", 2), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        t0 = time.monotonic()
+        while not marker.exists():
+            assert parent.poll() is None, "the sweep ended before a worker reached its second checkpoint"
+            assert time.monotonic() - t0 < 240, "no worker reached its second checkpoint in 240 s"
+            time.sleep(0.1)
+        workers = _children(parent.pid)
+        assert len(workers) >= 2, workers  # the two workers (and the spawn resource tracker)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        t0 = time.monotonic()
+        while any(_alive(p) for p in workers) and time.monotonic() - t0 < 20:
+            time.sleep(0.2)
+        assert not [p for p in workers if _alive(p)], "workers outlived their killed parent"
+    finally:
+        for p in [parent.pid] + _children(parent.pid) + workers:  # no parked orphan outlives a failure
+            try:
+                os.kill(p, signal.SIGKILL)
+            except OSError:
+                pass
+    assert main(args("cut", 1)) == 0
+    full = json.loads((tmp_path / "full" / "sweep.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "sweep.json").read_text())
+    assert cut["workers"] == 2
+    for a, b in zip(full["records"], cut["records"]):
+        assert a["lam"] == b["lam"] and a["constraint_values"] == b["constraint_values"], (a["algorithm"], a["lam"], b["lam"])

@@ -98,11 +98,29 @@ class _QueueProgress:
         pass
 
 
+def _exit_with_parent(poll: float = 1.0) -> None:
+    """A daemon thread that ends this worker when its parent is gone (killed with SIGKILL, it cannot
+    stop its workers): an orphan would go on training into the run directory and hold its locks."""
+    import os
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _part_main(q: Any, part: int, nparts: int, train: Callable, items: list, out_dir: str, paths: dict) -> None:
     """A worker process: one thread, its part of the members trained and evaluated as one ensemble."""
     import torch
 
     torch.set_num_threads(1)
+    _exit_with_parent()
     try:
         res = train(items, Path(out_dir), paths, f"ensemble-checkpoint-{part + 1}of{nparts}", _QueueProgress(q, part), None)
         q.put(("done", part, res))
