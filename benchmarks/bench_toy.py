@@ -96,8 +96,10 @@ def bench_sweep(steps: int, pretrain_steps: int, workers: int | str = "auto") ->
     cks = [CheckpointStore(d).load()[0] for d in sorted((work / "ensemble").glob("ensemble-checkpoint*"))]
     ck = {"members": [m for c in cks for m in c["members"]]}
     tot = {k: 1e3 * sum(float(np.mean(m["hist"][f"{k}_seconds"])) for m in ck["members"]) for k in ("step", "pool", "dual")}
+    parts = {tuple(sorted(r["worker"].items())) for r in res["records"] if r.get("worker")}
     print(f"\nworker processes: {res['workers']} (each its part of the members, one thread; the step times below are "
-          f"summed over them)")
+          f"summed over them)" + "".join(f"; part {dict(p)['part']}: {dict(p)['members']} members, {dict(p)['seconds']:.1f} s"
+                                         for p in sorted(parts)))
     print(f"ensemble step (ms, mean per step, all members): primal {tot['step']:.1f}, pool advances {tot['pool']:.2f}, "
           f"dual steps incl. estimates {tot['dual']:.2f} ({100 * tot['dual'] / tot['step']:.1f}% of the primal step; "
           f"the pools serve RU's on-policy x_0 as well, {100 * tot['pool'] / tot['step']:.1f}%)")

@@ -98,7 +98,7 @@ def member_record(cfg: ToyConfig, summary: dict) -> dict:
         "pretrained_distance_to_q": summary.get("pretrained_distance_to_q"),
         "checks": [{"name": c.name, "measured": c.measured, "expected": c.expected, "passed": c.passed} for c in checks],
         "verdict": {"passed": not failed, "failed": failed},
-        "out": cfg.out,
+        "out": cfg.out, "worker": summary.get("worker"),
     }
 
 

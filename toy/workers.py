@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import queue as queue_mod
+import time
 import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -103,7 +104,6 @@ def _exit_with_parent(poll: float = 1.0) -> None:
     stop its workers): an orphan would go on training into the run directory and hold its locks."""
     import os
     import threading
-    import time
 
     parent = os.getppid()
 
@@ -122,7 +122,11 @@ def _part_main(q: Any, part: int, nparts: int, train: Callable, items: list, out
     torch.set_num_threads(1)
     _exit_with_parent()
     try:
+        t0 = time.perf_counter()
         res = train(items, Path(out_dir), paths, f"ensemble-checkpoint-{part + 1}of{nparts}", _QueueProgress(q, part), None)
+        took = time.perf_counter() - t0
+        for r in res:  # which part trained the member, and how long the part took (training and evaluation)
+            r["worker"] = {"part": part + 1, "of": nparts, "members": len(items), "seconds": took}
         q.put(("done", part, res))
     except BaseException as e:  # noqa: BLE001 -- reported to the parent, which raises
         q.put(("error", part, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
