@@ -249,11 +249,18 @@ def test_partition_balances_the_cost_and_keeps_every_member_once():
     assert sorted(i for p in parts for i in p) == list(range(6)) and all(p == sorted(p) for p in parts)
     assert sorted(sum(costs[i] for i in p) for p in parts) == [8.0, 8.0]
     assert partition([1.0, 1.0, 1.0], 3) == [[0], [1], [2]]
+    # the default sweep's 15 members in two parts: longest-first alone leaves them 10% apart, the swaps level them
+    from toy.sweep import sweep_configs
+
+    c = [member_cost(x) for x in sweep_configs(ToyConfig())]
+    loads = [sum(c[i] for i in p) for p in partition(c, 2)]
+    assert max(loads) <= 1.03 * sum(c) / 2, loads
     with pytest.raises(ValueError, match="cannot split 2 members into 3"):
         partition([1.0, 1.0], 3)
-    # a composed RU member costs a training pass plus the pretrained and forget forwards; FU trains on the forget rows too
+    # a fixed share plus a training pass; a composed RU member adds the pretrained and forget forwards,
+    # FU trains on the forget rows too
     ru, fu, lu = (member_cost(tiny(problem=p)) for p in ("reverse_kl", "forward_kl", "likelihood"))
-    assert ru == 5 * 64 and fu == 3 * (64 + 32) and lu == 3 * 64
+    assert ru == 5 * 64 + 5 * 64 and fu == 5 * 64 + 3 * (64 + 32) and lu == 5 * 64 + 3 * 64
 
 
 def test_members_split_across_worker_processes_equal_one_process_bitwise(tmp_path, tiny_pretrained):
