@@ -15,6 +15,9 @@ advance in the same optimiser step (docs/toy.md, "Ensembles").
   Adam being elementwise, its update) is its own. The networks' evaluations (training rows, composed
   targets, pool advances) are batched across members.
 
+- ``run_ensemble``: pretraining here, then the members split across worker processes, one per core
+  (``toy.workers``; each part is trained by ``train_part``), or all of them in this process.
+
 A one-member ensemble reproduces ``toy.run.run`` to float rounding (the batched matmul sums in
 another order than ``nn.Linear``; tested on the lam trajectory and the final weights).
 """
