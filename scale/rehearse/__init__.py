@@ -15,7 +15,7 @@ scikit-learn (the 1,797 handwritten 8x8 digits).
 
 ``size="tiny"`` (the default test) takes about 4 minutes on one CPU thread, pretraining included;
 ``size="quick"`` several minutes more (pretraining 1,500 steps is most of it; with cached pretrained
-models RU / LU / ESD take about 1.5 minutes each); ``size="full"`` is the quality run.
+models RU / LU / ESD together take 1 to 2 minutes); ``size="full"`` is the quality run.
 
 Modules: ``config`` (presets, ``RehearseConfig``), ``digits`` (data, classifier), ``pretrain`` (the
 two models from scratch), ``evaluation`` (before/after measurements), ``report`` (``report.md``,
