@@ -93,7 +93,9 @@ def bench_sweep(steps: int, pretrain_steps: int, workers: int | str = "auto") ->
     from toy.core.runs import CheckpointStore
 
     # one checkpoint per worker process (toy.workers); each member's history holds its share of its part's steps
-    cks = [CheckpointStore(d).load()[0] for d in sorted((work / "ensemble").glob("ensemble-checkpoint*"))]
+    k = res["workers"]
+    names = ["ensemble-checkpoint"] if k == 1 else [f"ensemble-checkpoint-{j + 1}of{k}" for j in range(k)]
+    cks = [CheckpointStore(work / "ensemble" / n).load()[0] for n in names]
     ck = {"members": [m for c in cks for m in c["members"]]}
     tot = {k: 1e3 * sum(float(np.mean(m["hist"][f"{k}_seconds"])) for m in ck["members"]) for k in ("step", "pool", "dual")}
     parts = {tuple(sorted(r["worker"].items())) for r in res["records"] if r.get("worker")}
