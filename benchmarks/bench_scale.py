@@ -6,7 +6,11 @@ structure, narrow channels, small images).
 Rows, all in one run and on the same device:
 - SD ``plain``: a diffusers LoRA fine-tuning step (denoising loss on random latents and a prompt;
   accumulated over ``--micro-batch`` chunks like the engine's steps);
-- SD ``esd``: ESD-x (RU at a fixed multiplier) through ``scale.concept.run``;
+- SD ``esd``: ESD-x (RU at a fixed multiplier) through ``scale.concept.run``, on RU's states (the
+  on-policy ancestral chains, ``esd_sampler="ancestral"``: the same draws and forwards as RU);
+- SD ``esd_published``: ESD with its published states (DDIM with classifier-free guidance 3 on 50
+  steps, stopped at a random step, ``esd_sampler="ddim_cfg"``, the concept runs' default): up to 100
+  more UNet forwards per step;
 - SD ``reverse_kl``: RU primal-dual through ``scale.concept.run`` (same step + KL estimate + dual step);
 - DDPM ``plain``: full fine-tuning step; ``siss``: FU at a fixed weight (SISS, project form);
   ``forward_kl``: FU primal-dual; ``siss_published``: SISS as published (keep set, NegGrad rescaled: one
@@ -160,8 +164,12 @@ def engine_step_times(kind: str, method: str, path: Path, out: Path, args) -> li
         from scale.concept import ConceptConfig, run
 
         with figures.disabled():  # the benchmark times steps; no sample grids
-            run(ConceptConfig(model=str(path), out=str(out), method=method, concepts=("a photo of a cat",),
-                              budgets=(1.0,), sample_steps=args.sample_steps, train=train))
+            # the baseline ESD draws RU's states (the same on-policy ancestral chains), so that
+            # reverse_kl vs esd isolates the dual machinery; esd_published: ESD's own DDIM + CFG states
+            sampler = "ddim_cfg" if method == "esd_published" else "ancestral"
+            run(ConceptConfig(model=str(path), out=str(out), method=method.replace("_published", ""),
+                              concepts=("a photo of a cat",), budgets=(1.0,), sample_steps=args.sample_steps,
+                              esd_sampler=sampler, train=train))
     else:
         from scale.data import DataConfig, run
 
@@ -218,7 +226,7 @@ def main(argv=None) -> int:
         plan = []
         if args.only in ("sd", "both"):
             build_sd(wd / "sd", args.size)
-            plan += [("sd", "plain"), ("sd", "esd"), ("sd", "reverse_kl")]
+            plan += [("sd", "plain"), ("sd", "esd"), ("sd", "reverse_kl"), ("sd", "esd_published")]
         if args.only in ("ddpm", "both"):
             (wd / "ddpm").mkdir()
             build_ddpm(wd / "ddpm", args.size)
