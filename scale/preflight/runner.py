@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import json
 import math
 import shutil
@@ -81,8 +83,9 @@ def preflight(config_file: str | None, overrides: list[str] | None = None, opts:
 
     t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    import accelerate, diffusers, matplotlib.pyplot, peft, transformers  # noqa: F401,E401 -- in the base memory
-    from scale import concept, data, figures  # noqa: F401
+    for name in ("accelerate", "diffusers", "matplotlib.pyplot", "peft", "transformers",
+                 "scale.concept", "scale.data", "scale.figures"):
+        importlib.import_module(name)  # loaded before the base memory is read: they are not a step's cost
     mem_base = PeakMemory.current(device)
     kind, cfg = load_run_config(config_file, overrides, kind)
     out = Path(opts.out)
