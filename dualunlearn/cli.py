@@ -41,15 +41,21 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def _resume_command(argv: list[str]) -> str:
+def _resume_command(argv: list[str], takes_resume: bool = True) -> str:
     """The command line that continues an interrupted run: the same, with ``--resume`` instead of
-    ``--overwrite``."""
+    ``--overwrite`` where the command has that flag (``toy sweep`` resumes its checkpoints by itself:
+    the same command line)."""
     import shlex
 
     args = [a for a in argv if a != "--overwrite"]
-    if "--resume" not in args:
+    if takes_resume and "--resume" not in args:
         args.append("--resume")
     return shlex.join(["dualunlearn", *args])
+
+
+def _takes_resume(args: argparse.Namespace) -> bool:
+    """Whether the command continues a run with ``--resume`` (a sweep resumes by itself)."""
+    return hasattr(args, "resume") and not getattr(args, "resumes_itself", False)
 
 
 def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace, argv: list[str]) -> int:
@@ -65,7 +71,8 @@ def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         where = f"{out} keeps its last checkpoint; " if out else ""
-        print(f"dualunlearn: interrupted; {where}to continue: {_resume_command(argv)}", file=sys.stderr)
+        print(f"dualunlearn: interrupted; {where}to continue: {_resume_command(argv, _takes_resume(args))}",
+              file=sys.stderr)
         return 130
     except FloatingPointError as exc:
         print(f"dualunlearn: diverged: {_one_line(exc)}", file=sys.stderr)

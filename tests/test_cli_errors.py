@@ -275,3 +275,57 @@ def test_ctrl_c_stops_a_real_run_cleanly_and_the_printed_command_resumes_it(tmp_
     assert code == 0, err
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(TOY_SET["train.steps"] + round(0.1 * TOY_SET["train.steps"])))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="process groups and /proc")
+def test_ctrl_c_stops_a_sweep_and_its_workers_and_the_printed_command_finishes_it(tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while ``toy sweep``'s two worker
+    processes are parked at a checkpoint: exit 130 with one line naming the command that continues
+    (the same command: a sweep resumes by itself, it has no ``--resume``), no worker left running;
+    that command then finishes the sweep."""
+    from pathlib import Path
+
+    out = tmp_path / "sweep"
+    marker = tmp_path / "paused"
+    argv = ["toy", "sweep", "--problems", "forward_kl", "--budgets", "2.5", "--no-progress", "--no-check",
+            "--workers", "2", "--threads", "1", "--out", str(out),
+            *sum((["--set", f"{k}={json.dumps(v)}"] for k, v in TOY_SET.items()), [])]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "DUALUNLEARN_TEST_PAUSE": "checkpoint-manifest@2", "DUALUNLEARN_TEST_PAUSE_MARKER": str(marker)}
+    proc = subprocess.Popen([sys.executable, "-m", "dualunlearn.cli", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def group() -> list[int]:  # live members of the sweep's process group
+        pids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(f[3]) == proc.pid and f[0] != "Z":
+                    pids.append(int(d.name))
+        return pids
+
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert marker.exists(), proc.communicate(timeout=10)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 20
+        while group() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert group() == [], "a worker outlived the interrupted sweep"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for p in group():
+            os.kill(p, signal.SIGKILL)
+    line = _assert_one_line(err, proc.returncode, 130, f"interrupted; {out} keeps its last checkpoint")
+    command = shlex.split(line.split("to continue: ", 1)[1])
+    assert command[0] == "dualunlearn" and command[1:] == argv
+    code, _, err = _run_cli(command[1:])
+    assert code == 0, err
+    assert json.loads((out / "sweep.json").read_text())["workers"] == 2

@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sw.add_argument("--out", required=True, help="output directory (sweep.json, sweep.png, member-*/)")
     sw.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(sw, sweep=True)
-    sw.set_defaults(func=main_sweep)
+    sw.set_defaults(func=main_sweep, resumes_itself=True)  # rerunning the same command continues it
 
 
 def _positive_or_auto(flag: str) -> Callable[[str], int | str]:
