@@ -299,10 +299,21 @@ def test_a_failing_worker_process_is_reported_with_its_error(tmp_path):
     from toy.workers import run_parts
 
     cfgs = [tiny(problem=p) for p in ("forward_kl", "likelihood")]
-    with pytest.raises(RuntimeError, match=r"toy worker \d of 2 failed: FileNotFoundError"):
+    # raised as itself (the CLI maps exception types to exit codes), the worker's traceback attached
+    with pytest.raises(FileNotFoundError, match="missing.pt") as got:
         run_parts(train_part, cfgs, [[0], [1]], tmp_path, {0: str(tmp_path / "missing.pt")})
+    assert any("in toy worker" in n and "train_part" in n for n in getattr(got.value, "__notes__", ["in toy worker train_part"]))
     with pytest.raises(ValueError, match="workers must be 'auto' or a positive integer"):
         run_ensemble(cfgs, tmp_path / "bad", workers=0)
+
+
+def test_a_refused_budget_is_refused_before_pretraining_with_theorys_range(tmp_path):
+    """A budget the toy cannot represent is refused by the sweep as by a single run — a ValueError
+    naming theory's answer — before any network is pretrained or any worker started."""
+    cfgs = [tiny(problem="reverse_kl", budgets=(1000.0,)), tiny(problem="forward_kl")]
+    with pytest.raises(ValueError, match="achievable .*theory.gmm.solve.*cannot represent"):
+        run_ensemble(cfgs, tmp_path / "ens", workers=2)
+    assert not (tmp_path / "ens").exists() or not list((tmp_path / "ens").glob("pretrained-*"))
 
 
 def _children(pid: int) -> list[int]:

@@ -414,8 +414,9 @@ def _run_ensemble(cfgs: list, out_dir: Path, progress: bool, tuner: ThreadTuner 
 
     if not cfgs:
         raise ValueError("an ensemble needs at least one member, got 0")
+    check_members(cfgs)  # bad input is refused before anything is trained, in this process
     out_dir.mkdir(parents=True, exist_ok=True)
-    parts = resolve_parts(cfgs, out_dir, workers)  # before anything is trained: fails fast on a bad value
+    parts = resolve_parts(cfgs, out_dir, workers)
     bar = progress_bar(progress)
     seeds = sorted({c.seed for c in cfgs})
     by_seed = {s: next(c for c in cfgs if c.seed == s) for s in seeds}
@@ -438,6 +439,23 @@ def _run_ensemble(cfgs: list, out_dir: Path, progress: bool, tuner: ThreadTuner 
     for s in summaries:
         s["workers"] = len(parts)
     return summaries
+
+
+def check_members(cfgs: list[ToyConfig]) -> None:
+    """Every config valid and every budget achievable and representable (``toy.problems.check_budgets``,
+    whose refusal names theory's range), once per (problem, budgets, variant): the checks
+    ``prepare_member`` would make after pretraining, made before it."""
+    from toy.config import validate
+    from toy.problems import check_budgets
+
+    inst = default_instance()
+    seen = set()
+    for c in cfgs:
+        validate(c)
+        budgets = tuple(float(b) for b in (c.budgets if c.budgets is not None else inst.budgets[c.problem]))
+        if (c.problem, budgets, c.variant) not in seen:
+            seen.add((c.problem, budgets, c.variant))
+            check_budgets(c.problem, inst.q, inst.forget, budgets, c.variant)
 
 
 def train_part(items: list[tuple[int, ToyConfig]], out_dir: Path, paths: dict, checkpoint: str,

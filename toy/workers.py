@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import pickle
 import queue as queue_mod
 import time
 import traceback
@@ -157,16 +158,22 @@ def _part_main(q: Any, part: int, nparts: int, train: Callable, items: list, out
         for r in res:  # which part trained the member, and how long the part took (training and evaluation)
             r["worker"] = {"part": part + 1, "of": nparts, "members": len(items), "seconds": took}
         q.put(("done", part, res))
-    except BaseException as e:  # noqa: BLE001 -- reported to the parent, which raises
-        q.put(("error", part, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    except BaseException as e:  # noqa: BLE001 -- reported to the parent, which raises it
+        text = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+        try:
+            pickle.dumps(e)
+        except Exception:  # noqa: BLE001 -- an exception that cannot travel: its text does
+            e = None
+        q.put(("error", part, (e, text)))
 
 
 def run_parts(train: Callable, cfgs: list[ToyConfig], parts: list[list[int]], out_dir: Path, paths: dict,
               bar: tqdm | None = None) -> list[dict]:
     """Train and evaluate every part in its own spawned process with ``train(items, out_dir, paths,
     checkpoint_name, progress, tuner)`` (``toy.ensemble.train_part``: a module-level function, sent by
-    reference); returns the summaries in member order. A worker's exception is raised here with its traceback; on any exception (or Ctrl-C) the
-    workers are terminated (their checkpoints are atomic: a rerun resumes)."""
+    reference); returns the summaries in member order. A worker's exception is raised here as
+    itself (its traceback attached as a note; one that cannot be pickled as a ``RuntimeError`` with
+    its text); on any exception (or Ctrl-C) the workers are terminated (their checkpoints are atomic: a rerun resumes)."""
     ctx = mp.get_context("spawn")  # no fork of a process holding torch's thread pools
     q = ctx.Queue()
     procs = [ctx.Process(target=_part_main, args=(q, j, len(parts), train, [(i, cfgs[i]) for i in part], str(out_dir), paths),
@@ -190,7 +197,14 @@ def run_parts(train: Callable, cfgs: list[ToyConfig], parts: list[list[int]], ou
             elif kind == "done":
                 results[j] = payload
             else:
-                raise RuntimeError(f"toy worker {j + 1} of {len(procs)} failed: {payload}")
+                exc, text = payload
+                if exc is None:
+                    raise RuntimeError(f"toy worker {j + 1} of {len(procs)} failed: {text}")
+                # the worker's own exception (a refused budget stays a ValueError, Ctrl-C a
+                # KeyboardInterrupt: the CLI's exit codes hold), its traceback as a note
+                if hasattr(exc, "add_note"):  # Python >= 3.11
+                    exc.add_note(f"in toy worker {j + 1} of {len(procs)}:\n{text}")
+                raise exc
         for p in procs:
             p.join()
     finally:
