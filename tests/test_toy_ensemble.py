@@ -242,25 +242,32 @@ def test_an_interrupted_ensemble_resumes_to_the_uninterrupted_result(tmp_path, t
 
 
 def test_partition_balances_the_cost_and_keeps_every_member_once():
-    from toy.workers import member_cost, partition
+    from toy.sweep import sweep_configs
+    from toy.workers import member_cost, partition, reference_cost, step_cost
 
     costs = [5.0, 3.0, 3.0, 2.0, 2.0, 1.0]
     parts = partition(costs, 2)
     assert sorted(i for p in parts for i in p) == list(range(6)) and all(p == sorted(p) for p in parts)
     assert sorted(sum(costs[i] for i in p) for p in parts) == [8.0, 8.0]
     assert partition([1.0, 1.0, 1.0], 3) == [[0], [1], [2]]
-    # the default sweep's 15 members in two parts: longest-first alone leaves them 10% apart, the swaps level them
-    from toy.sweep import sweep_configs
-
-    c = [member_cost(x) for x in sweep_configs(ToyConfig())]
-    loads = [sum(c[i] for i in p) for p in partition(c, 2)]
-    assert max(loads) <= 1.03 * sum(c) / 2, loads
     with pytest.raises(ValueError, match="cannot split 2 members into 3"):
         partition([1.0, 1.0], 3)
-    # a fixed share plus a training pass; a composed RU member adds the pretrained and forget forwards,
-    # FU trains on the forget rows too
-    ru, fu, lu = (member_cost(tiny(problem=p)) for p in ("reverse_kl", "forward_kl", "likelihood"))
+    # shared work counts once per part: two members sharing a large reference stay together
+    # (apart, each part pays the reference: costs 17 and 17; together 12 and 12)
+    shared = [(("a",), 10.0), (("a",), 10.0), (("b",), 0.0), (("b",), 0.0)]
+    assert sorted(partition([1.0, 1.0, 6.0, 6.0], 2, shared)) == [[0, 1], [2, 3]]
+    # a fixed share plus a training pass per step; a composed RU member adds the pretrained and forget
+    # forwards, FU trains on the forget rows too
+    ru, fu, lu = (step_cost(tiny(problem=p)) for p in ("reverse_kl", "forward_kl", "likelihood"))
     assert ru == 5 * 64 + 5 * 64 and fu == 5 * 64 + 3 * (64 + 32) and lu == 5 * 64 + 3 * 64
+    c = tiny(problem="likelihood")  # 40 + 4 settling steps, LU's 400 constraint chains, 2 x 200 eval chains of 100 steps
+    assert member_cost(c) == 44 * lu + 100 * 400 + 2 * 100 * 200
+    assert reference_cost(c) == (("likelihood", 0, "likelihood"), 5 * 100 * 400)
+    # the default sweep's 15 members in two parts of about equal cost, each reference counted once per part
+    cfgs = sweep_configs(ToyConfig())
+    m, sh = [member_cost(x) for x in cfgs], [reference_cost(x) for x in cfgs]
+    loads = [sum(m[i] for i in p) + sum(dict(sh[i] for i in p).values()) for p in partition(m, 2, sh)]
+    assert max(loads) <= 1.03 * (sum(m) + sum(dict(sh).values())) / 2, loads
 
 
 def test_members_split_across_worker_processes_equal_one_process_bitwise(tmp_path, tiny_pretrained):

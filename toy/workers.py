@@ -37,13 +37,14 @@ if TYPE_CHECKING:
 WORKERS_FILE = "workers.json"
 
 
-def member_cost(cfg: ToyConfig) -> float:
-    """Relative per-step cost of a member, in rows of network evaluation: the rows it is trained on
-    (forward and backward, 3 units a row), one forward each of the pretrained and forget networks at
-    a composed target's rows, and a fixed share of 5 x batch for the rest of its step (the primal
-    step's draws and exact targets, pools, dual, loop). Fitted to one-member steps at the default
-    size, one thread: RU composed 2.98 ms, ESD 2.91, dual-only 2.89, FU 2.90, SISS 2.80, RU
-    reweighted 2.57, LU 2.40 (this model: 3.0, 3.0, 3.0, 2.85, 2.85, 2.4, 2.4 on the same scale)."""
+def step_cost(cfg: ToyConfig) -> float:
+    """Relative cost of one training step of a member, in rows of network evaluation: the rows it is
+    trained on (forward and backward, 3 units a row), one forward each of the pretrained and forget
+    networks at a composed target's rows, and a fixed share of 5 x batch for the rest of its step
+    (the primal step's draws and exact targets, pools, dual, loop). Fitted to one-member steps at
+    the default size, one thread: RU composed 2.98 ms, ESD 2.91, dual-only 2.89, FU 2.90, SISS 2.80,
+    RU reweighted 2.57, LU 2.40 (this model: 3.0, 3.0, 3.0, 2.85, 2.85, 2.4, 2.4 on the same scale;
+    a unit is ~0.6 us on that core)."""
     tr = cfg.train
     rows = 5.0 * tr.batch + 3.0 * tr.batch
     if cfg.problem == "forward_kl":
@@ -54,45 +55,75 @@ def member_cost(cfg: ToyConfig) -> float:
     return rows
 
 
-def partition(costs: list[float], k: int) -> list[list[int]]:
-    """Indices ``0..len(costs)-1`` in ``k`` parts of about equal total cost (longest first, each to
-    the least loaded part, ties by index; then improving swaps), each part in index order; no part is
-    empty."""
+def _constraint_rows(cfg: ToyConfig) -> float:
+    """Rows of the end-of-run constraint estimate (``toy.evaluation.final_constraints``): LU samples
+    ``n_constraint`` chains of T steps, RU runs ``n_constraint / 5`` with the forget network beside
+    the model, FU evaluates ``n_constraint`` forget draws once."""
+    T, n = cfg.diffusion.num_timesteps, cfg.evaluation.n_constraint
+    return {"likelihood": T * n, "reverse_kl": 2.0 * T * (n // 5)}.get(cfg.problem, float(n))
+
+
+def member_cost(cfg: ToyConfig) -> float:
+    """A member's whole cost in ``step_cost``'s units: its training steps, its end-of-run constraint
+    estimate and its evaluation samples (``n_eval`` chains of T steps: the model's, and the reference
+    law's, and for a composed RU target the frozen network's composed chain)."""
+    T, n_eval = cfg.diffusion.num_timesteps, cfg.evaluation.n_eval
+    chains = 3 if cfg.problem == "reverse_kl" and (cfg.train.target or "composed") == "composed" else 2
+    return cfg.train.total_steps * step_cost(cfg) + _constraint_rows(cfg) + chains * T * n_eval
+
+
+def reference_cost(cfg: ToyConfig) -> tuple[tuple, float]:
+    """The reference estimates an ensemble computes once per (problem, seed) and shares among the
+    members of a part (``toy.evaluation.evaluate``'s cache: the constraint estimator on the
+    pretrained network and on exact scores, 4x the samples each; measured 5x the member's own
+    estimate): ``(key, cost)``."""
+    return (cfg.problem, cfg.seed, cfg.variant), 5.0 * _constraint_rows(cfg)
+
+
+def partition(costs: list[float], k: int, shared: list[tuple[tuple, float]] | None = None) -> list[list[int]]:
+    """Indices ``0..len(costs)-1`` in ``k`` parts of about equal cost, each part in index order, no
+    part empty. A part's cost is its members' ``costs`` plus, once per key, the ``shared[i] = (key,
+    cost)`` of its members (work its members share, such as reference estimates). Longest first,
+    each to the part it makes least costly (ties by index); then moves and swaps between two parts
+    while one lowers the larger of their costs."""
     if k < 1 or int(k) != k:
         raise ValueError(f"the number of parts must be a positive integer, got {k}")
     if k > len(costs):
         raise ValueError(f"cannot split {len(costs)} members into {k} non-empty parts")
+    if shared is None:
+        shared = [((i,), 0.0) for i in range(len(costs))]
+
+    def cost(part: list[int]) -> float:
+        return sum(costs[i] for i in part) + sum(dict(shared[i] for i in part).values())
+
     parts: list[list[int]] = [[] for _ in range(k)]
-    load = [0.0] * k
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        j = min(range(k), key=lambda j: (load[j], j))
+    for i in sorted(range(len(costs)), key=lambda i: (-(costs[i] + shared[i][1]), i)):
+        j = min(range(k), key=lambda j: (cost(parts[j] + [i]), j))
         parts[j].append(i)
-        load[j] += costs[i]
-    # then swaps and moves between two parts while one lowers the larger of their loads (longest-first
-    # alone leaves 10% between the default sweep's two parts; with them they are equal)
     improved = True
     while improved:
         improved = False
-        for a in range(k):
+        load = [cost(p) for p in parts]
+        for a in sorted(range(k), key=lambda j: -load[j]):
             for b in range(k):
-                if load[a] <= load[b]:
+                if b == a or load[b] > load[a]:
                     continue
                 best, pick = load[a], None
                 for x in parts[a]:
                     for y in [None] + parts[b]:
-                        d = costs[x] - (costs[y] if y is not None else 0.0)
-                        if (len(parts[a]) > 1 or y is not None) and max(load[a] - d, load[b] + d) < best - 1e-9:
-                            best, pick = max(load[a] - d, load[b] + d), (x, y, d)
+                        if y is None and len(parts[a]) == 1:
+                            continue
+                        pa = [i for i in parts[a] if i != x] + ([y] if y is not None else [])
+                        pb = [i for i in parts[b] if i != y] + [x]
+                        worst = max(cost(pa), cost(pb))
+                        if worst < best - 1e-9:
+                            best, pick = worst, (pa, pb)
                 if pick is not None:
-                    x, y, d = pick
-                    parts[a].remove(x)
-                    parts[b].append(x)
-                    if y is not None:
-                        parts[b].remove(y)
-                        parts[a].append(y)
-                    load[a] -= d
-                    load[b] += d
+                    parts[a], parts[b] = pick
                     improved = True
+                    break
+            if improved:
+                break
     return [sorted(p) for p in parts]
 
 
@@ -111,7 +142,7 @@ def resolve_parts(cfgs: list[ToyConfig], out_dir: Path, workers: int | str) -> l
         rec = json.loads(path.read_text())
         if sorted(i for p in rec["parts"] for i in p) == list(range(len(cfgs))):
             return [list(p) for p in rec["parts"]]
-    parts = partition([member_cost(c) for c in cfgs], k)
+    parts = partition([member_cost(c) for c in cfgs], k, [reference_cost(c) for c in cfgs])
     atomic_write_json(path, {"workers": len(parts), "parts": parts})
     return parts
 
