@@ -283,7 +283,7 @@ def test_ctrl_c_stops_a_sweep_and_its_workers_and_the_printed_command_finishes_i
     processes are parked at a checkpoint: exit 130 with one line naming the command that continues
     (the same command: a sweep resumes by itself, it has no ``--resume``), no worker left running;
     that command then finishes the sweep."""
-    from pathlib import Path
+    from tests.procs import live_where
 
     out = tmp_path / "sweep"
     marker = tmp_path / "paused"
@@ -296,16 +296,7 @@ def test_ctrl_c_stops_a_sweep_and_its_workers_and_the_printed_command_finishes_i
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
     def group() -> list[int]:  # live members of the sweep's process group
-        pids = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    f = (d / "stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                if int(f[3]) == proc.pid and f[0] != "Z":
-                    pids.append(int(d.name))
-        return pids
+        return live_where("pgrp", proc.pid)
 
     try:
         deadline = time.monotonic() + 240

@@ -324,28 +324,15 @@ def test_a_refused_budget_is_refused_before_pretraining_with_theorys_range(tmp_p
 
 
 def _children(pid: int) -> list[int]:
-    """Live (not zombie) processes whose parent is ``pid`` (Linux /proc)."""
-    from pathlib import Path
+    from tests.procs import live_where
 
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.append(int(d.name))
-    return out
+    return live_where("ppid", pid)
 
 
 def _alive(pid: int) -> bool:
-    from pathlib import Path
+    from tests.procs import live
 
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return live(pid)
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc")
