@@ -55,13 +55,21 @@ def _pretrain(unet, x, eps_fn_cond, steps, batch, lr, scheduler, g: torch.Genera
     return unet
 
 
-def pretrain_concept_model(cfg: RehearseConfig, x: torch.Tensor, y: torch.Tensor, path: Path) -> None:
-    """Train the rehearsal's small text-to-image model on the digits ``x`` with labels ``y``; save it to ``path``."""
+def build_conditioning(cfg: RehearseConfig) -> tuple:
+    """The concept model's word tokenizer and frozen random CLIP text encoder, as the size preset and
+    seed build them (``prompt_tokens``, ``text_init_scale``)."""
     pre = cfg.preset
     words = PROMPT.format(" ".join(str(i) for i in range(10))).split()
     tok = builders.build_word_tokenizer(words, model_max_length=pre["prompt_tokens"])
     te = builders.build_text_encoder(len(tok.get_vocab()), seed=derive_seed(cfg.seed, "concept-model:text-encoder-init"),
                                      init_scale=pre["text_init_scale"])
+    return tok, te
+
+
+def pretrain_concept_model(cfg: RehearseConfig, x: torch.Tensor, y: torch.Tensor, path: Path) -> None:
+    """Train the rehearsal's small text-to-image model on the digits ``x`` with labels ``y``; save it to ``path``."""
+    pre = cfg.preset
+    tok, te = build_conditioning(cfg)
     unet = builders.build_cond_unet(block_out_channels=pre["channels"], mid_block=pre["mid_block"],
                                     seed=derive_seed(cfg.seed, "concept-model:unet-init"))
     sch = builders.build_scheduler(cfg.timesteps, beta_start=0.1 / cfg.timesteps, beta_end=20.0 / cfg.timesteps)
