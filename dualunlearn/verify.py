@@ -47,6 +47,12 @@ def run(cfg: VerifyConfig) -> tuple[list[Section], Path]:
     unknown = sorted(set(cfg.tiers) - set(TIERS))
     if unknown:
         raise ValueError(f"unknown tier(s) {unknown}; choose from {list(TIERS)}")
+    if cfg.overrides and not cfg.config:
+        raise ValueError("--set overrides a key of --config: pass the scale run's config with --config")
+    if cfg.config:  # a missing or bad run config is refused before the other tiers' minutes, not after
+        from scale.preflight.config import load_run_config
+
+        load_run_config(cfg.config, list(cfg.overrides))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     chosen = [s for s in SECTIONS if s[0] in cfg.tiers]

@@ -208,6 +208,34 @@ def test_out_pointing_at_a_file_is_one_line(tmp_path, argv):
     _assert_one_line(err, code, 2, "is a file, not a directory")
 
 
+_SECTIONS_RUN: list[str] = []
+
+
+def _section_that_must_not_run(out_dir, quick, seed):
+    _SECTIONS_RUN.append(str(out_dir))
+    raise AssertionError("a section ran before the bad --config was refused")
+
+
+@pytest.mark.parametrize("extra, must", [
+    (["--config", "no-such-run.toml"], "does not exist"),
+    (["--config", "{bad}", "--set", "train.steps=abc"], "'abc' is not a TOML literal"),
+    (["--config", "{bad}", "--set", "nosuch=1"], "unknown config key"),
+    (["--set", "train.steps=5"], "pass the scale run's config with --config"),
+])
+def test_verify_refuses_a_bad_run_config_before_running_any_section(tmp_path, monkeypatch, extra, must):
+    """``verify --config`` runs the scale pre-flight after the theory and toy sections (about a
+    minute): a config that cannot be loaded is refused first, exit 2, and no report is written."""
+    import dualunlearn.verify as V
+
+    monkeypatch.setattr(V, "SECTIONS", (("theory", __name__, "_section_that_must_not_run"),))
+    good = ROOT / "configs" / "sd_reverse_kl.toml"
+    argv = [a.replace("{bad}", str(good)) for a in extra]
+    _SECTIONS_RUN.clear()
+    code, _, err = _run_cli(["verify", "--quick", "--out", str(tmp_path / "v"), *argv])
+    _assert_one_line(err, code, 2, must)
+    assert _SECTIONS_RUN == [] and not (tmp_path / "v" / "report.md").exists()
+
+
 def test_exit_codes_divergence_checkpoint_internal_and_interrupt(tmp_path, monkeypatch):
     import scale.data
     import toy.run
