@@ -8,7 +8,7 @@ with diagonal (or isotropic) components at every timestep of a DDPM schedule:
     eps(x_t, t) = -sqrt(1 - ab_t) grad log q_t(x_t) = sqrt(1 - ab_t) sum_k r_k(x_t) (x_t - sqrt(ab_t) mu_k) / v_k,
     v_k = ab_t s_k^2 + 1 - ab_t,   r_k = softmax_k(log w_k + log N(x_t; sqrt(ab_t) mu_k, diag v_k))
 
-(docs/math.md, "noised mixture"; the same formula ``theory.gmm.GaussianMixture.eps`` evaluates with full
+(docs/math.md §4, eqs. (23)-(24): noising is linear in the law; the same formula ``theory.gmm.GaussianMixture.eps`` evaluates with full
 covariances, which cannot be stored at Stable Diffusion's latent size 4x64x64 = 16,384 dimensions).
 Computed in float64 and cast to the input's dtype. Conditional use: one mixture per prompt
 embedding; each sample's ``encoder_hidden_states`` is matched to the registered embeddings.

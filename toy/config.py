@@ -12,7 +12,7 @@ that resolved config is what ``run.json`` records and the run's fingerprint cove
     [pretrain]    steps, batch, lr
     [train]       toy.algorithms.LoopConfig: steps, batch, forget_batch, lr, dual_every, dual_batch,
                   checkpoint_every, average_frac, lr_final_frac, pool_frac, target, estimate,
-                  pool_chains, pool_every
+                  pool_chains, pool_every, settle_frac
     [dual]        lr, gain, violation_scale, lam_init, lam_max, lu_estimator
     [evaluation]  n_eval, n_constraint, n_reference, surrogate_reference
 
@@ -265,7 +265,7 @@ def delay_limited_gain(cfg: ToyConfig) -> float:
     (D the delay in dual steps, ``estimate_delay``): a Newton-scaled dual ascent is an integral
     controller of gain k on a unit plant, and with a pure delay D its loop ``k e^{-sD} / s`` crosses
     over at ``omega = k`` with phase margin ``pi/2 - k D``; ``k D = pi/6`` keeps a 60-degree margin
-    (docs/toy.md, "LU's dual step")."""
+    (docs/toy.md, "LU's estimate and dual step")."""
     d = estimate_delay(cfg)
     return min(DUAL_GAIN[cfg.problem], (np.pi / 6) / d) if d > 0 else DUAL_GAIN[cfg.problem]
 

@@ -13,7 +13,7 @@ the same sign and the same zero, so the same fixed points (complementary slackne
 proportional to the *relative* violation. LU's constraint spans orders of magnitude (the pretrained
 model's ``E_q[q_1]`` is 10x the default budget) and is flat near lam*, so a step size scaled to the
 slope at lam* turns the initial violation into a jump far past lam*; in log scale the first step is
-bounded by ``lr * log(measured / budget)`` (docs/toy.md, "LU's dual step").
+bounded by ``lr * log(measured / budget)`` (docs/toy.md, "LU's estimate and dual step").
 
 The projection is onto the dual domain ``{0 <= lam_i <= upper_i, sum(lam) <= sum_max}``
 (RU: ``sum_max < 1`` keeps the tilt defined; FU data unlearning: ``upper_i = 1/n``).
