@@ -306,3 +306,65 @@ def _assert_same_multipliers(problem, q, forget, b, s, duals, variant=d.DEFAULT_
         pg = np.where(lam_c > 0, g_orc, np.maximum(g_orc, 0.0))
         bound = 2.0 * np.abs(pg).max() / sigma + 1e-9 * max(1.0, s.lam.max())
         np.testing.assert_allclose(lam_c, s.lam, atol=bound)
+
+
+def _two_atom_forward_kl_optimum(q, forget, b):
+    """P* of FU on two atoms by hand, without the dual or the global solver: with p_t = (t, 1 - t),
+    KL(q||p_t) is convex in t with its minimum at q(0), and each KL(q_i||p_t) is convex with its
+    minimum 0 at q_i(0) and +inf at t = 0, 1, so {t: KL(q_i||p_t) >= b_i} is [0, 1] minus an open
+    interval whose ends are the two roots of KL(q_i||p_t) = b_i. The constrained minimum of the
+    convex objective is at t = q(0) if feasible, else at one of those roots."""
+    from scipy.optimize import brentq
+
+    def kl2(a, t):
+        return float(a[0] * np.log(a[0] / t) + a[1] * np.log(a[1] / (1.0 - t)))
+
+    cands = [q[0]]
+    for qi, bi in zip(forget, b):
+        cands += [brentq(lambda t: kl2(qi, t) - bi, lo, hi, xtol=1e-16, rtol=1e-15)
+                  for lo, hi in ((1e-300, qi[0]), (qi[0], 1.0 - 1e-16))]
+    feasible = [t for t in cands if all(kl2(qi, t) >= bi - 1e-12 for qi, bi in zip(forget, b))]
+    return min(kl2(q, t) for t in feasible)
+
+
+def test_forward_kl_dual_does_not_stall_at_the_mixture_point_on_two_atoms():
+    """Regression (found by hypothesis, test_solution_is_permutation_invariant): on two atoms q is
+    always a mixture of q_1, q_2; the target w/(1-Lam) is constant along rays ending at the point
+    lam_B with sum lam_B,i q_i = q, so D is linear along them and projected Newton's ascent steps
+    converged to lam_B = (0.649, 0.351), D = 0.01730, for one order of the atoms, while D* = P* =
+    0.019138 at lam* = (0.515, 0): a spurious duality gap and wrong multipliers. The dual optimum must
+    equal P* computed by hand (zero gap: at lam* the target is feasible with complementary slackness),
+    for both orders. Tolerance: P* by brentq to ~1e-15 in t (slopes O(1)), the dual to Newton's
+    1e-13 stopping rule; 1e-9 leaves room for both and is 2e6 times below the stall's error."""
+    q = np.array([2 / 3, 1 / 3])
+    forget = np.array([[28 / 37, 9 / 37], [0.5, 0.5]])
+    b = np.array([0.07507988166307872, 0.004957474059647065])
+    P = _two_atom_forward_kl_optimum(q, forget, b)
+    assert P == pytest.approx(0.019138111, abs=1e-8)
+    for order in ([0, 1], [1, 0]):
+        s = d.solve("forward_kl", q[order], forget[:, order], b)
+        assert s.dual_value == pytest.approx(P, abs=1e-9), order
+        assert s.primal_value == pytest.approx(P, abs=1e-9), order
+
+
+def test_forward_kl_target_on_the_mixture_face_is_not_amplified_rounding_noise():
+    """Regression (found by hypothesis, test_solution_is_permutation_invariant): q = (2/11, ..., 1/11)
+    is a mixture of q_1, q_2 (all three are (a, a, a, a, a, 1 - 5a)), lam* lies on the face Lam = 1
+    where w = q - sum lam_i q_i is rounding noise, and the target w/(1 - Lam) was that noise divided by
+    ~1e-16: a vector summing to 0.92 (or 1.25 for another memory layout of the same array) whose
+    KL(q||p) was reported as an upper bound on P* for one layout and +inf for the other. Every p
+    minimises the Lagrangian there; whatever the solver returns must be a distribution, and the same
+    for both layouts."""
+    q = np.array([2 / 11] * 5 + [1 / 11])
+    forget = np.array([[4 / 21] * 5 + [1 / 21], [8 / 45] * 5 + [5 / 45]])
+    b = np.array([0.07497207171355237, 0.07128185093878382])
+    sols = [d.solve("forward_kl", q, f, b) for f in (forget, forget[:, [0, 1, 2, 3, 4, 5]])]
+    for s in sols:
+        for p in (s.p, s.p_dual):
+            if p is not None:
+                assert np.all(p >= 0) and p.sum() == pytest.approx(1.0, abs=1e-9)
+        if np.isfinite(s.primal_value):  # an upper bound on P* needs a feasible distribution
+            assert np.all(d.violation("forward_kl", q, forget, s.p, b) <= 1e-9)
+            assert s.primal_value == pytest.approx(d.kl(q, s.p), abs=1e-12)
+    assert sols[0].primal_value == sols[1].primal_value
+    assert sols[0].dual_value == pytest.approx(sols[1].dual_value, abs=1e-12)

@@ -247,6 +247,19 @@ def maximise_dual(inst: Instance) -> tuple[np.ndarray, float, np.ndarray | None,
             lam, val, g = lam_lp, val_lp, dual_at(inst, lam_lp, hessian=False)[1]
             info["branch"] = "lp (sum lam >= 1)"
     elif inst.problem == "forward_kl" and not ok:
+        # Newton can stall at a kink of D: where q is a mixture of the q_i, the target w/(1-Lam) is
+        # constant along rays ending at the point lam_B with sum lam_B q_i = q, Lam = 1, so D is linear
+        # along them and ascent steps can converge to lam_B, which need not be the maximiser (found by
+        # hypothesis: q, q_1, q_2 on two atoms). Restart from the maximiser of the concave dual that a
+        # convex solver finds (any stalled point is thus compared with the true D*)
+        lam_c = _fu_dual_convex(inst)
+        if lam_c is not None:
+            lam_r, val_r, g_r, ok_r = _projected_newton(inst, lam_c)
+            if np.isfinite(val_r) and val_r > val:
+                lam, val, g, ok = lam_r, val_r, g_r, ok_r
+                info["newton_converged"] = ok
+                info["restart"] = "convex solver"
+    if inst.problem == "forward_kl" and not ok:
         info["branch"] = "boundary"
         lam_b = _fu_boundary(inst)
         if lam_b is not None:
@@ -255,6 +268,28 @@ def maximise_dual(inst: Instance) -> tuple[np.ndarray, float, np.ndarray | None,
                 lam, val, g = lam_b, val_b, None
                 info["branch"] = "boundary (q = sum lam_i q_i, sum lam = 1)"
     return lam, val, g, info
+
+
+def _fu_dual_convex(inst):
+    """FU's dual maximiser by a convex solver (cvxpy, Clarabel), or None if it fails. On supp q the
+    q_i sum to 1, so ``-sum w log w + (1-Lam) log(1-Lam) = -sum_x rel_entr(w_x, 1-Lam)``, jointly
+    concave in lam: D(lam) = lam·(b - sum q_i log q_i) + sum q log q - sum_x rel_entr(w_x, 1 - Lam)."""
+    import cvxpy as cp  # on demand: only when Newton stalls
+
+    Q = inst.data
+    m = Q.shape[0]
+    ent = np.sum(xlogy(Q, Q), axis=1)
+    lam = cp.Variable(m, nonneg=True)
+    w = inst.q[inst.on] - Q.T @ lam
+    obj = lam @ (inst.budgets - ent) - cp.sum(cp.rel_entr(w, 1 - cp.sum(lam)))
+    prob = cp.Problem(cp.Maximize(obj), [w >= 0, cp.sum(lam) <= 1])
+    try:
+        prob.solve(solver=cp.CLARABEL)
+    except cp.error.SolverError:
+        return None
+    if prob.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or lam.value is None:
+        return None
+    return np.maximum(np.asarray(lam.value, np.float64), 0.0)
 
 
 def _fu_boundary(inst):

@@ -71,7 +71,10 @@ def _target_at(inst, lam, budgets):
         if float(lam.sum()) >= 1.0 - 1e-12 and lam.shape[0] == 1:
             # q_1 = q: the Lagrangian does not depend on p; any p with KL(q||p) = b meets CS
             return _fu_equal_budget_point(inst.q, budgets[0])
-        if float(lam.sum()) >= 1.0 or np.any(w < 0):
+        # on (or within 1e-12 of) the face Lam = 1, w = q - sum lam_i q_i is rounding noise and
+        # w/(1 - Lam) amplifies it into a vector that need not sum to 1 (and depended on the order
+        # of the atoms): every p minimises the Lagrangian there, so no target is singled out
+        if float(lam.sum()) >= 1.0 - 1e-12 or np.any(w < 0):
             return None
         return np.maximum(w, 0.0) / (1.0 - float(lam.sum()))
     return likelihood_target(q, forget, lam, inst.variant)
