@@ -211,3 +211,38 @@ def test_reverse_kl_dual_optimum_on_the_gap_instance_beats_the_grid_for_every_bu
         lam, D = d.optimal_multipliers("reverse_kl", q, forget, [b])
         best = max(d.dual_function("reverse_kl", q, forget, np.array([x]), [b])[0] for x in grid)
         assert D >= best - 1e-12
+
+
+def test_constraint_functionals_of_every_lu_variant_match_their_definitions():
+    """docs/math.md: g_i = q_i (likelihood), log q_i (log_likelihood), q_i/q (likelihood_ratio). The
+    other LU tests take g from g_values itself (and so do the cvxpy oracles), so its definition is
+    checked here against the formulas written out: E_p[g_i] for a fixed p, and the Gibbs tilt
+    p ∝ q exp(-lam g) normalised by hand. Values are O(1) sums of 4 terms: 1e-12 is rounding."""
+    q = np.array([0.4, 0.3, 0.2, 0.1])
+    forget = np.array([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    lam = np.array([0.7, 1.3])
+    by_hand = {"likelihood": forget, "log_likelihood": np.log(forget), "likelihood_ratio": forget / q}
+    for variant, g in by_hand.items():
+        expected = np.array([sum(p[x] * g[i, x] for x in range(4)) for i in range(2)])
+        got = d.constraint_values("likelihood", q, forget, p, variant)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12, err_msg=variant)
+        w = np.array([q[x] * np.exp(-(lam[0] * g[0, x] + lam[1] * g[1, x])) for x in range(4)])
+        np.testing.assert_allclose(d.likelihood_target(q, forget, lam, variant), w / w.sum(), atol=1e-12,
+                                   err_msg=variant)
+
+
+def test_reverse_kl_target_beyond_lam_one_breaks_ties_towards_the_largest_q():
+    """For Lam > 1 the RU Lagrangian (1 - Lam) sum p log p + sum p f, f = -log q + sum lam_i log q_i, is
+    concave: minimised at the vertices of argmin f, among which the documented choice is the one with
+    the largest q (the smallest objective KL(p||q) = -log q(x) among equally good minimisers). Here
+    q_1 = c sqrt(q) on atoms 0 and 1 makes f(0) = f(1) = 2 log c for lam = 2 (f(2) = log(q_1(2)^2 /
+    q(2)) = log 0.694 > log 0.25), so both are minimisers and atom 0 (q = 0.5 > 0.3) is the answer."""
+    q = np.array([0.5, 0.3, 0.2])
+    c = 0.5
+    q1 = np.array([c * np.sqrt(0.5), c * np.sqrt(0.3), 0.0])
+    q1[2] = 1.0 - q1[:2].sum()
+    lam = np.array([2.0])
+    f = -np.log(q) + 2.0 * np.log(q1)
+    assert abs(f[0] - f[1]) < 1e-14 and f[2] > f[0] + 0.5  # the tie, checked by hand
+    np.testing.assert_array_equal(d.reverse_kl_target(q, q1[None, :], lam), [1.0, 0.0, 0.0])
