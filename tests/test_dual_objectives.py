@@ -280,3 +280,33 @@ def test_dual_update_is_violation_then_scale_then_project_written_out():
     assert torch.equal(t.lam, s.lam) and t.steps == s.steps
     with pytest.raises(ValueError, match="lr_dual must be >= 0"):
         ScaleBy(-1.0)
+
+
+def test_ancestral_and_ddim_steps_match_the_ddpm_posterior_written_out():
+    """ancestral_step's mean must be the DDPM posterior mean q(x_{t-1} | x_t, x_0) at Tweedie's x_0 (Ho et
+    al. 2020, eqs. 6-7): mu = sqrt(ab_prev) beta/(1-ab_t) x0 + sqrt(alpha) (1-ab_prev)/(1-ab_t) x_t,
+    x0 = (x_t - sqrt(1-ab_t) eps)/sqrt(ab_t), beta = 1 - ab_t/ab_prev, with variance beta; and a DDIM
+    step with the true noise z of x_t = sqrt(ab_t) x0 + sqrt(1-ab_t) z must land on sqrt(ab_prev) x0 +
+    sqrt(1-ab_prev) z exactly. Written out in float64; the steps compute in float32 on O(1) values
+    with 1/sqrt(alpha), 1/sqrt(ab) <= 10 here, so 1e-5 covers their rounding (~1e-6) and no more."""
+    from toy.core.diffusion import ancestral_step, ddim_step
+
+    g = torch.Generator().manual_seed(0)
+    B = 64
+    ab_t = torch.rand(B, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    ab_prev = ab_t + (1.0 - ab_t) * torch.rand(B, generator=g, dtype=torch.float64) * 0.9
+    x0 = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    z = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    eps = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    noise = torch.randn(B, 2, generator=g, dtype=torch.float64)
+    a, ap = ab_t[:, None], ab_prev[:, None]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * z
+    beta, alpha = 1 - a / ap, a / ap
+    x0_hat = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    mu = ap.sqrt() * beta / (1 - a) * x0_hat + alpha.sqrt() * (1 - ap) / (1 - a) * x_t
+    got = ancestral_step(x_t.float(), eps.float(), ab_t.float(), ab_prev.float(), None)
+    np.testing.assert_allclose(got.double().numpy(), mu.numpy(), atol=1e-5)
+    got = ancestral_step(x_t.float(), eps.float(), ab_t.float(), ab_prev.float(), noise=noise.float())
+    np.testing.assert_allclose(got.double().numpy(), (mu + beta.sqrt() * noise).numpy(), atol=1e-5)
+    got = ddim_step(x_t.float(), z.float(), ab_t.float(), ab_prev.float())
+    np.testing.assert_allclose(got.double().numpy(), (ap.sqrt() * x0 + (1 - ap).sqrt() * z).numpy(), atol=1e-5)
