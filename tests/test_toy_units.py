@@ -258,3 +258,34 @@ def test_lu_network_estimator_runs_on_the_pool_end_points_with_the_log_scale_ste
                  pretrained=str(tiny_pretrained), **{"dual.lu_estimator": "network", "evaluation.surrogate_reference": False}))
     assert s["constraint_estimator"] == "pool" and s["violation_scale"] == "log"
     assert np.all(np.isfinite(s["lam"])) and s["lam"][0] > 0
+
+
+@pytest.mark.parametrize("variant", ["likelihood", "likelihood_ratio", "log_likelihood"])
+def test_gibbs_tilt_eps_target_is_minus_sigma_times_the_tilts_score_by_finite_differences(variant):
+    """The LU target's noise prediction is -sigma * grad log(q exp(-lam g)) with g = q_1, q_1/q or
+    log q_1 (docs/math.md eq. 29). Here q = N(0, I), q_1 = N((1.5, -0.5), 0.5^2 I) in 2-D, written out
+    in numpy; the expected score is a central difference of log q - lam g (step 1e-5: truncation
+    ~1e-10, rounding ~1e-11), the inputs are the closed-form Gaussian scores. The sum is only
+    checked in float64, so 1e-7 is far above both errors and far below the size of a wrong sign."""
+    from toy.models import gibbs_tilt_eps_target
+
+    mu1, s1 = np.array([1.5, -0.5]), 0.5
+    sigma, lam = 0.6, 0.8
+
+    def log_q(x):
+        return -0.5 * np.sum(x * x, -1) - np.log(2 * np.pi)
+
+    def log_q1(x):
+        return -0.5 * np.sum((x - mu1) ** 2, -1) / s1**2 - np.log(2 * np.pi * s1**2)
+
+    g_of = {"likelihood": lambda x: np.exp(log_q1(x)), "likelihood_ratio": lambda x: np.exp(log_q1(x) - log_q(x)),
+            "log_likelihood": log_q1}[variant]
+    x = np.random.default_rng(3).normal(size=(16, 2)) + np.array([0.7, -0.2])
+    h = 1e-5
+    score = np.stack([((log_q(x + h * e) - lam * g_of(x + h * e)) - (log_q(x - h * e) - lam * g_of(x - h * e))) / (2 * h)
+                      for e in np.eye(2)], axis=1)
+    eps_q = -sigma * (-x)
+    eps_1 = -sigma * (-(x - mu1) / s1**2)
+    got = gibbs_tilt_eps_target(torch.tensor(eps_q), torch.tensor(eps_1)[None], torch.tensor(g_of(x))[None],
+                                torch.tensor([lam], dtype=torch.float64), variant)
+    np.testing.assert_allclose(got.numpy(), -sigma * score, atol=1e-7)
