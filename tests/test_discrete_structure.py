@@ -177,3 +177,13 @@ def test_forward_kl_with_a_forget_distribution_equal_to_q_is_reported_not_crashe
     s = discrete.solve("forward_kl", q, forget, [0.0230026, 0.86713496])
     assert s.primal_value >= s.dual_value - 1e-9
     assert np.isfinite(s.dual_value)
+
+
+def test_likelihood_budget_equal_to_the_smallest_g_is_rejected():
+    """LU needs a p with E_p[g] < b strictly (Slater). With g = q_1 = (0.25, 0.75) the smallest E_p[g]
+    is 0.25 (p = delta_0): b = 0.25 exactly must be rejected, b slightly above accepted. (Mutation
+    testing: `b < low` for `b <= low` survived.)"""
+    q, forget = np.array([0.5, 0.5]), np.array([[0.25, 0.75]])
+    with pytest.raises(ValueError, match="infeasible"):
+        d.solve("likelihood", q, forget, [0.25])
+    assert d.solve("likelihood", q, forget, [0.3]).certificate == "kkt"
