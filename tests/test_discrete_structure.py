@@ -187,3 +187,26 @@ def test_likelihood_budget_equal_to_the_smallest_g_is_rejected():
     with pytest.raises(ValueError, match="infeasible"):
         d.solve("likelihood", q, forget, [0.25])
     assert d.solve("likelihood", q, forget, [0.3]).certificate == "kkt"
+
+
+@settings(max_examples=25)
+@given(ru_instances(m=2, q_zeros=False), st.data())
+def test_reverse_kl_dual_beyond_lam_one_is_the_lp_value_with_a_supergradient(inst, data):
+    """For Lam >= 1 the RU Lagrangian is linear in p over the simplex: D(lam) = lam·b + min_x f_lam(x),
+    f_lam = -log q + sum lam_i log q_i (written out here), concave and piecewise linear in lam. The
+    returned gradient must be a supergradient: D(lam') <= D(lam) + g·(lam' - lam) for every lam'
+    (checked at drawn points with Lam' >= 1 too, where the same formula holds); the slack allowed is
+    float64 rounding of sums of O(10) logs."""
+    q, forget, b = inst
+
+    def D(lam):
+        f = -np.log(q) + lam @ np.log(forget)
+        return float(lam @ b + f.min())
+
+    pts = st.lists(st.floats(0.0, 3.0), min_size=2, max_size=2).map(np.array).filter(lambda v: v.sum() >= 1.0)
+    lam = data.draw(pts)
+    val, g = d.dual_function("reverse_kl", q, forget, lam, b)
+    assert val == pytest.approx(D(lam), abs=1e-10 * max(1.0, abs(val)))
+    for _ in range(5):
+        other = data.draw(pts)
+        assert D(other) <= val + g @ (other - lam) + 1e-9 * (1.0 + np.abs(other - lam).sum() * np.abs(g).max())
