@@ -142,6 +142,9 @@ def test_reverse_kl_gap_is_positive_exactly_where_lam_star_exceeds_one(inst):
     # at a point-mass budget on the envelope (here b_max, the largest one) the gap closes again
     s_max = d.solve("reverse_kl", q, forget, [b_max])
     assert abs(s_max.gap) <= TOL * max(1.0, s_max.primal_value)
+    # b_max = -log min q_1 is met only by the point mass at argmin q_1 (x above): of the Lagrangian's
+    # tied minimisers at lam*, the target is the vertex meeting complementary slackness
+    np.testing.assert_array_equal(s_max.p_dual, np.eye(q.shape[0])[int(np.argmin(forget[0]))])
 
 
 @settings(max_examples=8)
