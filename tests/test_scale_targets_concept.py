@@ -16,6 +16,8 @@ loss ``sum w ||eps_theta - target||^2 / N`` (N = global batch x dimensions; w = 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -49,7 +51,7 @@ def parts():
     return dict(tok=tok, te=te, keys=keys, sch=sch, ref=ref, model=model, ref_mix=ref_mix)
 
 
-def _task(parts, method, batch=4, concepts=(CONCEPT,), **kw):
+def _task(parts, method, batch=4, concepts=(CONCEPT,), sch_override=None, **kw):
     from scale.concept import ConceptConfig, ConceptTask
     from scale.engine import TrainConfig, make_accelerator
     from scale.models import ConceptModels
@@ -57,8 +59,13 @@ def _task(parts, method, batch=4, concepts=(CONCEPT,), **kw):
     cfg = ConceptConfig(method=method, concepts=concepts, budgets=(1.0,), sample_steps=5,
                         train=TrainConfig(batch_size=batch, micro_batch=batch, cpu=True), **kw)
     acc = make_accelerator(cfg.train)
-    models = ConceptModels(parts["model"], parts["te"], parts["tok"], None, parts["sch"], "exact")
-    return ConceptTask(cfg, models, ExactTrainable(parts["model"], parts["ref"]), acc, parts["model"])
+    sch, model, ref = parts["sch"], parts["model"], parts["ref"]
+    if sch_override is not None:  # the same mixtures on another schedule
+        sch = sch_override
+        model = MixtureUNet(model.mixtures, SHAPE, sch.alphas_cumprod, keys=parts["keys"])
+        ref = MixtureUNet(ref.mixtures, SHAPE, sch.alphas_cumprod, keys=parts["keys"])
+    models = ConceptModels(model, parts["te"], parts["tok"], None, sch, "exact")
+    return ConceptTask(cfg, models, ExactTrainable(model, ref), acc, model)
 
 
 def _trained_forward(task, run):
@@ -204,14 +211,15 @@ def test_likelihood_trains_towards_the_tilt_target_with_its_state_dependent_weig
         torch.testing.assert_close(_implied_target(eps, grad, 4), e_q - lam * c * (e_c - e_q), rtol=1e-4, atol=1e-4)
 
 
-def _chain(parts, which, z, noises, stop, steps=5):
+def _chain(parts, which, z, noises, stop, steps=5, sch=None):
     """The model's strided ancestral chain written out in float64 (docs/math.md §4): from x = z at
     t = ts[0] = T-1, step s maps x to ``(x - beta/sqrt(1 - ab_t) eps_p(x, t)) / sqrt(alpha) +
     sqrt(beta) noise_s`` with ``alpha = ab_t / ab_prev``, ``ab_prev`` the next visited step's (1 after
     the last step, where no noise is added: the end point is the mean). Returns each sample's state
     at its stop step and the chain's end point."""
-    ab = parts["sch"].alphas_cumprod.double()
-    ts = torch.linspace(999, 0, steps, dtype=torch.float64).round().long()
+    sch = sch or parts["sch"]
+    ab = sch.alphas_cumprod.double()
+    ts = torch.linspace(ab.numel() - 1, 0, steps, dtype=torch.float64).round().long()
     mix = parts["model"].mixtures[which]
     x = z.double().reshape(z.shape[0], -1)
     at_stop = torch.zeros_like(x)
@@ -285,3 +293,51 @@ def test_two_concepts_alternate_prompts_and_pair_each_multiplier_with_its_own_co
     kl = torch.stack([(w * (eps.double() - e).pow(2).flatten(1).sum(1)).sum() for e in (e_1, e_2)])
     torch.testing.assert_close(out.measured_sum, kl, rtol=1e-4, atol=1e-6)
     assert out.measured_count.tolist() == [4.0, 4.0]
+
+
+@pytest.mark.parametrize("antithetic", [True, False])
+def test_likelihood_constraint_estimate_is_the_stratified_elbo_difference_written_out(parts, antithetic):
+    """LU's estimate of g = log r at each chain end point x_0, written out from docs/math.md (eq. 31,
+    "diffusion classifier") on a 10-step schedule with K = 3 strata of sizes 3, 3, 4 (unequal: each
+    term must carry its own stratum's size): per sample, ``sum_j size_j w_t d mean_sign (l_base -
+    l_c)`` with ``t = edge_j + floor(u_j size_j)``, ``w_t = beta_t / (2 alpha_t (1 - ab_t))``, ``l`` the
+    per-dimension denoising loss at ``x_t = sqrt(ab) x_0 + sign sqrt(1 - ab) n`` against target
+    ``sign n`` (sign = +-1 with antithetic pairs, +1 without). The draws are re-made in the documented
+    order (chain: z, stop, 4 noises; then u (K, B) and noise (K, B, ...)). The step's slice holds all 4
+    samples, so its constraint sum is the sum of the 4 values (count 4).
+    Tolerance: float32 chain and losses against float64 here; relative 1e-4 is ~10^3 roundings, while
+    a timestep one off inside a stratum changes a term by >= 5% on this schedule."""
+    from scale import builders
+    from scale.engine import Slice, step_generator
+
+    sch = builders.build_scheduler(10, beta_start=0.02, beta_end=0.4)
+    K, B = 3, 4
+    task = _task(parts, "likelihood", sch_override=sch, classifier_draws=K, likelihood_antithetic=antithetic)
+    out = task.step(0, Slice(0, 1), _dual("likelihood", 0.5), False)
+    gen = step_generator(0, 0)
+    z = torch.randn((B, *SHAPE), generator=gen)
+    stop = torch.randint(0, 5, (B,), generator=gen)
+    noises = [torch.randn((B, *SHAPE), generator=gen) for _ in range(4)]
+    _, x0, _ = _chain(parts, 1, z, noises, stop, sch=sch)
+    u = torch.rand((K, B), generator=gen, dtype=torch.float64)
+    noise = torch.randn((K, B, *SHAPE), generator=gen).double()
+    ab = sch.alphas_cumprod.double()
+    edges, sizes = [0, 3, 6], [3, 3, 4]
+    signs = (1.0, -1.0) if antithetic else (1.0,)
+    want = torch.zeros(B, dtype=torch.float64)
+    for j in range(K):
+        for b in range(B):
+            t = edges[j] + int(math.floor(float(u[j, b]) * sizes[j]))
+            a = ab[t]
+            alpha = a / (ab[t - 1] if t > 0 else 1.0)
+            w = (1 - alpha) / (2 * alpha * (1 - a))
+            diff = 0.0
+            for sg in signs:
+                n = sg * noise[j, b].reshape(1, -1)
+                x_t = a.sqrt() * x0[b].reshape(1, -1) + (1 - a).sqrt() * n
+                l_base = (parts["ref_mix"][0].eps(x_t, a.reshape(1)) - n).pow(2).mean()
+                l_c = (parts["ref_mix"][1].eps(x_t, a.reshape(1)) - n).pow(2).mean()
+                diff = diff + (l_base - l_c) / len(signs)
+            want[b] += sizes[j] * w * D * diff
+    assert out.measured_count.tolist() == [float(B)]
+    torch.testing.assert_close(out.measured_sum[0], want.sum(), rtol=1e-4, atol=1e-6)
