@@ -165,10 +165,23 @@ def test_esd_trains_towards_the_negatively_guided_reference_at_its_eta(parts, sa
     from scale.engine import Slice
 
     task = _task(parts, "esd", esd_eta=1.5, esd_sampler=sampler)
-    x, t, emb, eps, grad, _ = _trained_forward(task, lambda: task.step(0, Slice(0, 1), initial_dual(task.cfg), False))
+    x, t, emb, eps, grad, out = _trained_forward(task, lambda: task.step(0, Slice(0, 1), initial_dual(task.cfg), False))
     e_q, e_c = _ref_eps(parts, x, t, 0), _ref_eps(parts, x, t, 1)
     torch.testing.assert_close(_implied_target(eps, grad, 4), e_q - 1.5 * (e_c - e_q), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(emb, parts["keys"][1:2].expand_as(emb))  # trained under the concept prompt
+    # the logged KL(p || q_c) diagnostic: one-term estimate N w ||eps_theta - eps_c||^2 with the
+    # chain the state belongs to: the full 1000-step chain for the published DDIM states (N = T,
+    # alpha_t = ab_t / ab_{t-1}), the 5-step strided chain for ancestral states (N = S)
+    ab = parts["sch"].alphas_cumprod.double()
+    ts = list(range(999, -1, -1)) if sampler == "ddim_cfg" else torch.linspace(999, 0, 5).round().long().tolist()
+    w = []
+    for tb in t.tolist():
+        s = ts.index(tb)
+        a_prev = ab[ts[s + 1]] if s + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
+        alpha = ab[tb] / a_prev
+        w.append(len(ts) * (1 - alpha) / (2 * alpha * (1 - ab[tb])))
+    want = (torch.stack(w) * (eps.double() - e_c).pow(2).flatten(1).sum(1)).sum()
+    torch.testing.assert_close(out.measured_sum[0], want, rtol=1e-4, atol=1e-6)
 
 
 def test_esd_published_states_are_guided_ddim_states_of_the_model_being_trained(parts):
