@@ -65,6 +65,21 @@ def test_harness_is_a_unet_with_one_mixture_per_prompt_embedding_at_real_size():
         unet(x, t, encoder_hidden_states=keys[[1, 0, 1]] + 0.1)
 
 
+def test_harness_samples_have_the_mixtures_first_and_second_moments():
+    """``DiagonalMixture.sample``: per dimension ``E x = sum_k w_k mu_k`` and ``E x^2 = sum_k w_k (s_k^2 +
+    mu_k^2)``. Tolerance: 4 standard errors of each sample mean (sample sd / sqrt(n)), six checks;
+    variances 0.25 and 2-4 make a standard deviation taken for a variance (or squared) miss by >> 4 se."""
+    mix = DiagonalMixture(torch.tensor([0.3, 0.7], dtype=torch.float64),
+                          torch.tensor([[1.0, -2.0, 0.0], [-0.5, 1.0, 3.0]], dtype=torch.float64),
+                          torch.tensor([[0.25, 2.0, 4.0], [0.25, 3.0, 0.5]], dtype=torch.float64))
+    n = 20000
+    x = mix.sample(n, torch.Generator().manual_seed(4))
+    w = mix.weights.reshape(-1, 1)
+    for got, want in ((x, (w * mix.means).sum(0)), (x ** 2, (w * (mix.variances + mix.means ** 2)).sum(0))):
+        se = got.std(0) / math.sqrt(n)
+        assert torch.all((got.mean(0) - want).abs() <= 4 * se), (got.mean(0), want, se)
+
+
 # ------------------------------------------------------------------ closed forms of single-Gaussian chains
 
 
@@ -215,6 +230,34 @@ def test_forward_kl_forget_loss_at_real_size_matches_the_exact_denoising_loss():
     est, se, exact = forward_kl_agreement()
     assert abs(est - exact) <= 3 * se, (est, exact, se)
     assert se < 0.2 * exact
+
+
+def test_forward_kl_forget_losses_are_each_images_own_for_distinct_images():
+    """``forget_losses`` of 128 images alternating a typical image (mu + 0.5 sd z) and an atypical one
+    (mu + 3 sd z) of ``N(mu, diag var)`` (4x8x8, SD's schedule): each value is its own image's mean
+    denoising loss over its 4 draws, so the 64 values of each image agree with that image's exact loss
+    (within 3 se of the 64: the values are iid, t_63 two-sided miss rate 0.4%) and the two exact
+    losses lie far apart (a value that mixed the images' draws would miss both)."""
+    from scale.data import forget_losses
+
+    shape, d, c = (4, 8, 8), 256, 64
+    g = torch.Generator().manual_seed(8)
+    mu = 0.5 * torch.randn(d, generator=g, dtype=torch.float64)
+    var = 0.5 + torch.rand(d, generator=g, dtype=torch.float64)
+    sch = sd_scheduler()
+    unet = MixtureUNet([DiagonalMixture(torch.ones(1), mu.unsqueeze(0), var.unsqueeze(0))], shape, sch.alphas_cumprod)
+    images = [mu + f * var.sqrt() * torch.randn(d, generator=g, dtype=torch.float64) for f in (0.5, 3.0)]
+    batch = torch.stack(images * c).float().reshape(2 * c, *shape)  # a, b, a, b, ...
+    vals = forget_losses(unet, batch, sch.alphas_cumprod, 4, seed=3).double()
+    ab = sch.alphas_cumprod.double()
+    exact, ses = [], []
+    for k, image in enumerate(images):
+        a0 = image.float().double()
+        exact.append(sum(float(_elbo_loss(ab[t], a0, torch.zeros(()), mu, var)) for t in range(1000)) / (1000 * d))
+        v = vals[k::2]
+        ses.append(float(v.std() / math.sqrt(c)))
+        assert abs(float(v.mean()) - exact[k]) <= 3 * ses[k], (k, float(v.mean()), exact[k], ses[k])
+    assert exact[1] - exact[0] > 10 * max(ses), (exact, ses)  # the comparison has power
 
 
 def test_reverse_kl_path_kl_estimate_with_two_component_mixtures_matches_full_trajectory_monte_carlo():

@@ -179,6 +179,28 @@ def test_forward_kl_step_gradient_is_the_signed_denoising_objective_written_out(
     torch.testing.assert_close(out.measured_sum / out.measured_count, E_qi.detach().double(), rtol=1e-5, atol=1e-7)
 
 
+def test_forward_kl_run_takes_one_projected_ascent_step_per_forget_image(setup, tmp_path):
+    """FU through ``run``, one step: the engine's constraint estimate of forget image i is its own mean
+    loss over its K draws, and the dual step is ``lam_i <- clip(lam_i + (lr_dual / n) (b_i - l_i), 0,
+    1/n)`` (docs/math.md eqs. 14, 35; ``lr_dual`` acts on ``n lam``). Budgets 0.05 above image 0's
+    loss (violated: lam_0 = lr 0.05 / n) and 0.05 below image 1's (satisfied: the step goes negative
+    and is projected to 0). Tolerance: the losses agree to float32 rounding (rtol 1e-5, as in the
+    step test); lam_0 inherits lr/n times that, far below the 1e-6 used."""
+    from scale.data import run
+
+    model, imgs, _ = setup
+    x, ab, m, K = _images(imgs), _ab(model), len(FORGET), 2
+    _, _, l_f, f_img = _forward_kl_step0_losses(model, x, ab, m, K)
+    E = torch.stack([l_f[f_img == i].mean() for i in range(m)]).detach().double()
+    lr = 0.5
+    budgets = (float(E[0]) + 0.05, float(E[1]) - 0.05)
+    summ = run(_cfg(setup, tmp_path / "fu", budgets=budgets, budget_factor=0.0, lr_dual=lr))
+    torch.testing.assert_close(torch.as_tensor(summ["constraint_values"]).double(), E, rtol=1e-5, atol=1e-7)
+    want = torch.tensor([lr / N_IMG * 0.05, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(torch.as_tensor(summ["lam"]).double(), want, rtol=0, atol=1e-6)
+    assert float(torch.as_tensor(summ["lam"])[1]) == 0.0
+
+
 def test_siss_project_form_trains_forward_kl_at_the_fixed_weight(setup, tmp_path):
     """SISS (project form, no importance sampling) through ``run``: the SGD update is the gradient of
     ``E_q[l] - (w/n) sum_i E_{q_i}[l]`` on the full training set."""
@@ -202,7 +224,7 @@ def test_siss_is_project_form_weights_are_the_gaussian_density_ratios(setup, tmp
 
     model, imgs, _ = setup
     w, mix, m = 2.0, 0.3, len(FORGET)
-    run(_cfg(setup, tmp_path / "s", method="siss_is", siss_form="project", siss_weight=w, siss_mix=mix))
+    summ = run(_cfg(setup, tmp_path / "s", method="siss_is", siss_form="project", siss_weight=w, siss_mix=mix))
     got, w1 = _sgd_update(setup, tmp_path / "s")
     x, ab = _images(imgs), _ab(model)
     g = step_generator(SEED, 0)
@@ -222,6 +244,11 @@ def test_siss_is_project_form_weights_are_the_gaussian_density_ratios(setup, tmp
     # sum_i lam_i E_{a_i}[.] with a ~ unif(A): lam_i = w/n for every i, so the factor is m * w / n
     want = _grads((w_x * l_x).mean() - (m * w / N_IMG * w_a * l_a).mean(), ref)
     _assert_grads_close(got, want, w1)
+    # the logged constraint: each forget image's loss E_{q(x_t|a_i)}[l], importance-weighted from the
+    # mixture (E_mix[w_a l_a] = E_{q(.|a)}[l_a]; unweighted l_a would be biased towards x's law);
+    # float32 losses and weights against the same in a different batch order: rtol 1e-4
+    per_image = torch.stack([(w_a * l_a).detach()[a_pick == i].mean() for i in range(m)]).double()
+    torch.testing.assert_close(torch.as_tensor(summ["constraint_values"]).double(), per_image, rtol=1e-4, atol=1e-7)
 
 
 # ------------------------------------------------------------------ SISS as published
@@ -254,10 +281,11 @@ def test_published_siss_gradient_is_keep_term_minus_rescaled_neggrad(setup, tmp_
         s = ab[t].float().reshape(-1, 1, 1, 1)
         pred = ref(x_t, t).sample
         L_x = (w_x * ((pred - (x_t - s.sqrt() * x0) / (1 - s).sqrt()) ** 2).sum((1, 2, 3))).mean()
-        L_a = (w_a * ((pred - (x_t - s.sqrt() * a0) / (1 - s).sqrt()) ** 2).sum((1, 2, 3))).mean()
+        sq_a = w_a * ((pred - (x_t - s.sqrt() * a0) / (1 - s).sqrt()) ** 2).sum((1, 2, 3))
     else:
         L_x = ((ref(_noised(x0, eps, ab[t]), t).sample - eps) ** 2).sum((1, 2, 3)).mean()
-        L_a = ((ref(_noised(a0, eps, ab[t]), t).sample - eps) ** 2).sum((1, 2, 3)).mean()
+        sq_a = ((ref(_noised(a0, eps, ab[t]), t).sample - eps) ** 2).sum((1, 2, 3))
+    L_a = sq_a.mean()
     g_x = _grads(L_x, ref)
     g_a = _grads(L_a, ref)
     norm_a = torch.sqrt(sum((v.double() ** 2).sum() for v in g_a.values() if v is not None))
@@ -266,6 +294,10 @@ def test_published_siss_gradient_is_keep_term_minus_rescaled_neggrad(setup, tmp_
     _assert_grads_close(got, want, w1)
     assert summ["neg_scale"] == pytest.approx(c, rel=1e-5)
     assert summ["siss_form"] == "published"
+    # the logged constraint: each forget image's (importance-weighted) denoising loss per pixel (the
+    # units of FU's budgets), averaged over its samples; rtol 1e-4 as above (float32, batch order)
+    per_image = torch.stack([sq_a.detach()[a_pick == i].mean() / 64 for i in range(m)]).double()  # 1x8x8 pixels
+    torch.testing.assert_close(torch.as_tensor(summ["constraint_values"]).double(), per_image, rtol=1e-4, atol=1e-7)
 
 
 # ------------------------------------------------------------------ evaluation samples: the model's own sampler
