@@ -3,7 +3,6 @@
 Notebooks read ``DUALUNLEARN_QUICK=1`` to shrink their instances, and write figures to
 ``DUALUNLEARN_FIGDIR`` (default: the working directory)."""
 
-import os
 from pathlib import Path
 
 import pytest

@@ -82,7 +82,7 @@ def test_interrupted_and_resumed_concept_run_with_retain_term_equals_uninterrupt
 def test_reverse_kl_multiplier_rises_while_the_kl_constraint_is_violated(concept_path, tmp_path):
     from scale.concept import run
 
-    s = run(concept_cfg(concept_path, tmp_path / "reverse_kl", budgets=(1e6,), lr_dual=1e-7))
+    run(concept_cfg(concept_path, tmp_path / "reverse_kl", budgets=(1e6,), lr_dual=1e-7))
     rows = [json.loads(x) for x in (tmp_path / "reverse_kl" / "metrics.jsonl").read_text().splitlines()]
     lams = [r["lam"][0] for r in rows]
     assert all(v > 0 for r in rows for v in r["violation"])
