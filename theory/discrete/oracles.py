@@ -93,20 +93,26 @@ def forward_kl_point_mass_primal(q: ArrayLike, forget: ArrayLike, budgets: Array
         raise ValueError(f"forward_kl: the convex FU oracle needs point-mass forget rows, got {forget}")
     on = q > 0
     atoms = [int(np.flatnonzero(row)[0]) for row in forget]
-    p = cp.Variable(q.shape[0], nonneg=True)  # mass off supp q is allowed (KL(q||p) ignores it)
-    cons = [cp.hstack([p[a] for a in atoms]) <= np.exp(-np.asarray(budgets, float)), cp.sum(p) == 1]
+    caps = np.exp(-np.asarray(budgets, float))
+
+    def problem(kl_div_form: bool):
+        p = cp.Variable(q.shape[0], nonneg=True)
+        if not kl_div_form:  # mass off supp q is allowed (KL(q||p) ignores it)
+            cons = [cp.hstack([p[a] for a in atoms]) <= caps, cp.sum(p) == 1]
+            return p, cons, cp.Problem(cp.Minimize(cp.sum(cp.rel_entr(q[on], p[on]))), cons)
+        # kl_div: q log(q/p) - q + p, whose sum is KL(q||p) once p lives on supp q (where the optimum
+        # puts all its mass)
+        cons = [cp.hstack([p[a] for a in atoms]) <= caps, cp.sum(p[on]) == 1, *([p[~on] == 0] if not on.all() else [])]
+        return p, cons, cp.Problem(cp.Minimize(cp.sum(cp.kl_div(q[on], p[on]))), cons)
+
+    p, cons, prob = problem(False)
     try:
-        val = _solve(cp.Problem(cp.Minimize(cp.sum(cp.rel_entr(q[on], p[on]))), cons),
-                     "forward_kl point-mass primal")
+        val = _solve(prob, "forward_kl point-mass primal")
     except RuntimeError:
         # Clarabel ended OPTIMAL_INACCURATE on about 1 in 1,500 generated instances (e.g. q uniform on
-        # 3 atoms, a = 1, b = 1.4348). The same minimum written with kl_div (q log(q/p) - q + p, whose
-        # sum is KL(q||p) once p lives on supp q, where the optimum puts all its mass) solved them
-        p = cp.Variable(q.shape[0], nonneg=True)
-        cons = [cp.hstack([p[a] for a in atoms]) <= np.exp(-np.asarray(budgets, float)), cp.sum(p[on]) == 1,
-                *([p[~on] == 0] if not on.all() else [])]
-        val = _solve(cp.Problem(cp.Minimize(cp.sum(cp.kl_div(q[on], p[on]))), cons),
-                     "forward_kl point-mass primal (kl_div form)")
+        # 3 atoms, a = 1, b = 1.4348); the kl_div form of the same minimum solved them
+        p, cons, prob = problem(True)
+        val = _solve(prob, "forward_kl point-mass primal (kl_div form)")
     # d/dp(a) of -log p(a) gives the KL-constraint multiplier lam_i = nu_i p(a_i)
     nu = np.asarray(cons[0].dual_value, float).reshape(-1)
     lam = nu * np.array([p.value[a] for a in atoms])
